@@ -1,0 +1,195 @@
+"""Device meshes and placement: batches over ``data``, prompts replicated, CLIP optionally sharded.
+
+The trainer uses one 2-D mesh with axes ``("data", "model")``. Batches are split along their
+leading axis over ``data``; the prompt, the optimizer state and the class tokens are replicated;
+the frozen CLIP parameters are replicated too unless ``model > 1``, where each weight is split
+along its largest axis divisible by the ``model`` size (FSDP-style, for large backbones).
+
+Everything here works unchanged on several hosts: a host passes its own slice of the batch to
+:func:`put_batch`, which assembles the global array with
+``jax.make_array_from_process_local_data``.
+
+Example::
+
+    mesh = make_mesh()                       # all devices on "data"
+    clip = shard_clip(clip, mesh)            # replicated when model == 1
+    batch = put_batch(numpy_batch, mesh)     # global arrays sharded P("data")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+__all__ = [
+    "batch_sharding",
+    "clip_shardings",
+    "make_mesh",
+    "param_sharding",
+    "put_batch",
+    "replicate",
+    "replicated",
+    "shard_clip",
+]
+
+PyTree = Any
+
+
+def make_mesh(data: int = -1, model: int = 1, *, devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds a ``("data", "model")`` mesh.
+
+    Args:
+      data: devices along the batch axis; ``-1`` takes all devices left after ``model``.
+      model: devices along the axis that shards the frozen CLIP weights (1 = replicate).
+      devices: the devices to use (default ``jax.devices()``, all hosts'); e.g.
+        ``jax.devices()[:1]`` for a one-device run.
+
+    Returns:
+      A :class:`jax.sharding.Mesh` with ``Auto`` axis types (shardings propagate as in plain
+      ``jit``).
+
+    Raises:
+      ValueError: if the sizes do not multiply to the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if model < 1 or n % model:
+        raise ValueError(f"model={model} must be >= 1 and divide the {n} devices")
+    if data == -1:
+        data = n // model
+    if data * model != n:
+        raise ValueError(
+            f"mesh data={data} x model={model} = {data * model} does not match {n} devices; "
+            "pass data=-1 to use all of them"
+        )
+    # Auto axes: the trainer states its shardings explicitly at the jit boundary and lets XLA
+    # propagate inside, which is what big models and tiny prompts both need here.
+    return jax.make_mesh(
+        (data, model), ("data", "model"), (AxisType.Auto, AxisType.Auto), devices=devices
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The fully replicated sharding on ``mesh``."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The batch sharding: leading axis split over ``data``, replicated over ``model``."""
+    return NamedSharding(mesh, P("data"))
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Places every leaf of ``tree`` on all devices of ``mesh`` (same value everywhere).
+
+    Args:
+      tree: a pytree of arrays (numpy or jax) with the same value on every host.
+      mesh: the target mesh.
+
+    Returns:
+      The tree with replicated global ``jax.Array`` leaves.
+    """
+    return jax.device_put(tree, replicated(mesh))
+
+
+def put_batch(local_batch: PyTree, mesh: Mesh) -> PyTree:
+    """Assembles a global batch from this host's slice, sharded ``P("data")``.
+
+    On one host the local batch is the global batch. On ``k`` hosts each passes its own
+    ``B/k`` examples and the result has a global leading size ``B``.
+
+    Args:
+      local_batch: pytree of host-local arrays sharing a leading batch axis (e.g.
+        ``{"image": [b, H, W, 3], "label": [b]}``).
+      mesh: the mesh; the local batch must split evenly over this host's ``data`` devices.
+
+    Returns:
+      The batch with global ``jax.Array`` leaves sharded over ``data``.
+
+    Raises:
+      ValueError: if the batch does not divide over the local data-parallel devices.
+    """
+    sharding = batch_sharding(mesh)
+    local_data = _local_data_devices(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x  # already placed (e.g. the same batch used twice)
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return jax.device_put(x, replicated(mesh))
+        if x.shape[0] % local_data:
+            raise ValueError(
+                f"a host-local batch of {x.shape[0]} does not split over this host's "
+                f"{local_data} data-parallel devices; use a multiple of {local_data} "
+                "(pad with batch['mask'] = False for evaluation)"
+            )
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(put, local_batch)
+
+
+def _local_data_devices(mesh: Mesh) -> int:
+    """How many distinct ``data`` positions this process's devices cover."""
+    pid = jax.process_index()
+    data_axis = mesh.axis_names.index("data")
+    rows = {
+        idx[data_axis]
+        for idx, d in np.ndenumerate(mesh.devices)
+        if d.process_index == pid
+    }
+    return max(len(rows), 1)
+
+
+def param_sharding(shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    """Sharding for one frozen weight: its largest axis divisible by the ``model`` size.
+
+    With ``model == 1``, or when no axis divides (biases of odd size, scalars), the weight is
+    replicated.
+
+    Args:
+      shape: the weight's shape.
+      mesh: a ``("data", "model")`` mesh.
+
+    Returns:
+      A :class:`NamedSharding` splitting at most one axis over ``model``.
+    """
+    m = mesh.shape["model"]
+    if m == 1:
+        return replicated(mesh)
+    best = None
+    for axis, size in enumerate(shape):
+        if size % m == 0 and size >= m and (best is None or size > shape[best]):
+            best = axis
+    if best is None:
+        return replicated(mesh)
+    spec = [None] * len(shape)
+    spec[best] = "model"
+    return NamedSharding(mesh, P(*spec))
+
+
+def clip_shardings(clip: PyTree, mesh: Mesh) -> PyTree:
+    """Shardings for a :class:`~jaxprompt.clip.Clip` (or any tree of frozen weights).
+
+    Returns a tree of the same structure with a :class:`NamedSharding` per leaf, usable as a
+    ``jit`` ``in_shardings`` entry and with ``jax.device_put``.
+    """
+    return jax.tree.map(lambda x: param_sharding(np.shape(x), mesh), clip)
+
+
+def shard_clip(clip: PyTree, mesh: Mesh) -> PyTree:
+    """Places the frozen CLIP on ``mesh``: sharded over ``model`` when it is > 1, else replicated.
+
+    Args:
+      clip: a :class:`~jaxprompt.clip.Clip` (its params are the only array leaves).
+      mesh: a ``("data", "model")`` mesh.
+
+    Returns:
+      The same Clip with global ``jax.Array`` parameters.
+    """
+    return jax.device_put(clip, clip_shardings(clip, mesh))
