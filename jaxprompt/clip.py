@@ -1,0 +1,764 @@
+"""The frozen CLIP: loading, class sets, and prompt-aware text and image encoders.
+
+This is the only module that imports ``transformers``. It loads Hugging Face's FlaxCLIP weights
+(or converts PyTorch weights on load) and re-runs the Hugging Face Flax submodules layer by layer
+with the frozen parameters, because the Hugging Face wrapper has no hook for prompts. Methods
+never touch Hugging Face modules: they build prompt tensors and call :func:`encode_text` and
+:func:`encode_image`.
+
+Where prompts go (Khattak et al., "Self-regulating Prompts", arXiv 2307.06948, and its
+reference implementation; see also CoOp, arXiv 2109.01134):
+
+* Text: ``[SOT] ctx_1..ctx_n <class-name tokens> "." [EOT]``. The learned context takes the
+  positions right after the start token and receives the positional embedding like any token.
+  Deep text prompts *replace* (not add to) positions ``1..n`` on the residual stream entering
+  layer ``i`` (before its first LayerNorm), with no positional embedding. Layers past the prompt
+  depth keep whatever the previous layer produced at those positions. The feature is taken at
+  the EOT position, after the final LayerNorm, times the text projection.
+* Vision: ``[CLS] <patches>`` plus positional embedding, then ``n_v`` learned tokens are
+  *appended* (no positional embedding) and the whole sequence goes through the pre-LayerNorm.
+  Deep vision prompts replace the *last* ``n_v`` tokens before layer ``i``. The feature is the
+  CLS token after the post-LayerNorm, times the visual projection.
+
+EOT truncation: the text tower is causal, so positions after the last EOT of a class set cannot
+influence any EOT feature. A :class:`Task` stores its class tokens padded only to the longest
+class, so every prompted text pass runs over ``max(EOT) + 1`` positions instead of 77, with equal
+results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+Array = jax.Array
+PyTree = Any
+
+__all__ = [
+    "Clip",
+    "ClipLoadError",
+    "ClipSpec",
+    "Task",
+    "encode_image",
+    "encode_text",
+    "encode_token_ids",
+    "embed_tokens",
+    "load_clip",
+    "logit_scale",
+    "make_task",
+    "normalize",
+    "prompted_text_inputs",
+    "save_random_clip",
+    "save_word_tokenizer",
+    "tokenize",
+]
+
+_FLAX_WEIGHTS = "flax_model.msgpack"
+_SAFE_WEIGHTS = "model.safetensors"
+_TORCH_WEIGHTS = "pytorch_model.bin"
+
+
+class ClipLoadError(RuntimeError):
+    """CLIP weights or tokenizer could not be loaded; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+    """Static description of a CLIP backbone (hashable: it is a jit-static field of `Clip`)."""
+
+    name: str
+    # The Hugging Face CLIPConfig as JSON, to rebuild the Flax submodules.
+    config_json: str = dataclasses.field(repr=False)
+    dtype: str  # compute dtype of the frozen towers: "float32" or "bfloat16"
+    text_width: int
+    text_layers: int
+    context_length: int
+    vision_width: int
+    vision_layers: int
+    image_size: int
+    patch_size: int
+    embed_dim: int
+    sot_id: int
+    eot_id: int
+
+
+@struct.dataclass
+class Clip:
+    """A frozen CLIP: Hugging Face FlaxCLIP parameters, a static spec and the tokenizer.
+
+    A pytree whose only leaves are ``params``, so it is passed to jitted functions as an
+    argument (and can be sharded), never captured as a closure constant.
+    """
+
+    params: PyTree
+    spec: ClipSpec = struct.field(pytree_node=False)
+    tokenizer: Any = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class Task:
+    """A class set: the label space a prompt is evaluated on, passed at call time.
+
+    ``token_ids`` holds, per class, the tokens of ``"{name}."`` followed by EOT and padded with
+    EOT to the longest class of the set: no start token and no context, so one Task serves every
+    method and context length. Methods prepend the start token and their context.
+
+    Attributes:
+      token_ids: [C, L] int32 class tokens (name, ".", EOT, padding).
+      eot: [C] int32 position of EOT inside ``token_ids``.
+      name_len: [C] int32 number of class-name tokens (before the "."), for CoOp's
+        ``class_position="middle"`` / ``"front"``.
+      names: the class names as given (static; templates and teachers re-tokenize them).
+    """
+
+    token_ids: Array
+    eot: Array
+    name_len: Array
+    names: tuple[str, ...] = struct.field(pytree_node=False)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _quiet_transformers():
+    import transformers
+
+    # Every FlaxPreTrainedModel logs a deprecation notice for the Flax classes on construction.
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Clip:
+    """Loads a frozen CLIP and its tokenizer.
+
+    Args:
+      name_or_path: a Hugging Face hub id (e.g. ``"openai/clip-vit-base-patch16"``) or a local
+        directory in Hugging Face format holding ``flax_model.msgpack``, ``model.safetensors``
+        or ``pytorch_model.bin`` (PyTorch weights are converted on load; ``.bin`` needs torch)
+        and the tokenizer files.
+      dtype: compute dtype of the frozen towers, ``"float32"`` (default, and what CPU tests
+        use) or ``"bfloat16"`` (accelerators). Prompts, logits and losses stay float32.
+
+    Returns:
+      A :class:`Clip`.
+
+    Raises:
+      ClipLoadError: with a one-line message naming the fix (missing weights, offline hub,
+        torch needed for ``.bin`` weights).
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    transformers = _quiet_transformers()
+    path = os.path.expanduser(os.fspath(name_or_path))
+    kwargs: dict[str, Any] = {}
+    if os.path.isdir(path):
+        files = set(os.listdir(path))
+        if _FLAX_WEIGHTS in files:
+            pass
+        elif _SAFE_WEIGHTS in files:
+            kwargs["from_pt"] = True
+        elif _TORCH_WEIGHTS in files:
+            import importlib.util
+
+            if importlib.util.find_spec("torch") is None:
+                raise ClipLoadError(
+                    f"{path} has only PyTorch .bin weights: install torch "
+                    "(pip install 'jaxprompt[torch]') or save them as model.safetensors"
+                )
+            kwargs["from_pt"] = True
+        else:
+            raise ClipLoadError(
+                f"no CLIP weights in {path}: expected {_FLAX_WEIGHTS}, {_SAFE_WEIGHTS} or "
+                f"{_TORCH_WEIGHTS} (save a model there with save_pretrained)"
+            )
+    elif os.path.exists(path) or path.startswith((".", "/", "~")):
+        raise ClipLoadError(f"{path} is not a directory: pass a Hugging Face model directory")
+    try:
+        model, params = _from_pretrained(transformers, path, kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except ClipLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - turn hub/IO errors into one actionable line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ClipLoadError(
+            f"could not load CLIP {path!r} ({first[:160]}): pass a local directory in Hugging "
+            "Face format, or set HF_HOME to a cache that holds it (no network access here?)"
+        ) from e
+    config = model.config
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.dtype(dtype)), params)
+    # The logit scale is a scalar read by every method in float32.
+    params["logit_scale"] = jnp.asarray(params["logit_scale"], jnp.float32)
+    sot = tokenizer.bos_token_id
+    eot = tokenizer.eos_token_id
+    if sot is None or eot is None:
+        raise ClipLoadError(f"the tokenizer in {path} has no start/end-of-text tokens")
+    spec = ClipSpec(
+        name=str(name_or_path),
+        config_json=config.to_json_string(use_diff=False),
+        dtype=dtype,
+        text_width=config.text_config.hidden_size,
+        text_layers=config.text_config.num_hidden_layers,
+        context_length=config.text_config.max_position_embeddings,
+        vision_width=config.vision_config.hidden_size,
+        vision_layers=config.vision_config.num_hidden_layers,
+        image_size=config.vision_config.image_size,
+        patch_size=config.vision_config.patch_size,
+        embed_dim=config.projection_dim,
+        sot_id=int(sot),
+        eot_id=int(eot),
+    )
+    return Clip(params=params, spec=spec, tokenizer=tokenizer)
+
+
+def _from_pretrained(transformers, path: str, kwargs: dict[str, Any]):
+    """Returns ``(model, params)`` without initialising random weights first.
+
+    Hugging Face's own from_pretrained initialises a random model before converting PyTorch
+    weights, which on a CPU takes minutes for ViT-B/16; we call its converter with the shape tree
+    instead.
+    """
+    cls = transformers.FlaxCLIPModel
+    if not kwargs.get("from_pt"):
+        try:
+            model, params = cls.from_pretrained(path, _do_init=False)
+            return model, jax.tree.map(np.asarray, dict(params))
+        except OSError as e:
+            # A hub repository may hold only PyTorch weights: fetch those and convert them.
+            if "from_pt=True" not in str(e) or os.path.isdir(path):
+                raise
+            import huggingface_hub
+
+            path = huggingface_hub.snapshot_download(
+                path, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"]
+            )
+    from types import SimpleNamespace
+
+    from transformers.modeling_flax_pytorch_utils import load_pytorch_checkpoint_in_flax_state_dict
+
+    config = transformers.CLIPConfig.from_pretrained(path)
+    model = cls(config, _do_init=False)
+    weights = os.path.join(path, _SAFE_WEIGHTS)
+    if not os.path.exists(weights):
+        weights = os.path.join(path, _TORCH_WEIGHTS)
+    like = SimpleNamespace(
+        params=model.params_shape_tree, base_model_prefix=model.base_model_prefix
+    )
+    params = load_pytorch_checkpoint_in_flax_state_dict(like, weights, is_sharded=False)
+    want = set(_flat_keys(model.params_shape_tree))
+    got = set(_flat_keys(params))
+    if want - got:
+        raise ClipLoadError(
+            f"{weights} lacks {len(want - got)} CLIP weights (e.g. {sorted(want - got)[0]}): "
+            "is it a CLIPModel checkpoint?"
+        )
+    return model, jax.tree.map(np.asarray, dict(params))
+
+
+def _flat_keys(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict) or hasattr(v, "items"):
+            yield from _flat_keys(v, prefix + (k,))
+        else:
+            yield "/".join(prefix + (k,))
+
+
+# --------------------------------------------------------------------------- tokens and tasks
+
+
+def tokenize(clip: Clip, texts: Sequence[str], *, pad_to: int | None = None):
+    """Tokenizes full texts with start and end tokens, padded with EOT.
+
+    Args:
+      clip: the model whose tokenizer to use.
+      texts: strings, e.g. templates filled with class names.
+      pad_to: pad to this length (e.g. 77). By default pad to the longest text, which is the
+        exact EOT truncation of this set.
+
+    Returns:
+      ``(ids, eot)``: NumPy int32 arrays [N, L] and [N].
+    """
+    rows = clip.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    return _pad_rows(clip, rows, texts, pad_to)
+
+
+def _pad_rows(clip: Clip, rows, texts, pad_to):
+    spec = clip.spec
+    longest = max(len(r) for r in rows)
+    limit = spec.context_length if pad_to is None else pad_to
+    if longest > spec.context_length:
+        i = max(range(len(rows)), key=lambda k: len(rows[k]))
+        raise ValueError(
+            f"text {texts[i]!r} is {len(rows[i])} tokens, over CLIP's context of "
+            f"{spec.context_length}: shorten the class name or the context"
+        )
+    width = longest if pad_to is None else limit
+    ids = np.full((len(rows), width), spec.eot_id, np.int32)
+    eot = np.zeros((len(rows),), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        eot[i] = len(r) - 1
+    return ids, eot
+
+
+def make_task(clip: Clip, classnames: Sequence[str]) -> Task:
+    """Tokenizes a class set once.
+
+    Underscores in names become spaces (as CoOp does at prompt time); the stored ``names`` keep
+    the given form.
+
+    Args:
+      clip: the model whose tokenizer to use.
+      classnames: the class names in label order.
+
+    Returns:
+      A :class:`Task` whose ``token_ids`` are padded to its longest class.
+
+    Raises:
+      ValueError: on an empty class set, or a name too long for CLIP's context.
+    """
+    names = tuple(str(n) for n in classnames)
+    if not names:
+        raise ValueError("make_task needs at least one class name")
+    clean = [n.replace("_", " ") for n in names]
+    tok = clip.tokenizer
+    full = tok([f"{n}." for n in clean], add_special_tokens=True)["input_ids"]
+    bare = tok(clean, add_special_tokens=True)["input_ids"]
+    # Strip the start token: methods put their own [SOT] and context in front.
+    rows = [r[1:] for r in full]
+    limit = clip.spec.context_length - 1
+    for n, r in zip(names, rows, strict=True):
+        if len(r) > limit:
+            raise ValueError(
+                f"class name {n!r} takes {len(r) - 2} tokens; with the start token, '.' and EOT "
+                f"it exceeds CLIP's context of {clip.spec.context_length}: shorten it"
+            )
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), clip.spec.eot_id, np.int32)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    eot = np.asarray([len(r) - 1 for r in rows], np.int32)
+    name_len = np.asarray([len(b) - 2 for b in bare], np.int32)
+    return Task(
+        token_ids=jnp.asarray(ids),
+        eot=jnp.asarray(eot),
+        name_len=jnp.asarray(name_len),
+        names=names,
+    )
+
+
+def check_context(clip: Clip, task: Task, n_extra: int) -> None:
+    """Raises a clear error if ``[SOT] + n_extra tokens + class tokens`` exceed the context."""
+    total = 1 + n_extra + int(task.token_ids.shape[1])
+    if total > clip.spec.context_length:
+        raise ValueError(
+            f"the longest class prompt needs {total} tokens (1 start + {n_extra} context + "
+            f"{task.token_ids.shape[1]} class) > CLIP's context {clip.spec.context_length}: "
+            "use fewer context tokens or shorter class names"
+        )
+
+
+# --------------------------------------------------------------------------- the towers
+
+
+@functools.lru_cache(maxsize=16)
+def _modules(config_json: str, dtype: str):
+    """Hugging Face Flax submodules for a config (stateless; parameters are passed to apply)."""
+    transformers = _quiet_transformers()
+    from transformers.models.clip import modeling_flax_clip as hf
+
+    config = transformers.CLIPConfig.from_dict(json.loads(config_json))
+    dt = jnp.dtype(dtype)
+    tc, vc = config.text_config, config.vision_config
+    return {
+        "text_layer": hf.FlaxCLIPEncoderLayer(tc, dtype=dt),
+        "vision_layer": hf.FlaxCLIPEncoderLayer(vc, dtype=dt),
+        "vision_embed": hf.FlaxCLIPVisionEmbeddings(vc, dtype=dt),
+        "text_ln": nn.LayerNorm(epsilon=tc.layer_norm_eps, dtype=dt),
+        "vision_ln": nn.LayerNorm(epsilon=vc.layer_norm_eps, dtype=dt),
+    }
+
+
+def _run_layers(clip, kind, x, deep, deep_slice, remat):
+    """Runs the encoder layers of one tower, replacing prompt positions before layers 1..J-1.
+
+    Args:
+      deep: None, or [J-1, n, D] / [J-1, N, n, D]: ``deep[i]`` replaces the positions of
+        ``deep_slice`` on the residual stream entering layer ``i + 1``.
+    """
+    spec = clip.spec
+    mods = _modules(spec.config_json, spec.dtype)
+    layer = mods[f"{kind}_layer"]
+    tower = clip.params[f"{kind}_model"]["encoder"]["layers"]
+    n_layers = spec.text_layers if kind == "text" else spec.vision_layers
+
+    def block(p, h):
+        return layer.apply({"params": p}, h, None, deterministic=True)[0]
+
+    if remat:
+        # Recompute each block in the backward pass: memory grows with one layer's activations
+        # instead of twelve, which is what lets C x B text sequences (CoCoOp, TPT) fit.
+        block = jax.checkpoint(block)
+    n_deep = 0 if deep is None else deep.shape[0]
+    if n_deep >= n_layers:
+        raise ValueError(f"prompt depth {n_deep + 1} exceeds the {n_layers} layers of the tower")
+    for i in range(n_layers):
+        if 1 <= i <= n_deep:
+            d = deep[i - 1].astype(x.dtype)
+            if d.ndim == 2:
+                d = jnp.broadcast_to(d, (x.shape[0],) + d.shape)
+            x = x.at[:, deep_slice].set(d)
+        x = block(tower[str(i)], x)
+    return x
+
+
+def embed_tokens(clip: Clip, ids: Array) -> Array:
+    """Frozen token embeddings (without positions) of token ids [..., L] -> [..., L, D]."""
+    table = clip.params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    return jnp.take(table, ids, axis=0)
+
+
+def encode_text(
+    clip: Clip,
+    embeds: Array,
+    eot: Array,
+    *,
+    deep: Array | None = None,
+    deep_start: int = 1,
+    remat: bool = False,
+) -> Array:
+    """Prompt-aware text tower: token embeddings in, projected EOT features out.
+
+    Args:
+      clip: the frozen model.
+      embeds: [N, L, D] input token embeddings (learned context already in place), without
+        positional embedding; L <= context length.
+      eot: [N] EOT positions.
+      deep: optional deep prompts [J-1, n, D] (shared) or [J-1, N, n, D] (per sequence);
+        ``deep[i]`` replaces positions ``deep_start .. deep_start + n - 1`` before layer i + 1.
+      deep_start: first position deep prompts replace (1: right after the start token).
+      remat: rematerialise each block in the backward pass to bound memory.
+
+    Returns:
+      [N, E] text features, float32, not normalised.
+    """
+    params = clip.params["text_model"]
+    dt = jnp.dtype(clip.spec.dtype)
+    length = embeds.shape[1]
+    pos = params["embeddings"]["position_embedding"]["embedding"][:length]
+    x = embeds.astype(dt) + pos.astype(dt)
+    sl = slice(None) if deep is None else slice(deep_start, deep_start + deep.shape[-2])
+    x = _run_layers(clip, "text", x, deep, sl, remat)
+    # LayerNorm is per token, so normalising only the EOT rows equals normalising all of them.
+    pooled = x[jnp.arange(x.shape[0]), eot]
+    ln = _modules(clip.spec.config_json, clip.spec.dtype)["text_ln"]
+    pooled = ln.apply({"params": params["final_layer_norm"]}, pooled)
+    out = pooled @ clip.params["text_projection"]["kernel"]
+    return out.astype(jnp.float32)
+
+
+def encode_token_ids(clip: Clip, ids: Array, eot: Array, *, chunk: int | None = None) -> Array:
+    """Text features of complete token sequences (no learned prompts) -> [N, E] float32.
+
+    Args:
+      ids: [N, L] token ids with start and end tokens (e.g. from :func:`tokenize`).
+      eot: [N] EOT positions.
+      chunk: if set, encode ``chunk`` sequences at a time with ``lax.map`` to bound memory
+        (used for template ensembles over many classes).
+    """
+    if chunk is None or ids.shape[0] <= chunk:
+        return encode_text(clip, embed_tokens(clip, ids), eot)
+    n = ids.shape[0]
+    pad = (-n) % chunk
+    ids_p = jnp.pad(ids, ((0, pad), (0, 0)), constant_values=clip.spec.eot_id)
+    eot_p = jnp.pad(eot, (0, pad))
+    ids_c = ids_p.reshape(-1, chunk, ids.shape[1])
+    eot_c = eot_p.reshape(-1, chunk)
+    out = jax.lax.map(lambda a: encode_text(clip, embed_tokens(clip, a[0]), a[1]), (ids_c, eot_c))
+    return out.reshape(-1, out.shape[-1])[:n]
+
+
+def prompted_text_inputs(
+    clip: Clip,
+    task: Task,
+    ctx: Array,
+    *,
+    position: str = "end",
+) -> tuple[Array, Array]:
+    """Builds ``[SOT] ctx <class tokens>`` embeddings for every class of a task.
+
+    Args:
+      clip: the frozen model.
+      task: the class set.
+      ctx: [n, D] shared or [C, n, D] class-specific context vectors (float32; cast inside).
+      position: where the class name goes relative to the context, as in CoOp: ``"end"``
+        (``[SOT] ctx name . EOT``), ``"middle"`` (``[SOT] ctx[:n//2] name ctx[n//2:] . EOT``)
+        or ``"front"`` (``[SOT] name ctx . EOT``).
+
+    Returns:
+      ``(embeds, eot)``: [C, 1 + n + L, D] and [C] EOT positions (the same for every position).
+    """
+    n_cls = task.token_ids.shape[0]
+    n = ctx.shape[-2]
+    check_context(clip, task, n)
+    dt = jnp.dtype(clip.spec.dtype)
+    ctx = jnp.broadcast_to(ctx.astype(dt), (n_cls,) + ctx.shape[-2:])
+    sot = embed_tokens(clip, jnp.full((n_cls, 1), clip.spec.sot_id, jnp.int32)).astype(dt)
+    names = embed_tokens(clip, task.token_ids).astype(dt)
+    seq = jnp.concatenate([sot, ctx, names], axis=1)  # [C, 1 + n + L, D], class at the end
+    eot = task.eot + 1 + n
+    if position == "end":
+        return seq, eot
+    if position not in ("middle", "front"):
+        raise ValueError(f"position must be 'end', 'middle' or 'front', got {position!r}")
+    # Reorder per class with a gather: the name length differs between classes, so the context
+    # lands at a different place in every row.
+    p = jnp.arange(seq.shape[1])[None, :]
+    nl = task.name_len[:, None]
+    h = n // 2 if position == "middle" else 0
+    src = jnp.where(
+        p <= h,
+        p,  # start token and the first half of the context stay
+        jnp.where(
+            p <= h + nl,
+            n + 1 + (p - 1 - h),  # class-name tokens
+            jnp.where(p <= nl + n, p - nl, p),  # rest of the context, then ". EOT pad"
+        ),
+    )
+    return jnp.take_along_axis(seq, src[:, :, None], axis=1), eot
+
+
+def encode_image(
+    clip: Clip,
+    images: Array,
+    *,
+    prompts: Array | None = None,
+    deep: Array | None = None,
+    remat: bool = False,
+) -> Array:
+    """Prompt-aware image tower.
+
+    Args:
+      clip: the frozen model.
+      images: [B, H, W, 3] float32, NHWC, normalised with the CLIP mean and std.
+      prompts: optional [n_v, Dv] or [B, n_v, Dv] tokens appended after CLS and patches (no
+        positional embedding; they go through the pre-LayerNorm).
+      deep: optional [J-1, n_v, Dv] or [J-1, B, n_v, Dv]; ``deep[i]`` replaces the last n_v
+        tokens before layer i + 1. Requires ``prompts``.
+      remat: rematerialise each block in the backward pass.
+
+    Returns:
+      [B, E] image features, float32, not normalised.
+    """
+    if deep is not None and prompts is None:
+        raise ValueError("deep vision prompts need input-level prompts (the tokens they replace)")
+    size = clip.spec.image_size
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        raise ValueError(
+            f"images must be NHWC [B, {size}, {size}, 3] normalised with the CLIP mean/std, got "
+            f"shape {tuple(images.shape)} (NCHW? use images.transpose(0, 2, 3, 1))"
+        )
+    params = clip.params["vision_model"]
+    mods = _modules(clip.spec.config_json, clip.spec.dtype)
+    dt = jnp.dtype(clip.spec.dtype)
+    x = mods["vision_embed"].apply({"params": params["embeddings"]}, images.astype(dt))
+    if prompts is not None:
+        pr = prompts.astype(dt)
+        if pr.ndim == 2:
+            pr = jnp.broadcast_to(pr, (x.shape[0],) + pr.shape)
+        x = jnp.concatenate([x, pr], axis=1)
+    x = mods["vision_ln"].apply({"params": params["pre_layrnorm"]}, x)
+    sl = slice(None) if deep is None else slice(x.shape[1] - deep.shape[-2], None)
+    x = _run_layers(clip, "vision", x, deep, sl, remat)
+    pooled = mods["vision_ln"].apply({"params": params["post_layernorm"]}, x[:, 0])
+    out = pooled @ clip.params["visual_projection"]["kernel"]
+    return out.astype(jnp.float32)
+
+
+def normalize(x: Array, axis: int = -1) -> Array:
+    """L2-normalises along ``axis`` (float32)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
+
+
+def logit_scale(clip: Clip) -> Array:
+    """CLIP's frozen logit scale ``exp(logit_scale)`` (100 for the OpenAI checkpoints)."""
+    return jnp.exp(jax.lax.stop_gradient(clip.params["logit_scale"]).astype(jnp.float32))
+
+
+# --------------------------------------------------------------------------- small models
+
+
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,-'?!/&()"
+
+
+def save_word_tokenizer(directory: str | os.PathLike, words: Sequence[str]) -> int:
+    """Writes a small word-level tokenizer in Hugging Face format, for small CLIPs.
+
+    Real CLIP checkpoints bring their own BPE tokenizer; this one serves tiny test models and the
+    toy world's CLIP. It lowercases, splits on spaces and punctuation, and maps each given word to
+    one token (greedy WordPiece): any other word falls back to single characters, so every ASCII
+    text tokenizes. ``<|startoftext|>`` and ``<|endoftext|>`` wrap each text and the end token
+    has the largest id, as in CLIP.
+
+    Args:
+      directory: where to write the tokenizer files.
+      words: words or phrases (split on spaces and punctuation) to make whole tokens.
+
+    Returns:
+      The vocabulary size, to use as the model's ``vocab_size``.
+    """
+    transformers = _quiet_transformers()
+    import tokenizers
+    from tokenizers import models, normalizers, pre_tokenizers, processors
+
+    vocab: dict[str, int] = {}
+    for tok in ["<unk>", *_ALPHABET, *("##" + c for c in _ALPHABET)]:
+        vocab.setdefault(tok, len(vocab))
+    for w in words:
+        for piece in re.findall(r"[a-z0-9]+", w.lower()):
+            vocab.setdefault(piece, len(vocab))
+    sot, eot = "<|startoftext|>", "<|endoftext|>"
+    vocab[sot] = len(vocab)
+    vocab[eot] = len(vocab)
+    tok = tokenizers.Tokenizer(
+        models.WordPiece(vocab, unk_token="<unk>", max_input_chars_per_word=64)
+    )
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{sot} $A {eot}", special_tokens=[(sot, vocab[sot]), (eot, vocab[eot])]
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=sot,
+        eos_token=eot,
+        pad_token=eot,
+        unk_token="<unk>",
+        model_max_length=77,
+    )
+    fast.save_pretrained(os.fspath(directory))
+    return len(vocab)
+
+
+PRESETS: dict[str, dict[str, int]] = {
+    # A 2-layer model that compiles and runs in well under a second (tests).
+    "tiny": dict(
+        text_width=32,
+        text_layers=2,
+        text_heads=4,
+        vision_width=32,
+        vision_layers=2,
+        vision_heads=4,
+        image_size=32,
+        patch_size=8,
+        embed_dim=16,
+    ),
+    # ViT-B/16 shapes (benchmarks with random weights).
+    "vit-b/16": dict(
+        text_width=512,
+        text_layers=12,
+        text_heads=8,
+        vision_width=768,
+        vision_layers=12,
+        vision_heads=12,
+        image_size=224,
+        patch_size=16,
+        embed_dim=512,
+    ),
+}
+
+
+def save_random_clip(
+    directory: str | os.PathLike,
+    *,
+    words: Sequence[str],
+    preset: str = "tiny",
+    seed: int = 0,
+    weights: str = "flax",
+    **overrides: int,
+) -> str:
+    """Saves a randomly initialised CLIP and a word tokenizer in Hugging Face format.
+
+    The result loads through :func:`load_clip` exactly like a downloaded checkpoint; this is how
+    tests and benchmarks get a model on a machine without hub access.
+
+    Args:
+      directory: output directory.
+      words: vocabulary words for :func:`save_word_tokenizer`.
+      preset: ``"tiny"`` or ``"vit-b/16"`` (shapes only; weights are random).
+      seed: initialisation seed.
+      weights: ``"flax"`` (flax_model.msgpack), ``"safetensors"`` or ``"bin"`` (PyTorch
+        formats; need torch to write).
+      **overrides: any preset field (e.g. ``text_layers=4``).
+
+    Returns:
+      The directory, as a string.
+    """
+    transformers = _quiet_transformers()
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    shape = {**PRESETS[preset], **overrides}
+    directory = os.fspath(directory)
+    vocab_size = save_word_tokenizer(directory, words)
+    text = transformers.CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=shape["text_width"],
+        intermediate_size=4 * shape["text_width"],
+        num_hidden_layers=shape["text_layers"],
+        num_attention_heads=shape["text_heads"],
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        projection_dim=shape["embed_dim"],
+    )
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=shape["vision_width"],
+        intermediate_size=4 * shape["vision_width"],
+        num_hidden_layers=shape["vision_layers"],
+        num_attention_heads=shape["vision_heads"],
+        image_size=shape["image_size"],
+        patch_size=shape["patch_size"],
+        hidden_act="quick_gelu",
+        projection_dim=shape["embed_dim"],
+    )
+    config = transformers.CLIPConfig(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        projection_dim=shape["embed_dim"],
+        logit_scale_init_value=float(np.log(100.0)),
+    )
+    if weights == "flax":
+        model = transformers.FlaxCLIPModel(config, _do_init=False)
+        # Jitted init: Hugging Face's eager init compiles op by op and is several times slower.
+        init = jax.jit(model.init_weights, static_argnums=1)
+        params = init(jax.random.key(seed), model.input_shape)
+        model.save_pretrained(directory, params=params)
+    elif weights in ("safetensors", "bin"):
+        import torch
+
+        torch.manual_seed(seed)
+        model = transformers.CLIPModel(config)
+        model.save_pretrained(directory, safe_serialization=weights == "safetensors")
+    else:
+        raise ValueError(f"weights must be 'flax', 'safetensors' or 'bin', got {weights!r}")
+    return directory
+
+
+logging.getLogger("absl").setLevel(logging.WARNING)

@@ -1,0 +1,66 @@
+"""Shared fixtures: 8 simulated CPU devices and tiny random CLIPs loaded through load_clip."""
+
+import os
+
+# Must happen before jax is imported anywhere: tests of sharded code run on 8 fake devices.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+# Words the tiny tokenizer knows as whole tokens; anything else splits into characters.
+TINY_WORDS = [
+    "a photo of a", "X", "cat", "dog", "golden retriever", "car", "tree", "bird", "fish",
+    "red", "green", "blue", "striped", "dotted", "zebra", "house", "the", "of", "itap",
+]
+CLASSNAMES = ["cat", "golden retriever", "dog house", "zebra", "red fish"]
+NEW_CLASSNAMES = ["tree", "bird", "blue car"]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIP saved as Flax weights in Hugging Face format."""
+    from jaxprompt import clip as clip_lib
+
+    d = tmp_path_factory.mktemp("tiny_clip_flax")
+    return clip_lib.save_random_clip(d, words=TINY_WORDS, preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_clip_dir):
+    import jaxprompt as jp
+
+    return jp.load_clip(tiny_clip_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tiny_clip):
+    import jaxprompt as jp
+
+    return jp.make_task(tiny_clip, CLASSNAMES)
+
+
+@pytest.fixture(scope="session")
+def new_task(tiny_clip):
+    import jaxprompt as jp
+
+    return jp.make_task(tiny_clip, NEW_CLASSNAMES)
+
+
+@pytest.fixture(scope="session")
+def images():
+    """[4, 32, 32, 3] float32 random 'normalised' images."""
+    return np.random.RandomState(0).randn(4, 32, 32, 3).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def batch(images):
+    return {"image": images, "label": np.array([0, 1, 2, 4], np.int32)}
