@@ -30,10 +30,11 @@ Example::
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -64,6 +65,8 @@ DEFAULT_KEEP = 3
 FORMAT_VERSION = 1
 _ITEMS = ("state", "meta", "data")
 _EXTRA = "extra"  # prefix of the optional extra tree's keys in the flat state
+_EVAL = "eval_prompt"  # prefix of the prompt to evaluate when it differs (an aggregate)
+_SIDE = (_EXTRA, _EVAL)  # prefixes that are not part of the state itself
 _META_KEY = "__meta__"  # entry holding the JSON meta in an exported .npz
 
 
@@ -226,6 +229,7 @@ class Checkpointer:
         meta: Mapping[str, Any],
         data_state: Any = None,
         extra: PyTree = None,
+        eval_prompt: PyTree = None,
     ) -> bool:
         """Starts saving ``state`` as checkpoint ``step`` (returns before the write finishes).
 
@@ -240,6 +244,9 @@ class Checkpointer:
           data_state: the input iterator's ``get_state()`` (a JSON-able value or bytes).
           extra: an optional second pytree (e.g. an aggregator's state), restored with
             ``restore(..., extra_like=...)``.
+          eval_prompt: the prompt to evaluate and share when it is not ``state.prompt``
+            (e.g. an aggregate of snapshots); :func:`load_prompt` returns it instead, while
+            :func:`restore` keeps returning the training state.
 
         Returns:
           Whether a save was started.
@@ -252,6 +259,8 @@ class Checkpointer:
         flat = flatten(state)
         if extra is not None:
             flat.update(flatten(extra, _EXTRA))
+        if eval_prompt is not None:
+            flat.update(flatten(eval_prompt, _EVAL))
         meta = {**_jsonable(dict(meta)), "step": step, "format_version": FORMAT_VERSION}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(flat),
@@ -312,16 +321,21 @@ def save(
 # ------------------------------------------------------------------------------------------------
 
 
-def _reader(directory: epath.Path) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    # orbax logs a notice for every read-only manager; it says nothing useful here.
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silences orbax's per-call notices (read-only manager, registry set-up) while reading."""
     absl_logger = logging.get_absl_logger()
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
     try:
-        return ocp.CheckpointManager(directory, options=options, item_names=_ITEMS)
+        yield
     finally:
         absl_logger.setLevel(level)
+
+
+def _reader(directory: epath.Path) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    return ocp.CheckpointManager(directory, options=options, item_names=_ITEMS)
 
 
 def latest_step(workdir: str | epath.PathLike) -> int | None:
@@ -333,11 +347,12 @@ def latest_step(workdir: str | epath.PathLike) -> int | None:
     directory = checkpoint_dir(workdir)
     if not directory.exists():
         return None
-    manager = _reader(directory)
-    try:
-        return manager.latest_step()
-    finally:
-        manager.close()
+    with _quiet():
+        manager = _reader(directory)
+        try:
+            return manager.latest_step()
+        finally:
+            manager.close()
 
 
 def _restore_raw(
@@ -347,43 +362,52 @@ def _restore_raw(
     directory = checkpoint_dir(workdir)
     if not directory.exists():
         raise FileNotFoundError(f"no checkpoints in {directory}")
-    manager = _reader(directory)
-    try:
-        steps = sorted(manager.all_steps(), reverse=True)
-        if step is not None:
-            if step not in steps:
-                raise FileNotFoundError(f"no checkpoint {step} in {directory} (have {steps})")
-            steps = [step]
-        if not steps:
-            raise FileNotFoundError(f"no checkpoints in {directory}")
-        errors = []
-        for s in steps:
-            try:
-                restored = manager.restore(
-                    s,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(),
-                        meta=ocp.args.JsonRestore(),
-                        data=ocp.args.JsonRestore(),
-                    ),
-                )
-                flat = {k: np.asarray(v) for k, v in dict(restored.state).items()}
-                meta = dict(restored.meta or {})
-                data_state = _decode_data_state(restored.data)
-            except Exception as e:  # noqa: BLE001 - any read failure means "unreadable"
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                errors.append(f"{s} ({reason})")
-                msg = (
-                    f"checkpoint {directory / str(s)} is unreadable ({reason}); "
-                    "falling back to the previous one (nothing was deleted)"
-                )
-                logging.warning(msg)
-                warnings.warn(msg, CheckpointFallbackWarning, stacklevel=3)
-                continue
-            return s, flat, meta, data_state
-        raise RuntimeError(f"no readable checkpoint in {directory}: {'; '.join(errors)}")
-    finally:
-        manager.close()
+    failures: list[str] = []
+    with _quiet():
+        manager = _reader(directory)
+        try:
+            found = _first_readable(manager, directory, step, failures)
+        finally:
+            manager.close()
+    for msg in failures:
+        # Emitted outside _quiet(): this one the user should see.
+        logging.warning(msg)
+        warnings.warn(msg, CheckpointFallbackWarning, stacklevel=3)
+    return found
+
+
+def _first_readable(
+    manager: ocp.CheckpointManager, directory: epath.Path, step: int | None, failures: list[str]
+) -> tuple[int, dict[str, np.ndarray], dict[str, Any], Any]:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if step is not None:
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint {step} in {directory} (have {steps})")
+        steps = [step]
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {directory}")
+    for s in steps:
+        try:
+            restored = manager.restore(
+                s,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(),
+                    meta=ocp.args.JsonRestore(),
+                    data=ocp.args.JsonRestore(),
+                ),
+            )
+            flat = {k: np.asarray(v) for k, v in dict(restored.state).items()}
+            meta = dict(restored.meta or {})
+            data_state = _decode_data_state(restored.data)
+        except Exception as e:  # noqa: BLE001 - any read failure means "unreadable"
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            failures.append(
+                f"checkpoint {directory / str(s)} is unreadable ({type(e).__name__}: "
+                f"{first_line[:200]}); falling back to the previous one (nothing was deleted)"
+            )
+            continue
+        return s, flat, meta, data_state
+    raise RuntimeError(f"no readable checkpoint in {directory}: {'; '.join(failures)}")
 
 
 def _mismatch_message(
@@ -418,7 +442,7 @@ def _fit_to_like(
     if prefix:
         have = {k for k in flat if k.startswith(prefix + ".")}
     else:
-        have = {k for k in flat if not k.startswith(_EXTRA + ".")}
+        have = {k for k in flat if not k.startswith(tuple(p + "." for p in _SIDE))}
     problems = []
     for key, leaf in expected:
         if key not in flat:
@@ -497,9 +521,13 @@ def load_prompt(
 
     Returns:
       ``(prompt, meta)``: the prompt as nested dicts of float32 numpy arrays (``{}`` for a
-      method with nothing to learn), and the JSON meta (method name and config, ...).
+      method with nothing to learn), and the JSON meta (method name and config, ...). When
+      the checkpoint has an ``eval_prompt`` (e.g. the aggregate GPA forms at the end), that
+      is the prompt returned.
     """
     _, flat, meta, _ = _restore_raw(workdir, step)
+    if any(k.startswith(_EVAL + ".") for k in flat):
+        return unflatten_dict(flat, _EVAL), meta
     return unflatten_dict(flat, "prompt"), meta
 
 

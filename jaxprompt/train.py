@@ -326,7 +326,9 @@ def fit(
     :func:`jaxprompt.gpa.gaussian_aggregation`) and ``iters_per_epoch``,
     ``agg.update(agg_state, prompt, epoch)`` runs after the last step of every epoch (1-indexed)
     and the returned (and finally saved) prompt is ``agg.result(agg_state)``; the aggregator's
-    state is checkpointed with the run. Training never continues from the aggregate.
+    state is checkpointed with the run. The aggregate is saved in the final checkpoint beside
+    the training state (``checkpoint.load_prompt`` returns it); training never continues from
+    it.
 
     Outputs in ``workdir``: ``metrics.jsonl`` (one line per logged step: ``step``, ``lr`` if
     ``lr_schedule`` is given, the averaged loss terms, ``examples_per_sec``,
@@ -388,12 +390,10 @@ def fit(
         restored = ckpt_lib.restore(
             workdir, state, extra_like=agg_state if aggregator is not None else None
         )
-        state, saved_meta, data_state = restored[:3]
+        state, _, data_state = restored[:3]
         if aggregator is not None:
             agg_state = restored[3]
         start = int(state.step)
-        if saved_meta.get("aggregated") and start < steps:
-            logging.warning("resuming from an aggregated final prompt at step %d", start)
         if hasattr(iterator, "set_state") and data_state is not None:
             iterator.set_state(data_state)
         elif start:
@@ -492,15 +492,24 @@ def fit(
 
         # ------------------------------------------------------------ final
         final_meta = dict(run_meta)
+        eval_prompt = state.prompt
         if aggregator is not None:
-            state = state._replace(prompt=jax.jit(aggregator.result)(agg_state))
+            # Formed only at the end and saved beside (not instead of) the training state, so
+            # a run extended later continues from its last step, not from the aggregate.
+            eval_prompt = jax.jit(aggregator.result)(agg_state)
             final_meta["aggregated"] = True
         if eval_fn is not None:
-            run_eval(state.prompt, steps)
+            run_eval(eval_prompt, steps)
         if checkpointer is not None and start < steps:
             checkpointer.save(
-                steps, state, meta=final_meta, data_state=data_position(), extra=agg_state
+                steps,
+                state,
+                meta=final_meta,
+                data_state=data_position(),
+                extra=agg_state,
+                eval_prompt=eval_prompt if aggregator is not None else None,
             )
+        state = state._replace(prompt=eval_prompt)
     finally:
         if checkpointer is not None:
             checkpointer.close()
