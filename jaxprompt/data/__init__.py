@@ -50,6 +50,7 @@ from jaxprompt.data.pipeline import (
     to_canvas,
     train_iterator,
 )
+from jaxprompt.data.prepare import main as prepare_main
 from jaxprompt.data.prepare import prepare
 from jaxprompt.data.protocol import (
     Example,
@@ -116,4 +117,5 @@ __all__ = [
     "train_augment",
     # building
     "prepare",
+    "prepare_main",
 ]

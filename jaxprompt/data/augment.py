@@ -14,7 +14,6 @@ not bit-equal with, torchvision on PIL images.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import dm_pix as pix
 import jax
@@ -185,51 +184,42 @@ def posterize(x: Array, bits: int = 4) -> Array:
     return jnp.floor(x / q) * q
 
 
-def _affine(x: Array, matrix: Array, offset: Array) -> Array:
-    # Bilinear with black fill, like PIL's transform(..., AFFINE, BILINEAR) default.
-    return pix.affine_transform(x, matrix, offset=offset, order=1, mode="constant", cval=0.0)
-
-
-def _augmix_ops(size: int) -> list[Callable[[Array, Array, Array], Array]]:
-    """The 9 ops; each maps (image 0..255, level in [0.1, 1], sign +-1) -> image."""
+def _affine_params(op: Array, level: Array, sign: Array, size: int) -> tuple[Array, Array]:
+    """(matrix, offset) in scipy.ndimage convention (input = matrix @ output + offset) for the
+    5 geometric ops: 0 rotate, 1 shear_x, 2 shear_y, 3 translate_x, 4 translate_y."""
+    theta = jnp.deg2rad(sign * jnp.floor(level * 3.0))  # int_parameter(level, 30): 0..2 degrees
+    shear = sign * level * 0.03  # float_parameter(level, 0.3) at severity 1
+    px = sign * jnp.floor(level * (size / 3) / 10)  # int_parameter(level, size / 3): 0..7 px
+    c, s = jnp.cos(theta), jnp.sin(theta)
+    center = (size - 1) / 2.0
+    one, zero = jnp.ones(()), jnp.zeros(())
+    rot = jnp.array([[c, -s, zero], [s, c, zero], [zero, zero, one]])
+    rot_off = jnp.array([center - c * center + s * center, center - s * center - c * center, zero])
     eye = jnp.eye(3)
-    zero = jnp.zeros(3)
+    mats = jnp.stack([rot, eye.at[1, 0].set(shear), eye.at[0, 1].set(shear), eye, eye])
+    offs = jnp.stack([
+        rot_off, jnp.zeros(3), jnp.zeros(3), jnp.zeros(3).at[1].set(px), jnp.zeros(3).at[0].set(px)
+    ])
+    return mats[op], offs[op]
 
-    def shear(axis: int) -> Callable:
-        def op(x: Array, level: Array, sign: Array) -> Array:
-            s = sign * level * 0.03  # float_parameter(level, 0.3) at severity 1
-            m = eye.at[1, 0].set(s) if axis == 1 else eye.at[0, 1].set(s)
-            return _affine(x, m, zero)
 
-        return op
+def _augmix_op(x: Array, op: Array, level: Array, sign: Array) -> Array:
+    """One of the 9 ops (autocontrast, equalize, posterize, solarize, then the 5 geometric ones).
 
-    def translate(axis: int) -> Callable:
-        def op(x: Array, level: Array, sign: Array) -> Array:
-            px = sign * jnp.floor(level * (size / 3) / 10)  # int_parameter(level, size / 3)
-            return _affine(x, eye, zero.at[axis].set(px))
+    The geometric ops share one bilinear ``dm_pix.affine_transform`` (black fill, like PIL's
+    ``transform(..., AFFINE, BILINEAR)``), which keeps the compiled program small.
+    """
 
-        return op
+    def geometric(x: Array) -> Array:
+        matrix, offset = _affine_params(op - 4, level, sign, x.shape[0])
+        return pix.affine_transform(x, matrix, offset=offset, order=1, mode="constant", cval=0.0)
 
-    def rotate(x: Array, level: Array, sign: Array) -> Array:
-        deg = sign * jnp.floor(level * 3.0)  # int_parameter(level, 30): 0..2 degrees
-        return pix.rotate(x, jnp.deg2rad(deg), order=1, mode="constant", cval=0.0)
-
-    def solarize(x: Array, level: Array, sign: Array) -> Array:
-        del sign
+    def solarize(x: Array) -> Array:
         threshold = 256.0 - jnp.floor(level * 25.6)  # 256 - int_parameter(level, 256)
         return pix.solarize(x / 255.0, threshold / 255.0) * 255.0
 
-    return [
-        lambda x, level, sign: autocontrast(x),
-        lambda x, level, sign: equalize(x),
-        lambda x, level, sign: posterize(x, 4),
-        rotate,
-        solarize,
-        shear(1),
-        shear(0),
-        translate(1),
-        translate(0),
-    ]
+    branches = [autocontrast, equalize, lambda x: posterize(x, 4), solarize, geometric]
+    return jax.lax.switch(jnp.minimum(op, 4), branches, x)
 
 
 def augmix(key: Array, image: Array, *, width: int = 3, max_depth: int = 3) -> Array:
@@ -246,7 +236,6 @@ def augmix(key: Array, image: Array, *, width: int = 3, max_depth: int = 3) -> A
       float32 [H, W, 3], CLIP-normalised (the mixing happens after normalisation).
     """
     x = _quantize(jnp.asarray(image, jnp.float32))
-    ops = _augmix_ops(x.shape[0])
     k_w, k_m, k_chain = jax.random.split(key, 3)
     w = jax.random.dirichlet(k_w, jnp.ones(width))
     m = jax.random.beta(k_m, 1.0, 1.0)
@@ -254,13 +243,15 @@ def augmix(key: Array, image: Array, *, width: int = 3, max_depth: int = 3) -> A
     def chain(k: Array) -> Array:
         k_depth, k_ops, k_lvl, k_sign = jax.random.split(k, 4)
         depth = jax.random.randint(k_depth, (), 1, max_depth + 1)
-        op_ids = jax.random.randint(k_ops, (max_depth,), 0, len(ops))
+        op_ids = jax.random.randint(k_ops, (max_depth,), 0, 9)
         levels = jax.random.uniform(k_lvl, (max_depth,), minval=0.1, maxval=1.0)
         signs = jnp.where(jax.random.bernoulli(k_sign, 0.5, (max_depth,)), 1.0, -1.0)
-        y = x
-        for d in range(max_depth):
-            z = _quantize(jax.lax.switch(op_ids[d], ops, y, levels[d], signs[d]))
-            y = jnp.where(d < depth, z, y)
+        def step(y: Array, d: Array) -> tuple[Array, None]:
+            # A scan (not a Python loop) so the 9 op branches are traced and compiled once.
+            z = _quantize(_augmix_op(y, op_ids[d], levels[d], signs[d]))
+            return jnp.where(d < depth, z, y), None
+
+        y, _ = jax.lax.scan(step, x, jnp.arange(max_depth))
         return normalize_on_device(y)
 
     mixed = jnp.einsum("i,ihwc->hwc", w, jax.vmap(chain)(jax.random.split(k_chain, width)))

@@ -543,13 +543,8 @@ def _default_data_dir(data_dir: str | None) -> str:
 
 
 def _prepared_dir(spec: DatasetSpec, data_dir: str) -> str | None:
-    """The directory of the newest prepared version of ``spec`` under ``data_dir``, if any."""
-    base = os.path.join(data_dir, *spec.prepared_name.split("/"))
-    if spec.tfds and "/" in spec.tfds.split(":")[0]:
-        base = os.path.join(data_dir, *spec.tfds.split(":")[0].split("/"))
-    if spec.tfds and ":" in spec.tfds:
-        path = os.path.join(base, spec.tfds.split(":")[1])
-        return path if os.path.exists(os.path.join(path, "dataset_info.json")) else None
+    """The directory of the newest version of a dataset written by our own builder, if any."""
+    base = os.path.join(data_dir, spec.prepared_name)
     if not os.path.isdir(base):
         return None
     versions = sorted(
@@ -562,61 +557,71 @@ def _prepared_dir(spec: DatasetSpec, data_dir: str) -> str | None:
 INDEX_FILE = "jaxprompt_index.json"
 
 
-def _tfds_index(
-    builder: Any, spec: DatasetSpec, path: str
-) -> tuple[dict[str, Any], dict[str, list]]:
-    """Maps every record to (key, CoOp label), scanning once and caching beside the data.
+def _scan(src: Any, start: int, stop: int) -> list[dict]:
+    try:
+        return src.__getitems__(list(range(start, stop)))  # one batched read
+    except TypeError:  # tfds.testing.mock_data's data source has no working __getitems__
+        return [src[i] for i in range(start, stop)]
 
-    Returns ``(sources, index)`` where ``index[tfds_split] = [[key, label, record_index], ...]``.
+
+def _tfds_index(builder: Any, spec: DatasetSpec, splits: Sequence[str]) -> dict[str, list]:
+    """Maps every record to ``[key, CoOp label, record index]`` per TFDS split.
+
+    The scan reads every record once (images are not decoded) and is cached in
+    ``jaxprompt_index.json`` beside the data, so later loads are instant.
     """
     import tensorflow_datasets as tfds
 
-    sources = {
-        s: builder.as_data_source(split=s, decoders={"image": tfds.decode.SkipDecoding()})
-        for s in builder.info.splits
-    }
-    cache = os.path.join(path, INDEX_FILE)
+    data_dir = os.fspath(builder.data_dir)
+    cache = os.path.join(data_dir, INDEX_FILE)
     if os.path.exists(cache):
         with open(cache) as f:
-            return sources, json.load(f)
+            return json.load(f)
     features = builder.info.features
     label_names = list(features["label"].names) if "label" in features else []
     _, to_coop = (spec.labels or _identity_rule())(label_names)
     index: dict[str, list] = {}
-    for s, src in sources.items():
+    for s in splits:
+        try:
+            src = builder.as_data_source(split=s, decoders={"image": tfds.decode.SkipDecoding()})
+            _scan(src, 0, min(1, len(src)))
+        except Exception:  # noqa: BLE001 - tfds.testing.mock_data cannot skip decoding
+            src = builder.as_data_source(split=s)
         rows = []
         for start in range(0, len(src), 256):
-            idx = list(range(start, min(start + 256, len(src))))
-            # Reads whole records (image bytes included, not decoded): one pass, then cached.
-            for i, rec in zip(idx, src.__getitems__(idx), strict=True):
-                if "key" in rec:  # datasets written by jaxprompt prepare
+            stop = min(start + 256, len(src))
+            for i, rec in zip(range(start, stop), _scan(src, start, stop), strict=True):
+                if "key" in rec:  # written by jaxprompt prepare: key and CoOp label stored
                     rows.append([_text(rec["key"]), int(rec["label"]), i])
                     continue
                 label = to_coop.get(int(rec["label"]))
-                if label is not None:
+                if label is not None:  # e.g. Caltech's BACKGROUND_Google is dropped
                     rows.append([spec.key(rec, s, label_names), label, i])
         index[s] = rows
-    try:
-        with open(cache + ".tmp", "w") as f:
-            json.dump(index, f)
-        os.replace(cache + ".tmp", cache)
-    except OSError as e:  # read-only data dirs are fine, just slower next time
-        log.warning("could not cache %s: %s", cache, e)
-    return sources, index
+    # Cache only beside real prepared data (never into mock metadata or read-only dirs).
+    if os.path.exists(os.path.join(data_dir, "dataset_info.json")):
+        try:
+            with open(cache + ".tmp", "w") as f:
+                json.dump(index, f)
+            os.replace(cache + ".tmp", cache)
+        except OSError as e:
+            log.warning("could not cache %s: %s", cache, e)
+    return index
 
 
-def _load_prepared(
-    spec: DatasetSpec, path: str
+def _load_builder(
+    spec: DatasetSpec, builder: Any, splits: Sequence[str], raw_bytes: bool
 ) -> tuple[dict[str, list[Example]], list[str], Callable]:
+    """Examples, class names and a fetch function for a TFDS builder (real or mocked)."""
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder_from_directory(path)
-    sources, index = _tfds_index(builder, spec, path)
+    index = _tfds_index(builder, spec, splits)
     label_names = list(builder.info.features["label"].names)
-    if spec.labels is not None and spec.key is not None:
-        names, _ = spec.labels(label_names)
-    else:
-        names = label_names
+    names = spec.labels(label_names)[0] if spec.labels is not None else label_names
+    # Our own datasets store the original bytes, decoded later with PIL (grey/CMYK/alpha safe);
+    # TFDS builders store images re-encoded with the declared channels, so TFDS may decode them.
+    decoders = {"image": tfds.decode.SkipDecoding()} if raw_bytes else None
+    sources = {s: builder.as_data_source(split=s, decoders=decoders) for s in index}
     where: dict[str, tuple[str, int]] = {}
     by_split: dict[str, list[Example]] = {}
     for s, rows in index.items():
@@ -632,10 +637,24 @@ def _load_prepared(
     return by_split, names, fetch
 
 
+def _open_tfds(spec: DatasetSpec, data_dir: str) -> Any | None:
+    """The TFDS builder of a TFDS-backed entry if its data can be read (or is mocked)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(spec.tfds, data_dir=data_dir)
+    except Exception:  # noqa: BLE001 - unknown version/config: treat as not prepared
+        return None
+    splits = [s for group in spec.tfds_splits.values() for s in group]
+    try:
+        builder.as_data_source(split=splits[0])
+    except Exception:  # noqa: BLE001 - not prepared
+        return None
+    return builder
+
+
 def _auto_split(spec: DatasetSpec, by_split: dict[str, list[Example]]) -> Split:
     """Train/val/test without a split file (see ``DatasetSpec.auto_split``)."""
-    if set(by_split) <= {"train", "val", "test"} and spec.tfds is None:
-        return {s: by_split.get(s, []) for s in ("train", "val", "test")}  # prepared by us
     if spec.test_only:
         test = [x for s in spec.tfds_splits.get("test", tuple(by_split)) for x in by_split[s]]
         return {"train": [], "val": [], "test": test}
@@ -677,12 +696,20 @@ def load_dataset(
       FileNotFoundError: the data is neither prepared nor available raw; the message says how to
         get it.
     """
+    import tensorflow_datasets as tfds
+
     spec = get_dataset(name) if isinstance(name, str) else name
     data_dir = _default_data_dir(data_dir)
     prepared = _prepared_dir(spec, data_dir)
+    builder = None if prepared or spec.tfds is None else _open_tfds(spec, data_dir)
     if prepared is not None:
-        by_split, names, fetch = _load_prepared(spec, prepared)
-        split, source = _auto_split(spec, by_split), prepared
+        b = tfds.builder_from_directory(prepared)
+        by_split, names, fetch = _load_builder(spec, b, list(b.info.splits), raw_bytes=True)
+        split, source = {s: by_split.get(s, []) for s in ("train", "val", "test")}, prepared
+    elif builder is not None:
+        splits = [s for group in spec.tfds_splits.values() for s in group]
+        by_split, names, fetch = _load_builder(spec, builder, splits, raw_bytes=False)
+        split, source = _auto_split(spec, by_split), os.fspath(builder.data_dir)
     elif spec.custom is not None:
         kind, path = spec.custom
         if kind == "folder":
