@@ -199,16 +199,26 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
             f"could not load CLIP {path!r} ({first[:160]}): pass a local directory in Hugging "
             "Face format, or set HF_HOME to a cache that holds it (no network access here?)"
         ) from e
-    config = model.config
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.dtype(dtype)), params)
+    return from_params(model.config, params, tokenizer, name=str(name_or_path), dtype=dtype)
+
+
+def from_params(
+    config: Any, params: PyTree, tokenizer: Any, *, name: str = "", dtype: str = "float32"
+) -> Clip:
+    """Builds a :class:`Clip` from a Hugging Face ``CLIPConfig``, its Flax params and tokenizer.
+
+    :func:`load_clip` ends here; pretraining code (the toy world's CLIP) uses it directly on
+    parameters it is training.
+    """
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.dtype(dtype)), dict(params))
     # The logit scale is a scalar read by every method in float32.
     params["logit_scale"] = jnp.asarray(params["logit_scale"], jnp.float32)
     sot = tokenizer.bos_token_id
     eot = tokenizer.eos_token_id
     if sot is None or eot is None:
-        raise ClipLoadError(f"the tokenizer in {path} has no start/end-of-text tokens")
+        raise ClipLoadError(f"the tokenizer of {name!r} has no start/end-of-text tokens")
     spec = ClipSpec(
-        name=str(name_or_path),
+        name=name,
         config_json=config.to_json_string(use_diff=False),
         dtype=dtype,
         text_width=config.text_config.hidden_size,
@@ -668,6 +678,18 @@ PRESETS: dict[str, dict[str, int]] = {
         patch_size=8,
         embed_dim=16,
     ),
+    # The toy world's CLIP (jaxprompt.toyclip): small enough to pretrain on 2 CPU cores.
+    "toy": dict(
+        text_width=128,
+        text_layers=4,
+        text_heads=4,
+        vision_width=128,
+        vision_layers=4,
+        vision_heads=4,
+        image_size=32,
+        patch_size=8,
+        embed_dim=128,
+    ),
     # ViT-B/16 shapes (benchmarks with random weights).
     "vit-b/16": dict(
         text_width=512,
@@ -681,6 +703,47 @@ PRESETS: dict[str, dict[str, int]] = {
         embed_dim=512,
     ),
 }
+
+
+def clip_config(vocab_size: int, *, preset: str = "tiny", **overrides: int) -> Any:
+    """A Hugging Face ``CLIPConfig`` of a preset's shapes (QuickGELU, logit scale 100).
+
+    The tokenizer's start and end ids are the last two of the vocabulary, as
+    :func:`save_word_tokenizer` writes them.
+    """
+    transformers = _quiet_transformers()
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    shape = {**PRESETS[preset], **overrides}
+    text = transformers.CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=shape["text_width"],
+        intermediate_size=4 * shape["text_width"],
+        num_hidden_layers=shape["text_layers"],
+        num_attention_heads=shape["text_heads"],
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        projection_dim=shape["embed_dim"],
+    )
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=shape["vision_width"],
+        intermediate_size=4 * shape["vision_width"],
+        num_hidden_layers=shape["vision_layers"],
+        num_attention_heads=shape["vision_heads"],
+        image_size=shape["image_size"],
+        patch_size=shape["patch_size"],
+        hidden_act="quick_gelu",
+        projection_dim=shape["embed_dim"],
+    )
+    return transformers.CLIPConfig(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        projection_dim=shape["embed_dim"],
+        logit_scale_init_value=float(np.log(100.0)),
+    )
 
 
 def save_random_clip(
@@ -710,40 +773,9 @@ def save_random_clip(
       The directory, as a string.
     """
     transformers = _quiet_transformers()
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    shape = {**PRESETS[preset], **overrides}
     directory = os.fspath(directory)
     vocab_size = save_word_tokenizer(directory, words)
-    text = transformers.CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=shape["text_width"],
-        intermediate_size=4 * shape["text_width"],
-        num_hidden_layers=shape["text_layers"],
-        num_attention_heads=shape["text_heads"],
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-        projection_dim=shape["embed_dim"],
-    )
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=shape["vision_width"],
-        intermediate_size=4 * shape["vision_width"],
-        num_hidden_layers=shape["vision_layers"],
-        num_attention_heads=shape["vision_heads"],
-        image_size=shape["image_size"],
-        patch_size=shape["patch_size"],
-        hidden_act="quick_gelu",
-        projection_dim=shape["embed_dim"],
-    )
-    config = transformers.CLIPConfig(
-        text_config=text.to_dict(),
-        vision_config=vision.to_dict(),
-        projection_dim=shape["embed_dim"],
-        logit_scale_init_value=float(np.log(100.0)),
-    )
+    config = clip_config(vocab_size, preset=preset, **overrides)
     if weights == "flax":
         model = transformers.FlaxCLIPModel(config, _do_init=False)
         # Jitted init: Hugging Face's eager init compiles op by op and is several times slower.

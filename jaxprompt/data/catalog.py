@@ -310,6 +310,7 @@ class DatasetSpec:
       aliases: other accepted names (lowercase).
       test_only: the ImageNet variants (no train/val; no base/new).
       custom: ``("folder" | "csv", path)`` for user datasets.
+      generator: builds the dataset in memory instead of reading files (the toy world).
     """
 
     name: str
@@ -326,6 +327,7 @@ class DatasetSpec:
     aliases: tuple[str, ...] = ()
     test_only: bool = False
     custom: tuple[str, str] | None = None
+    generator: Callable[[DatasetSpec], LoadedDataset] | None = None
 
     @property
     def prepared_name(self) -> str:
@@ -699,6 +701,8 @@ def load_dataset(
     import tensorflow_datasets as tfds
 
     spec = get_dataset(name) if isinstance(name, str) else name
+    if spec.generator is not None:
+        return spec.generator(spec)
     data_dir = _default_data_dir(data_dir)
     prepared = _prepared_dir(spec, data_dir)
     builder = None if prepared or spec.tfds is None else _open_tfds(spec, data_dir)
@@ -791,3 +795,21 @@ def apply_protocol(
         return split, list(dataset.classnames)
     split = protocol.subsample_classes(split, subset)
     return split, protocol.classnames(split["train"])
+
+
+def _register_toy_world() -> None:
+    from jaxprompt.data import toyworld
+
+    for name, style, labels in toyworld.VARIANTS:
+        n = len(toyworld.CLASSES) if labels == "texture" else len(toyworld.COLOURS)
+        register(
+            DatasetSpec(
+                name=name,
+                num_classes=n,
+                template="a photo of a {}.",
+                generator=functools.partial(toyworld.load, style=style, labels=labels),
+            )
+        )
+
+
+_register_toy_world()

@@ -18,6 +18,7 @@ colour as a different label space (cross-dataset target).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -194,7 +195,61 @@ def split_size(split: str) -> int:
 def key(index: int, *, split: str, style: str = "photo") -> str:
     """The stable example id (a relative path, as for image folders)."""
     per = SPLIT_SIZES[split]
-    return f"{style}/{split}/{CLASSES[index // per].replace(' ', '_')}/{index % per:04d}.png"
+    return f"{style}/{split}/{CLASSES[index // per].replace(' ', '_')}/{index:05d}.png"
+
+
+# Catalog entries: (name, style, label space). The photo textures are the source dataset (base
+# and new classes), the other styles its domain-generalisation targets, and the foreground
+# colours of photo images a different label space (cross-dataset target).
+VARIANTS: tuple[tuple[str, str, str], ...] = (
+    ("toy_textures", "photo", "texture"),
+    ("toy_textures_sketch", "sketch", "texture"),
+    ("toy_textures_night", "night", "texture"),
+    ("toy_textures_cartoon", "cartoon", "texture"),
+    ("toy_colours", "photo", "colour"),
+)
+
+
+@functools.lru_cache(maxsize=65536)
+def _cached_image(index: int, split: str, style: str, seed: int) -> np.ndarray:
+    img = example(index, split=split, style=style, seed=seed)[0]
+    img.flags.writeable = False
+    return img
+
+
+def load(spec, *, style: str, labels: str, seed: int = 0):
+    """A catalog ``LoadedDataset`` of the toy world (rendered on demand, cached in memory).
+
+    Args:
+      spec: the catalog entry (a ``DatasetSpec``).
+      style: which style's images.
+      labels: ``"texture"`` (16 classes) or ``"colour"`` (the foreground colour, 8 classes).
+      seed: world seed.
+    """
+    from jaxprompt.data.catalog import LoadedDataset
+    from jaxprompt.data.protocol import Example
+
+    colour_names = list(COLOURS)
+    split = {}
+    for name in SPLIT_SIZES:
+        if name == "pretrain":
+            continue
+        items = []
+        for i in range(split_size(name)):
+            a = attributes(i, split=name, style=style, seed=seed)
+            if labels == "texture":
+                lab, cname = a["label"], a["classname"]
+            else:
+                lab, cname = colour_names.index(a["fg"]), a["fg"]
+            items.append(Example(key(i, split=name, style=style), lab, cname))
+        split[name] = items
+    names = list(CLASSES) if labels == "texture" else colour_names
+
+    def fetch(ex) -> np.ndarray:
+        sp, idx = ex.key.split("/")[1], int(ex.key.rsplit("/", 1)[1].split(".")[0])
+        return _cached_image(idx, sp, style, seed)
+
+    return LoadedDataset(spec, split, names, fetch, None, f"toyworld(style={style}, seed={seed})")
 
 
 def images(

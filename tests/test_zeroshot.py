@@ -1,0 +1,76 @@
+"""Zero-shot CLIP against an independent computation with Hugging Face's own Flax model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import CLASSNAMES
+
+import jaxprompt as jp
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_clip_dir):
+    import transformers
+
+    return transformers.FlaxCLIPModel.from_pretrained(tiny_clip_dir, _do_init=False)
+
+
+def _hf_classifier(hf, tok, templates, names):
+    model, params = hf
+    per_template = []
+    for t in templates:
+        ids = tok(
+            [t.format(n.replace("_", " ")) for n in names], padding="max_length", max_length=77
+        )["input_ids"]
+        f = np.asarray(model.get_text_features(jnp.asarray(ids), params=params), np.float64)
+        per_template.append(f / np.linalg.norm(f, axis=-1, keepdims=True))
+    mean = np.mean(per_template, axis=0)
+    return mean / np.linalg.norm(mean, axis=-1, keepdims=True), params
+
+
+@pytest.mark.parametrize(
+    "templates", [("a photo of a {}.",), ("a photo of a {}.", "itap of the {}.", "{} dotted.")]
+)
+def test_zeroshot_logits_equal_hf_ensemble(tiny_clip, hf, images, templates):
+    names = CLASSNAMES[:-1] + ["red_fish"]  # underscores become spaces
+    task = jp.make_task(tiny_clip, names)
+    method = jp.methods.get("zeroshot", templates=templates)
+    logits = method.logits(method.init(jax.random.key(0), tiny_clip, task), tiny_clip, task, images)
+    txt, params = _hf_classifier(hf, tiny_clip.tokenizer, templates, names)
+    model, _ = hf
+    img = np.asarray(
+        model.get_image_features(jnp.asarray(images.transpose(0, 3, 1, 2)), params=params),
+        np.float64,
+    )
+    img /= np.linalg.norm(img, axis=-1, keepdims=True)
+    ref = np.exp(float(params["logit_scale"])) * img @ txt.T
+    np.testing.assert_allclose(logits, ref, atol=1e-4)
+
+
+def test_zeroshot_chunks_and_named_sets(tiny_clip, tiny_task, images):
+    a = jp.methods.zeroshot(templates="imagenet_select_7")
+    b = jp.methods.zeroshot(templates="imagenet_select_7", chunk=3)
+    la = a.logits({}, tiny_clip, tiny_task, images)
+    lb = jax.jit(b.logits)({}, tiny_clip, tiny_task, images)
+    np.testing.assert_allclose(la, lb, atol=1e-4)
+    assert len(a.config["templates"]) == 7
+
+
+def test_template_lists():
+    t = jp.templates
+    assert len(t.IMAGENET_80) == len(set(t.IMAGENET_80)) == 80
+    assert t.IMAGENET_80[39] == "a photo of a {}."
+    assert t.PROMPTSRC_60[0] == "a photo of a {}." and len(t.PROMPTSRC_60) == 60
+    assert t.PROMPTSRC_60[-1] == "itap of the {}." and "a photo of a {}." not in t.PROMPTSRC_60[1:]
+    assert set(t.IMAGENET_SELECT_7) <= set(t.IMAGENET_80)
+
+
+def test_bad_templates_and_unknown_method():
+    with pytest.raises(ValueError, match="imagenet_80"):
+        jp.methods.zeroshot(templates="no such set")
+    with pytest.raises(ValueError, match="coop"):
+        jp.methods.get("copo")
+    with pytest.raises(ValueError, match="bad arguments"):
+        jp.methods.get("coop", n_cxt=4)
+    assert {"zeroshot", "coop"} <= set(jp.methods.names())
