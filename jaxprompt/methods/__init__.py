@@ -9,7 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from jaxprompt.methods.base import Batch, Metrics, Prompt, PromptMethod
+from jaxprompt.methods.cocoop import cocoop
 from jaxprompt.methods.coop import coop
+from jaxprompt.methods.ivlp import ivlp
+from jaxprompt.methods.maple import maple
+from jaxprompt.methods.promptsrc import promptsrc
 from jaxprompt.methods.zeroshot import zeroshot
 
 __all__ = [
@@ -17,9 +21,13 @@ __all__ = [
     "Metrics",
     "Prompt",
     "PromptMethod",
+    "cocoop",
     "coop",
     "get",
+    "ivlp",
+    "maple",
     "names",
+    "promptsrc",
     "register",
     "zeroshot",
 ]
@@ -27,6 +35,10 @@ __all__ = [
 _REGISTRY: dict[str, Callable[..., PromptMethod]] = {
     "zeroshot": zeroshot,
     "coop": coop,
+    "cocoop": cocoop,
+    "ivlp": ivlp,
+    "maple": maple,
+    "promptsrc": promptsrc,
 }
 
 

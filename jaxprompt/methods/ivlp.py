@@ -1,0 +1,148 @@
+"""IVLP: independent vision-language deep prompting (the PromptSRC paper's baseline).
+
+Khattak, Wasim, Naseer, Khan, Yang, Khan, "Self-regulating Prompts: Foundational Model
+Adaptation without Forgetting", ICCV 2023, arXiv 2307.06948; reference
+github.com/muzairkhattak/PromptSRC @bb95c77 (``trainers/independentVL.py``, the IVLP config
+``vit_b16_c2_ep20_batch4_4+4ctx``). The baseline itself first appeared in MaPLe (arXiv 2210.03117).
+
+Separate learnable tokens in both towers of a frozen CLIP, with no coupling between them:
+
+* Text: ``[SOT] ctx_1..ctx_nt <name> . [EOT]``; the input context gets the positional embedding.
+  Before each layer ``i = 1 .. depth-1`` the positions ``1..nt`` of the residual stream are
+  *replaced* by ``deep_text[i-1]`` (no positional embedding).
+* Vision: ``n_v`` tokens appended after ``[CLS] <patches>`` (no positional embedding, through
+  the pre-LayerNorm); before layer ``i`` the last ``n_v`` tokens are replaced by
+  ``deep_vision[i-1]``.
+* Layers from ``depth`` on get no fresh tokens; the prompt positions carry on (not dropped).
+
+Depth counts the input layer: ``depth=9`` is one input prompt plus 8 deep matrices per tower,
+46,080 parameters at ViT-B/16 with 4 + 4 tokens. The loss is cross-entropy alone. The prompt
+placement itself lives in :func:`jaxprompt.clip.encode_text` / :func:`~jaxprompt.clip.encode_image`
+(and is tested against a NumPy reference there); this module builds and initialises the tensors.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxprompt import clip as clip_lib
+from jaxprompt import losses
+from jaxprompt.methods import base
+
+
+def check_depth(clip: clip_lib.Clip, depth: int) -> None:
+    """Raises a clear error unless ``1 <= depth <= layers`` of both towers of ``clip``.
+
+    Depth ``J`` puts fresh prompts before layers ``0..J-1``, so it can reach the number of
+    layers but not exceed it.
+    """
+    layers = min(clip.spec.text_layers, clip.spec.vision_layers)
+    if not 1 <= depth <= layers:
+        raise ValueError(
+            f"prompt depth {depth} does not fit this CLIP: it has {clip.spec.text_layers} text "
+            f"and {clip.spec.vision_layers} vision layers, so depth must be in 1..{layers} "
+            "(depth 1 = input-level prompts only)"
+        )
+
+
+def ivlp(
+    *,
+    depth: int = 9,
+    n_ctx_text: int = 4,
+    n_ctx_vision: int = 4,
+    init_words: str | None = "a photo of a",
+    init_std: float = 0.02,
+    remat: bool = False,
+) -> base.PromptMethod:
+    """IVLP: deep, independent text and vision prompts, trained with cross-entropy.
+
+    Prompt pytree (float32)::
+
+        {"ctx": [n_t, D_text], "vision_ctx": [n_v, D_vision],
+         "deep_text": [depth-1, n_t, D_text], "deep_vision": [depth-1, n_v, D_vision]}
+
+    ``deep_*[i]`` replaces the prompt tokens on the residual stream entering layer ``i + 1``.
+
+    Args:
+      depth: number of layers carrying fresh prompts, counting the input layer (>= 1 and at
+        most the number of layers of the CLIP it is initialised on).
+      n_ctx_text: text context length n_t.
+      n_ctx_vision: vision prompt length n_v.
+      init_words: the text context starts at these words' token embeddings when they are
+        exactly ``n_ctx_text`` tokens (the reference's "a photo of a" with 4 tokens), otherwise
+        (or with ``None``) at N(0, init_std^2) like every other prompt tensor.
+      init_std: standard deviation of the random initialisations (0.02 in the reference).
+      remat: rematerialise the transformer blocks in the backward pass.
+
+    Returns:
+      A :class:`~jaxprompt.methods.base.PromptMethod` named ``"ivlp"``.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1 (1 = input-level prompts only), got {depth}")
+    if n_ctx_text < 1 or n_ctx_vision < 1:
+        raise ValueError(
+            f"n_ctx_text and n_ctx_vision must be >= 1, got {n_ctx_text} and {n_ctx_vision}"
+        )
+
+    def init(key, clip, task):
+        check_depth(clip, depth)
+        clip_lib.check_context(clip, task, n_ctx_text)
+        dt, dv = clip.spec.text_width, clip.spec.vision_width
+        k_ctx, k_vis, k_dt, k_dv = jax.random.split(key, 4)
+
+        def normal(k, shape):
+            return init_std * jax.random.normal(k, shape, jnp.float32)
+
+        words = base.word_embeddings(clip, init_words) if init_words else None
+        if words is not None and words.shape[0] == n_ctx_text:
+            ctx = words
+        else:
+            # The reference falls back to random context (behind an "X X X X" placeholder,
+            # which is the same sequence as [SOT] ctx <name>) when the words do not fit.
+            ctx = normal(k_ctx, (n_ctx_text, dt))
+        return {
+            "ctx": jnp.asarray(ctx, jnp.float32),
+            "vision_ctx": normal(k_vis, (n_ctx_vision, dv)),
+            "deep_text": normal(k_dt, (depth - 1, n_ctx_text, dt)),
+            "deep_vision": normal(k_dv, (depth - 1, n_ctx_vision, dv)),
+        }
+
+    def encode_classes(prompt, clip, task):
+        embeds, eot = clip_lib.prompted_text_inputs(clip, task, prompt["ctx"])
+        deep = prompt["deep_text"] if prompt["deep_text"].shape[0] else None
+        return clip_lib.encode_text(clip, embeds, eot, deep=deep, remat=remat)
+
+    def encode_images(prompt, clip, images):
+        deep = prompt["deep_vision"] if prompt["deep_vision"].shape[0] else None
+        return clip_lib.encode_image(
+            clip, images, prompts=prompt["vision_ctx"], deep=deep, remat=remat
+        )
+
+    def classify(prompt, clip, classes, images):
+        return base.cosine_logits(clip, encode_images(prompt, clip, images), classes)
+
+    logits = base.split_logits(encode_classes, classify)
+
+    def loss(prompt, clip, task, batch, key):
+        z = logits(prompt, clip, task, batch["image"], key=key)
+        ce = losses.cross_entropy(z, batch["label"])
+        acc = jnp.mean((jnp.argmax(z, axis=-1) == batch["label"]).astype(jnp.float32))
+        return ce, {"ce": ce, "accuracy": acc}
+
+    return base.PromptMethod(
+        init=init,
+        logits=logits,
+        loss=loss,
+        name="ivlp",
+        config=dict(
+            depth=depth,
+            n_ctx_text=n_ctx_text,
+            n_ctx_vision=n_ctx_vision,
+            init_words=init_words,
+            init_std=init_std,
+            remat=remat,
+        ),
+        encode_classes=encode_classes,
+        classify=classify,
+    )

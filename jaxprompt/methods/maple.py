@@ -1,0 +1,210 @@
+"""MaPLe: multi-modal prompt learning with vision prompts coupled to the text prompts.
+
+Khattak, Rasheed, Maaz, Khan, Khan, "MaPLe: Multi-modal Prompt Learning", CVPR 2023,
+arXiv 2210.03117; reference github.com/muzairkhattak/multimodal-prompt-learning, as summarised
+in the PromptSRC spec (section 12) checked against github.com/muzairkhattak/PromptSRC @bb95c77
+(``trainers/maple.py``'s prompt learner).
+
+Text side as in IVLP (``[SOT] ctx <fixed words> <name> . [EOT]``, deep text prompts replacing
+positions ``1..n_ctx`` before layers ``1..depth-1``), with one difference in the
+initialisation: with ``init_words="a photo of a"`` and ``n_ctx=2`` the two learnable vectors
+start at the embeddings of "a photo" and the remaining words "of a" stay as FIXED (frozen)
+tokens between the context and the class name, so the sequence is still
+``"a photo of a <name>."`` token for token.
+
+Vision side: the vision prompts are not parameters of their own but linear "coupling"
+projections of the text prompts, one ``Linear(D_text -> D_vision)`` (with bias) per layer:
+``vision_ctx = ctx @ K[0] + b[0]`` is appended after the patches, and
+``deep_vision[i] = deep_text[i] @ K[i + 1] + b[i + 1]`` replaces the last tokens before layer
+``i + 1`` (placement as in IVLP). The projections dominate the parameter count: about 3.55M at
+ViT-B/16 with depth 9 and 2 tokens (:func:`maple_param_count`). Loss: cross-entropy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprompt import clip as clip_lib
+from jaxprompt import losses
+from jaxprompt.methods import base
+
+
+def maple_param_count(*, depth: int, n_ctx: int, text_width: int, vision_width: int) -> int:
+    """Trainable parameters of MaPLe: text prompts plus one biased projection per layer.
+
+    ``depth * n_ctx * text_width`` (input context and ``depth - 1`` deep text prompts) plus
+    ``depth * (text_width * vision_width + vision_width)`` (the coupling Linears).
+
+    Example:
+      >>> maple_param_count(depth=9, n_ctx=2, text_width=512, vision_width=768)
+      3555072
+    """
+    return depth * n_ctx * text_width + depth * (text_width * vision_width + vision_width)
+
+
+def _check_depth(clip: clip_lib.Clip, depth: int) -> None:
+    # Repeated from ivlp.py rather than imported (methods do not import each other's code).
+    layers = min(clip.spec.text_layers, clip.spec.vision_layers)
+    if not 1 <= depth <= layers:
+        raise ValueError(
+            f"prompt depth {depth} does not fit this CLIP: it has {clip.spec.text_layers} text "
+            f"and {clip.spec.vision_layers} vision layers, so depth must be in 1..{layers} "
+            "(depth 1 = input-level prompts only)"
+        )
+
+
+def _init_words_split(clip: clip_lib.Clip, init_words: str | None, n_ctx: int):
+    """Token ids of the init words: ``(learnable-init ids, fixed ids)`` or ``(None, empty)``."""
+    if not init_words:
+        return None, np.zeros((0,), np.int32)
+    ids, eot = clip_lib.tokenize(clip, [init_words.replace("_", " ")])
+    words = ids[0, 1 : eot[0]]  # without SOT / EOT
+    if words.shape[0] < n_ctx:
+        # Too few words to fill the context: random context and no fixed words (the
+        # reference's "X X ..." placeholder prompt, which is the same sequence).
+        return None, np.zeros((0,), np.int32)
+    return words[:n_ctx], words[n_ctx:]
+
+
+def text_inputs(
+    prompt: base.Prompt,
+    clip: clip_lib.Clip,
+    task: clip_lib.Task,
+    *,
+    init_words: str | None = "a photo of a",
+) -> tuple[jax.Array, jax.Array]:
+    """``[SOT] ctx <fixed init words> <name> . [EOT]`` embeddings for every class.
+
+    Args:
+      prompt: a MaPLe prompt (only ``"ctx"`` [n_ctx, D_text] is read).
+      clip: the frozen model.
+      task: the class set.
+      init_words: the method's init words; those past the first ``n_ctx`` tokens are embedded
+        with the frozen token table and kept fixed.
+
+    Returns:
+      ``(embeds, eot)``: [C, 1 + n_ctx + n_fixed + L, D_text] and [C].
+    """
+    ctx = prompt["ctx"]
+    _, fixed_ids = _init_words_split(clip, init_words, ctx.shape[0])
+    fixed = clip_lib.embed_tokens(clip, jnp.asarray(fixed_ids, jnp.int32)).astype(jnp.float32)
+    # The fixed words are frozen constants: no gradient reaches the token table (it is CLIP's,
+    # and gradients are taken w.r.t. the prompt only), and they sit where the reference's
+    # suffix buffer has them, right after the learnable slots.
+    full = jnp.concatenate([ctx, jax.lax.stop_gradient(fixed)], axis=0)  # [n_ctx + n_fixed, D]
+    return clip_lib.prompted_text_inputs(clip, task, full)
+
+
+def vision_prompts(prompt: base.Prompt) -> tuple[jax.Array, jax.Array]:
+    """The coupled vision prompts: projections of the text prompts.
+
+    Returns:
+      ``(vision_ctx, deep_vision)``: [n_ctx, D_vision] and [depth-1, n_ctx, D_vision].
+    """
+    kernel, bias = prompt["proj"]["kernel"], prompt["proj"]["bias"]  # [J, Dt, Dv], [J, Dv]
+    vision_ctx = prompt["ctx"] @ kernel[0] + bias[0]
+    # One projection per deep layer: [J-1, n, Dt] x [J-1, Dt, Dv] -> [J-1, n, Dv].
+    deep_vision = jnp.einsum("jnd,jdv->jnv", prompt["deep_text"], kernel[1:]) + bias[1:, None]
+    return vision_ctx, deep_vision
+
+
+def maple(
+    *,
+    depth: int = 9,
+    n_ctx: int = 2,
+    init_words: str | None = "a photo of a",
+    init_std: float = 0.02,
+    remat: bool = False,
+) -> base.PromptMethod:
+    """MaPLe.
+
+    Prompt pytree (float32)::
+
+        {"ctx": [n_ctx, D_text],
+         "deep_text": [depth-1, n_ctx, D_text],
+         "proj": {"kernel": [depth, D_text, D_vision], "bias": [depth, D_vision]}}
+
+    ``proj[0]`` maps ``ctx`` to the input-level vision prompt and ``proj[i]`` maps
+    ``deep_text[i-1]`` to the vision prompt that replaces the last tokens before layer ``i``.
+    Kernels are ``[in, out]``.
+
+    Initialisation: ``ctx`` from the embeddings of the first ``n_ctx`` tokens of
+    ``init_words`` (random N(0, init_std^2) if there are fewer); ``deep_text`` N(0, init_std^2);
+    the projections like PyTorch's ``nn.Linear`` default, kernel and bias
+    U(-1/sqrt(D_text), 1/sqrt(D_text)).
+
+    Args:
+      depth: layers carrying fresh prompts, counting the input layer (1..number of layers).
+      n_ctx: learnable text tokens per layer (2 in the reference).
+      init_words: initial words; tokens past the first ``n_ctx`` stay as fixed tokens before
+        the class name.
+      init_std: standard deviation of the random initialisations.
+      remat: rematerialise the transformer blocks in the backward pass.
+
+    Returns:
+      A :class:`~jaxprompt.methods.base.PromptMethod` named ``"maple"``.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1 (1 = input-level prompts only), got {depth}")
+    if n_ctx < 1:
+        raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+
+    def init(key, clip, task):
+        _check_depth(clip, depth)
+        dt, dv = clip.spec.text_width, clip.spec.vision_width
+        learn_ids, fixed_ids = _init_words_split(clip, init_words, n_ctx)
+        clip_lib.check_context(clip, task, n_ctx + len(fixed_ids))
+        k_ctx, k_deep, k_kernel, k_bias = jax.random.split(key, 4)
+        if learn_ids is not None:
+            ctx = clip_lib.embed_tokens(clip, jnp.asarray(learn_ids)).astype(jnp.float32)
+        else:
+            ctx = init_std * jax.random.normal(k_ctx, (n_ctx, dt), jnp.float32)
+        bound = 1.0 / math.sqrt(dt)  # nn.Linear: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(in))
+        return {
+            "ctx": ctx,
+            "deep_text": init_std * jax.random.normal(k_deep, (depth - 1, n_ctx, dt)),
+            "proj": {
+                "kernel": jax.random.uniform(k_kernel, (depth, dt, dv), jnp.float32, -bound, bound),
+                "bias": jax.random.uniform(k_bias, (depth, dv), jnp.float32, -bound, bound),
+            },
+        }
+
+    def encode_classes(prompt, clip, task):
+        embeds, eot = text_inputs(prompt, clip, task, init_words=init_words)
+        deep = prompt["deep_text"] if prompt["deep_text"].shape[0] else None
+        return clip_lib.encode_text(clip, embeds, eot, deep=deep, remat=remat)
+
+    def classify(prompt, clip, classes, images):
+        vision_ctx, deep_vision = vision_prompts(prompt)
+        feats = clip_lib.encode_image(
+            clip,
+            images,
+            prompts=vision_ctx,
+            deep=deep_vision if deep_vision.shape[0] else None,
+            remat=remat,
+        )
+        return base.cosine_logits(clip, feats, classes)
+
+    logits = base.split_logits(encode_classes, classify)
+
+    def loss(prompt, clip, task, batch, key):
+        z = logits(prompt, clip, task, batch["image"], key=key)
+        ce = losses.cross_entropy(z, batch["label"])
+        acc = jnp.mean((jnp.argmax(z, axis=-1) == batch["label"]).astype(jnp.float32))
+        return ce, {"ce": ce, "accuracy": acc}
+
+    return base.PromptMethod(
+        init=init,
+        logits=logits,
+        loss=loss,
+        name="maple",
+        config=dict(
+            depth=depth, n_ctx=n_ctx, init_words=init_words, init_std=init_std, remat=remat
+        ),
+        encode_classes=encode_classes,
+        classify=classify,
+    )
