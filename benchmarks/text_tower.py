@@ -52,7 +52,9 @@ def build_clip(directory: str, words: list[str]) -> jp.Clip:
     return jp.load_clip(directory)
 
 
-def time_grad(clip: jp.Clip, task: jp.Task, ctx: jax.Array, repeats: int) -> float:
+def compiled_grad(clip: jp.Clip, task: jp.Task, ctx: jax.Array):
+    """The jitted value-and-grad of a loss on the prompted text features, compiled."""
+
     def loss(ctx, clip, task):
         embeds, eot = clip_lib.prompted_text_inputs(clip, task, ctx)
         feats = clip_lib.normalize(clip_lib.encode_text(clip, embeds, eot))
@@ -60,12 +62,18 @@ def time_grad(clip: jp.Clip, task: jp.Task, ctx: jax.Array, repeats: int) -> flo
 
     step = jax.jit(jax.value_and_grad(loss))
     jax.block_until_ready(step(ctx, clip, task))  # compile
-    times = []
+    return lambda: jax.block_until_ready(step(ctx, clip, task))
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds per function, alternating them so machine load hits all alike."""
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(step(ctx, clip, task))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def padded(task: jp.Task, clip: jp.Clip, n_ctx: int) -> jp.Task:
@@ -80,7 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--n-ctx", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     names = classnames(args.classes)
     result = {
@@ -98,8 +106,14 @@ def main() -> None:
             task = jp.make_task(clip, names)
             ctx = 0.02 * jax.random.normal(jax.random.key(0), (args.n_ctx, 512))
             full = padded(task, clip, args.n_ctx)
-            t_trunc = time_grad(clip, task, ctx, args.repeats)
-            t_full = time_grad(clip, full, ctx, args.repeats)
+            t = interleaved(
+                {
+                    "trunc": compiled_grad(clip, task, ctx),
+                    "full": compiled_grad(clip, full, ctx),
+                },
+                args.repeats,
+            )
+            t_trunc, t_full = t["trunc"], t["full"]
         result[f"{label}_tokens"] = 1 + args.n_ctx + int(task.token_ids.shape[1])
         result[f"{label}_truncated_s"] = round(t_trunc, 4)
         result[f"{label}_full_s"] = round(t_full, 4)

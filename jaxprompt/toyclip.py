@@ -229,7 +229,7 @@ def pretrain(
 if __name__ == "__main__":
     import argparse
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("out_dir")
     ap.add_argument("--steps", type=int, default=1500)
@@ -240,3 +240,28 @@ if __name__ == "__main__":
         args.out_dir, steps=args.steps, batch_size=args.batch_size, patch_size=args.patch_size
     )
     print(json.dumps({k: v for k, v in rep.items() if k != "history"}))
+
+
+# The recipe of the shipped weights (jaxprompt/assets/toy_clip): `jaxprompt pretrain-toy` with
+# these arguments reproduces them.
+RECIPE: dict = {"steps": 1500, "batch_size": 128, "seed": 0}
+
+
+def toy_clip_dir() -> str:
+    """The toy CLIP's directory: the shipped weights, else a cached copy, else pretrain now.
+
+    Pretraining on first use (when the package ships no weights) writes to
+    ``$JAXPROMPT_CACHE/toy_clip`` (default ``~/.cache/jaxprompt``) and takes minutes.
+    """
+    from importlib import resources
+
+    shipped = resources.files("jaxprompt").joinpath("assets/toy_clip")
+    if shipped.joinpath("flax_model.msgpack").is_file():
+        return str(shipped)
+    cache = os.path.join(
+        os.environ.get("JAXPROMPT_CACHE", os.path.expanduser("~/.cache/jaxprompt")), "toy_clip"
+    )
+    if not os.path.exists(os.path.join(cache, "pretrain.json")):
+        log.info("no toy CLIP shipped or cached: pretraining one into %s (minutes)", cache)
+        pretrain(cache, **RECIPE)
+    return cache

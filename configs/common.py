@@ -1,0 +1,132 @@
+"""Shared pieces of the protocol configs: argument parsing, defaults and method presets.
+
+Configs import only ml_collections and this file (never jax or jaxprompt), so each builds in
+well under a second and ``--config.<key>=<value>`` overrides are checked against these keys.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch16"
+
+# The published recipes (promptsrc.md sections 2, 6, 7 and 12; CoOp/CoCoOp configs). Each entry:
+# method keyword arguments and the optimisation of the base-to-novel protocol.
+METHOD_PRESETS = {
+    "zeroshot": dict(method=dict(), optim=dict(epochs=0, lr=0.0, batch_size=32)),
+    # CoOp as the CoCoOp/PromptSRC papers ran it in base-to-novel: 16 tokens, random init.
+    "coop": dict(method=dict(n_ctx=16), optim=dict(epochs=200, lr=0.002, batch_size=32)),
+    "cocoop": dict(
+        method=dict(n_ctx=4, init_words="a photo of a"),
+        optim=dict(epochs=10, lr=0.002, batch_size=1),
+    ),
+    "ivlp": dict(
+        method=dict(depth=9, n_ctx_text=4, n_ctx_vision=4, init_words="a photo of a"),
+        optim=dict(epochs=20, lr=0.0025, batch_size=4),
+    ),
+    "maple": dict(
+        method=dict(depth=9, n_ctx=2, init_words="a photo of a"),
+        optim=dict(epochs=5, lr=0.0035, batch_size=4),
+    ),
+    "promptsrc": dict(
+        method=dict(
+            depth=9,
+            n_ctx_text=4,
+            n_ctx_vision=4,
+            init_words="a photo of a",
+            w_text=25.0,
+            w_image=10.0,
+        ),
+        optim=dict(epochs=20, lr=0.0025, batch_size=4),
+        gpa=dict(mean=15.0, std=1.0),
+    ),
+}
+
+TOY_DATASETS = (
+    "toy_textures",
+    "toy_textures_sketch",
+    "toy_textures_night",
+    "toy_textures_cartoon",
+    "toy_colours",
+)
+
+
+def parse_arg(arg: str | None, **defaults):
+    """Parses ``"method,key=value,..."`` (the part after ``:`` in ``--config file.py:...``).
+
+    The first bare word is the method. Values are converted to the type of the default.
+
+    Raises:
+      ValueError: an unknown key or method (the message lists the valid ones).
+    """
+    out = dict(defaults)
+    for i, part in enumerate(p for p in (arg or "").split(",") if p):
+        if "=" not in part:
+            if i == 0 and "method" in out:
+                out["method"] = part
+                continue
+            raise ValueError(f"config argument {part!r} is not key=value")
+        k, v = part.split("=", 1)
+        if k not in out:
+            raise ValueError(f"unknown config argument {k!r}; valid: {', '.join(sorted(out))}")
+        d = out[k]
+        out[k] = (v.lower() in ("1", "true", "yes")) if isinstance(d, bool) else type(d)(v)
+    if "method" in out and out["method"] not in METHOD_PRESETS:
+        raise ValueError(
+            f"unknown method {out['method']!r}; presets: {', '.join(sorted(METHOD_PRESETS))}"
+        )
+    return ml_collections.ConfigDict(out)
+
+
+def base(arg) -> ml_collections.ConfigDict:
+    """The keys every protocol shares, filled from the parsed argument and the method preset."""
+    preset = METHOD_PRESETS[arg.method]
+    toy = arg.dataset in TOY_DATASETS
+    c = ml_collections.ConfigDict()
+    c.protocol = ""
+    c.seed = arg.seed
+    c.method = ml_collections.ConfigDict({"name": arg.method, "kw": dict(preset["method"])})
+    c.clip = ml_collections.ConfigDict({"name": "toy" if toy else DEFAULT_CLIP, "dtype": "float32"})
+    c.data = ml_collections.ConfigDict(
+        {
+            "dataset": arg.dataset,
+            "shots": arg.shots,
+            "subset": "all",
+            "seed": arg.seed,
+            "batch_size": preset["optim"]["batch_size"],
+            "eval_batch_size": 100,
+            "data_dir": "",
+            "manual_dir": "",
+            "split_file": "",
+        }
+    )
+    c.optim = ml_collections.ConfigDict(
+        {
+            "name": "sgd",
+            "lr": preset["optim"]["lr"],
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "warmup_epochs": 1,
+            "warmup_lr": 1e-5,
+            "epochs": preset["optim"]["epochs"],
+        }
+    )
+    gpa = preset.get("gpa")
+    c.gpa = ml_collections.ConfigDict(
+        {
+            "enabled": gpa is not None,
+            "mean": (gpa or {}).get("mean", 0.0),
+            "std": (gpa or {}).get("std", 1.0),
+        }
+    )
+    c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    c.ckpt = ml_collections.ConfigDict({"every_epochs": 1, "keep": 3})
+    c.log_every = 50
+    c.eval_every_epochs = 0
+    c.evals = []
+    if arg.runlocal:
+        c.data.batch_size = min(c.data.batch_size, 8)
+        c.optim.epochs = min(c.optim.epochs, 1)
+        c.data.shots = min(arg.shots, 2)
+        c.log_every = 1
+    return c

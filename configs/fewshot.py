@@ -1,0 +1,34 @@
+"""Few-shot classification (CoOp protocol): K shots of all classes, test on the full test split.
+
+    jaxprompt train --config configs/fewshot.py:coop,dataset=toy_textures,shots=4,seed=1 \\
+        --workdir runs/fewshot/coop/toy_textures/4s/seed1
+
+PromptSRC's few-shot recipe: 50 epochs, GPA mean 30 / std 30 (45 / 5 for Cars, Flowers,
+Aircraft, DTD, EuroSAT).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
+
+SHARP_GPA = ("StanfordCars", "OxfordFlowers", "FGVCAircraft", "DescribableTextures", "EuroSAT")
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(
+        arg, method="coop", dataset="toy_textures", shots=16, seed=1, runlocal=False
+    )
+    c = common.base(arg)
+    c.protocol = "fewshot"
+    c.data.subset = "all"
+    if arg.method == "promptsrc" and not arg.runlocal:
+        c.optim.epochs = 50
+        sharp = arg.dataset in SHARP_GPA
+        c.gpa.mean, c.gpa.std = (45.0, 5.0) if sharp else (30.0, 30.0)
+    if arg.method == "coop" and not arg.runlocal:
+        # CoOp's few-shot epochs by shots (its configs): 1-2 shots 50, 4-8 shots 100, 16 shots 200.
+        c.optim.epochs = 50 if arg.shots <= 2 else (100 if arg.shots <= 8 else 200)
+    c.evals = [{"name": "test", "dataset": arg.dataset, "subset": "all"}]
+    return c

@@ -1,0 +1,58 @@
+"""Cross-dataset transfer and domain generalisation: train once on a source, test elsewhere.
+
+Train on all classes of the source (16 shots), then evaluate the same prompt on other datasets
+(their own class names) and on shifted domains. For the real benchmark the source is ImageNet and
+the targets the 10 other CoOp datasets plus ImageNet-V2/-Sketch/-A/-R; for the toy world the
+source is ``toy_textures``, the targets its other styles (domain shift) and ``toy_colours``
+(another label space).
+
+    jaxprompt train --config configs/xdomain.py:promptsrc,source=imagenet --workdir runs/xd
+
+PromptSRC's recipe here: depth 3, 20 epochs, GPA mean 6 / std 10; MaPLe: depth 3, 2 epochs,
+lr 0.0026.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
+
+IMAGENET_TARGETS = (
+    "Caltech101",
+    "OxfordPets",
+    "StanfordCars",
+    "OxfordFlowers",
+    "Food101",
+    "FGVCAircraft",
+    "SUN397",
+    "DescribableTextures",
+    "EuroSAT",
+    "UCF101",
+    "ImageNetV2",
+    "ImageNetSketch",
+    "ImageNetA",
+    "ImageNetR",
+)
+TOY_TARGETS = ("toy_textures_sketch", "toy_textures_night", "toy_textures_cartoon", "toy_colours")
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(
+        arg, method="promptsrc", dataset="toy_textures", shots=16, seed=1, runlocal=False
+    )
+    c = common.base(arg)
+    c.protocol = "xdomain"
+    c.data.subset = "all"
+    if arg.method in ("promptsrc", "ivlp"):
+        c.method.kw["depth"] = 3
+    if arg.method == "promptsrc":
+        c.gpa.mean, c.gpa.std = 6.0, 10.0
+    if arg.method == "maple" and not arg.runlocal:
+        c.method.kw["depth"] = 3
+        c.optim.lr, c.optim.epochs = 0.0026, 2
+    targets = TOY_TARGETS if arg.dataset in common.TOY_DATASETS else IMAGENET_TARGETS
+    c.evals = [{"name": arg.dataset, "dataset": arg.dataset, "subset": "all"}] + [
+        {"name": t, "dataset": t, "subset": "all"} for t in targets
+    ]
+    return c

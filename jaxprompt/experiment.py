@@ -1,0 +1,340 @@
+"""Runs a protocol config end to end: data, method, training, evaluation, results.
+
+This is where a resolved ``ml_collections`` config meets the library's keyword-argument
+functions: :func:`run_train` and :func:`run_eval` take a config (plain ``ConfigDict`` or the
+equivalent dict stored in a checkpoint's meta) and a run directory. The CLI is a thin layer over
+them; research code can call them too.
+
+A run directory holds ``config.json`` (resolved config), ``data/`` (the sampled few-shot ids),
+``metrics.jsonl``, orbax checkpoints, and at the end ``results.json``, ``results.md`` and
+``results.png``. A run whose ``results.json`` exists is skipped; an interrupted run resumes from
+its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxprompt import checkpoint as ckpt_lib
+from jaxprompt import clip as clip_lib
+from jaxprompt import data as data_lib
+from jaxprompt import evaluate as eval_lib
+from jaxprompt import gpa as gpa_lib
+from jaxprompt import methods as methods_lib
+from jaxprompt import sharding as shard_lib
+from jaxprompt import train as train_lib
+
+log = logging.getLogger("jaxprompt")
+
+RESULTS = "results.json"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A ConfigDict (or mapping) as plain JSON-able dicts and lists."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    return json.loads(json.dumps(config, default=str))
+
+
+def resolve_clip(name: str, dtype: str = "float32") -> clip_lib.Clip:
+    """Loads the configured CLIP; ``"toy"`` is the toy world's shipped (or cached) model."""
+    if name == "toy":
+        from jaxprompt import toyclip
+
+        name = toyclip.toy_clip_dir()
+    return clip_lib.load_clip(name, dtype=dtype)
+
+
+def _dataset_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    d = cfg["data"]
+    return {
+        k: d[k] or None for k in ("data_dir", "manual_dir", "split_file") if d.get(k) is not None
+    }
+
+
+def _load(name: str, cfg: Mapping[str, Any], cache: dict) -> data_lib.LoadedDataset:
+    if name not in cache:
+        try:
+            cache[name] = data_lib.load_dataset(name, **_dataset_kwargs(cfg))
+        except KeyError as e:
+            raise ConfigError(str(e).strip("'\"")) from e
+    return cache[name]
+
+
+def build_method(cfg: Mapping[str, Any]) -> methods_lib.PromptMethod:
+    """The configured method (``method.name`` with ``method.kw``)."""
+    return methods_lib.get(cfg["method"]["name"], **dict(cfg["method"].get("kw", {})))
+
+
+def _eval_batches(split, ds, cfg, clip):
+    return data_lib.eval_iterator(
+        split["test"],
+        ds.fetch,
+        batch_size=int(cfg["data"]["eval_batch_size"]),
+        image_size=clip.spec.image_size,
+    )
+
+
+def evaluate_all(
+    method: methods_lib.PromptMethod,
+    prompt: Any,
+    clip: clip_lib.Clip,
+    cfg: Mapping[str, Any],
+    *,
+    mesh: jax.sharding.Mesh,
+    cache: dict | None = None,
+) -> dict[str, float]:
+    """Top-1 accuracy (%) of ``prompt`` on every entry of ``cfg["evals"]``.
+
+    Each entry ``{"name", "dataset", "subset"}`` is evaluated on its test split with its own
+    class names (base, new, another dataset, a shifted domain). Adds ``hm`` when both ``base``
+    and ``new`` are present.
+    """
+    cache = {} if cache is None else cache
+    out: dict[str, float] = {}
+    for ev in cfg["evals"]:
+        ds = _load(ev["dataset"], cfg, cache)
+        if ds.spec.test_only or ev["subset"] == "all":
+            split, names = ds.split, list(ds.classnames)
+            if ev["subset"] != "all":
+                raise ConfigError(f"eval {ev['name']}: {ds.spec.name} has no base/new split")
+        else:
+            # The test split does not depend on the shots; sample 1 shot to get the subset.
+            split, names = data_lib.apply_protocol(ds, shots=1, seed=1, subset=ev["subset"])
+        task = clip_lib.make_task(clip, names)
+        key = jax.random.key(int(cfg["seed"]))
+        res = eval_lib.evaluate(
+            method, prompt, clip, task, _eval_batches(split, ds, cfg, clip), mesh=mesh, key=key
+        )
+        out[ev["name"]] = round(res["top1"], 2)
+        log.info(
+            "eval %s (%s, %d classes): top-1 %.2f%%",
+            ev["name"],
+            ds.spec.name,
+            len(names),
+            res["top1"],
+        )
+    if "base" in out and "new" in out:
+        out["hm"] = round(eval_lib.harmonic_mean(out["base"], out["new"]), 2)
+    return out
+
+
+def _mesh(cfg: Mapping[str, Any]) -> jax.sharding.Mesh:
+    m = cfg.get("mesh", {"data": -1, "model": 1})
+    return shard_lib.make_mesh(data=int(m["data"]), model=int(m["model"]))
+
+
+def run_train(config: Any, workdir: str) -> dict[str, Any]:
+    """Trains the configured method and evaluates it; writes the run directory.
+
+    Returns:
+      The contents of ``results.json``.
+    """
+    cfg = to_dict(config)
+    os.makedirs(workdir, exist_ok=True)
+    done = os.path.join(workdir, RESULTS)
+    if os.path.exists(done):
+        log.info("%s exists: skipping this run (delete it to run again)", done)
+        with open(done) as f:
+            return json.load(f)
+    _write_json(os.path.join(workdir, "config.json"), cfg)
+    t0 = time.time()
+    # Cheap checks first: a typo in the method or dataset fails before any weights load.
+    method = build_method(cfg)
+    cache: dict = {}
+    d = cfg["data"]
+    ds = _load(d["dataset"], cfg, cache)
+    for ev in cfg["evals"]:
+        _load(ev["dataset"], cfg, cache)
+    clip = resolve_clip(cfg["clip"]["name"], cfg["clip"]["dtype"])
+    mesh = _mesh(cfg)
+    split, names = data_lib.apply_protocol(
+        ds, shots=int(d["shots"]), seed=int(d["seed"]), subset=d["subset"], workdir=workdir
+    )
+    task = clip_lib.make_task(clip, names)
+    o = cfg["optim"]
+    epochs = int(o["epochs"])
+    key = jax.random.key(int(cfg["seed"]))
+    state_prompt = None
+    steps = 0
+    if epochs > 0:
+        batch_size = int(d["batch_size"])
+        n_train = len(split["train"])
+        if n_train < batch_size:
+            raise ConfigError(
+                f"data.batch_size={batch_size} exceeds the {n_train} training examples: "
+                "lower it with --config.data.batch_size"
+            )
+        iters = n_train // batch_size  # drop_last, as the reference trainers do
+        steps = iters * epochs
+        schedule = train_lib.make_schedule(
+            float(o["lr"]),
+            epochs=epochs,
+            iters_per_epoch=iters,
+            warmup_epochs=int(o["warmup_epochs"]),
+            warmup_lr=float(o["warmup_lr"]),
+        )
+        tx = train_lib.make_optimizer(
+            schedule, momentum=float(o["momentum"]), weight_decay=float(o["weight_decay"])
+        )
+        batches = data_lib.train_iterator(
+            split["train"],
+            ds.fetch,
+            batch_size=batch_size,
+            seed=int(d["seed"]),
+            canvas=max(clip.spec.image_size, 32) if d["dataset"].startswith("toy") else 512,
+        )
+        size = clip.spec.image_size
+
+        def augment(batch, k):
+            return data_lib.train_augment(k, batch, out_size=size)
+
+        aggregator = None
+        if cfg.get("gpa", {}).get("enabled"):
+            aggregator = gpa_lib.gaussian_aggregation(
+                mean=float(cfg["gpa"]["mean"]), std=float(cfg["gpa"]["std"]), num_epochs=epochs
+            )
+        meta = {
+            "config": cfg,
+            "dataset": ds.spec.name,
+            "classnames": list(names),
+            "few_shot_ids": [x.key for x in split["train"]],
+        }
+        log.info(
+            "training %s on %s: %d classes, %d examples, %d epochs x %d steps",
+            method.name,
+            ds.spec.name,
+            len(names),
+            n_train,
+            epochs,
+            iters,
+        )
+        state = train_lib.fit(
+            method,
+            tx,
+            clip,
+            task,
+            batches,
+            steps=steps,
+            key=key,
+            mesh=mesh,
+            workdir=workdir,
+            log_every=int(cfg.get("log_every", 50)),
+            aggregator=aggregator,
+            iters_per_epoch=iters,
+            checkpoint_every=iters * max(1, int(cfg["ckpt"]["every_epochs"])),
+            keep=int(cfg["ckpt"]["keep"]),
+            meta=meta,
+            lr_schedule=schedule,
+            augment=augment,
+        )
+        state_prompt = state.prompt
+    else:
+        state_prompt = method.init(key, clip, task)
+    results = evaluate_all(method, state_prompt, clip, cfg, mesh=mesh, cache=cache)
+    record = {
+        "accuracy": results,
+        "protocol": cfg.get("protocol", ""),
+        "method": method.name,
+        "model": cfg["clip"]["name"],
+        "dataset": ds.spec.name,
+        "shots": int(d["shots"]),
+        "seed": int(cfg["seed"]),
+        "steps": steps,
+        "wall_time_s": round(time.time() - t0, 1),
+    }
+    finish(workdir, record)
+    return record
+
+
+def run_eval(workdir: str, config: Any | None = None) -> dict[str, Any]:
+    """Evaluates the prompt saved in ``workdir`` (no config needed: it is in the meta).
+
+    Args:
+      workdir: a training run directory (local or copied from a bucket).
+      config: optional config whose ``evals`` replace the run's (other datasets or domains).
+    """
+    prompt, meta = ckpt_lib.load_prompt(workdir)
+    cfg = meta.get("config")
+    if cfg is None:
+        raise ConfigError(f"{workdir} has no resolved config in its checkpoint meta: pass --config")
+    if config is not None:
+        cfg = {**cfg, "evals": to_dict(config)["evals"]}
+    clip = resolve_clip(cfg["clip"]["name"], cfg["clip"]["dtype"])
+    method = build_method(cfg)
+    results = evaluate_all(method, prompt, clip, cfg, mesh=_mesh(cfg))
+    record = {
+        "accuracy": results,
+        "method": method.name,
+        "model": cfg["clip"]["name"],
+        "evaluated_from": os.path.abspath(workdir),
+    }
+    _write_json(os.path.join(workdir, "eval_results.json"), record)
+    return record
+
+
+def finish(workdir: str, record: Mapping[str, Any]) -> None:
+    """Writes results.json, a markdown table and a plot of the training curve and accuracies."""
+    acc = record["accuracy"]
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(eval_lib.markdown_table({record["method"]: acc}) + "\n")
+    try:
+        _plot(workdir, record)
+    except Exception as e:  # noqa: BLE001 - a plot must never cost the results
+        log.warning("no plot: %s", e)
+    _write_json(os.path.join(workdir, RESULTS), record)
+    log.info("results: %s", json.dumps(acc))
+
+
+def _plot(workdir: str, record: Mapping[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps, losses = [], []
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = {}
+            for line in f:
+                r = json.loads(line)
+                if "loss" in r:
+                    rows[r["step"]] = r["loss"]
+        steps, losses = list(rows), list(rows.values())
+    axes[0].plot(steps, losses)
+    axes[0].set(xlabel="step", ylabel="training loss", title=record["method"])
+    acc = record["accuracy"]
+    axes[1].bar(list(acc), list(acc.values()), color="tab:blue")
+    axes[1].set(ylabel="top-1 %", ylim=(0, 100), title=record.get("dataset", ""))
+    for i, v in enumerate(acc.values()):
+        axes[1].text(i, v + 1, f"{v:.1f}", ha="center")
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "results.png"), dpi=100)
+    plt.close(fig)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=_default)
+    os.replace(tmp, path)
+
+
+def _default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    return str(x)
