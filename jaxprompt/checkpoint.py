@@ -253,8 +253,9 @@ class Checkpointer:
         """
         step = int(step)
         if step in self._manager.all_steps():
-            logging.warning("checkpoint %d already exists in %s; not overwritten", step,
-                            self.directory)
+            logging.warning(
+                "checkpoint %d already exists in %s; not overwritten", step, self.directory
+            )
             return False
         flat = flatten(state)
         if extra is not None:

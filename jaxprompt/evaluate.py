@@ -153,12 +153,11 @@ def evaluate(
             return step(prompt, clip, task, batch, jax.random.fold_in(key, i))
 
     totals = None
-    size = None
+    size = 0
     for i, local in enumerate(batches):
-        n = len(local["label"])
-        size = size or -(-n // ndata) * ndata  # first batch, rounded up to the devices
-        if n > size:
-            size = -(-n // ndata) * ndata
+        # Pad to the largest batch so far, rounded up to the data devices: the (usually
+        # shorter) last batch then reuses the compiled step.
+        size = max(size, -(-len(local["label"]) // ndata) * ndata)
         sums = run(shard_lib.put_batch(_pad_to(local, size), mesh), i)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:

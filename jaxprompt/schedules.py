@@ -63,9 +63,7 @@ def dassl_cosine(
       [1e-05, 1e-05, 0.0025, 0.0016363, 6.11e-05]
     """
     if epochs < 1 or iters_per_epoch < 1:
-        raise ValueError(
-            f"epochs ({epochs}) and iters_per_epoch ({iters_per_epoch}) must be >= 1"
-        )
+        raise ValueError(f"epochs ({epochs}) and iters_per_epoch ({iters_per_epoch}) must be >= 1")
     if warmup_epochs < 0:
         raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
 
@@ -74,8 +72,6 @@ def dassl_cosine(
         # The cosine count restarts after warm-up (WARMUP_RECOUNT): epoch W+1 is its step 0.
         t = jnp.clip(epoch - warmup_epochs - 1, 0, epochs).astype(jnp.float32)
         cosine = lr * 0.5 * (1.0 + jnp.cos(math.pi * t / epochs))
-        return jnp.where(epoch <= warmup_epochs, jnp.float32(warmup_lr), cosine).astype(
-            jnp.float32
-        )
+        return jnp.where(epoch <= warmup_epochs, jnp.float32(warmup_lr), cosine).astype(jnp.float32)
 
     return schedule

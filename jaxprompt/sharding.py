@@ -138,11 +138,7 @@ def _local_data_devices(mesh: Mesh) -> int:
     """How many distinct ``data`` positions this process's devices cover."""
     pid = jax.process_index()
     data_axis = mesh.axis_names.index("data")
-    rows = {
-        idx[data_axis]
-        for idx, d in np.ndenumerate(mesh.devices)
-        if d.process_index == pid
-    }
+    rows = {idx[data_axis] for idx, d in np.ndenumerate(mesh.devices) if d.process_index == pid}
     return max(len(rows), 1)
 
 

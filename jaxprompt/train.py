@@ -252,6 +252,13 @@ def make_train_step(
 # ------------------------------------------------------------------------------------------------
 
 
+def _scalar(v: Any) -> Any:
+    """JSON-able form of a metric: numbers (numpy, jax) as float, anything else unchanged."""
+    if isinstance(v, int | float | np.number | np.ndarray | jax.Array) and np.size(v) == 1:
+        return float(np.asarray(v))
+    return v
+
+
 def _format_eta(seconds: float) -> str:
     if not np.isfinite(seconds):
         return "?"
@@ -399,7 +406,8 @@ def fit(
         elif start:
             logging.warning(
                 "resuming at step %d with an iterator that has no set_state(): batches restart "
-                "from the iterator's current position, not where the run stopped", start
+                "from the iterator's current position, not where the run stopped",
+                start,
             )
         if is_main:
             logging.info("resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
@@ -432,7 +440,7 @@ def fit(
         results = dict(eval_fn(prompt, step))
         if is_main:
             logging.info("step %d eval %s", step, json.dumps(results, sort_keys=True))
-        writer.write({"step": step, **{f"eval/{k}": float(v) for k, v in results.items()}})
+        writer.write({"step": step, **{f"eval/{k}": _scalar(v) for k, v in results.items()}})
 
     # ---------------------------------------------------------------- loop
     window: list[Metrics] = []
@@ -469,12 +477,18 @@ def fit(
                 if is_main:
                     eta = (steps - done) / record["steps_per_sec"]
                     terms = " ".join(
-                        f"{k} {v:.4g}" for k, v in sorted(record.items())
+                        f"{k} {v:.4g}"
+                        for k, v in sorted(record.items())
                         if k not in ("steps_per_sec", "examples_per_sec")
                     )
                     logging.info(
-                        "step %d/%d %s | %.1f ex/s %.2f it/s eta %s", done, steps, terms,
-                        record["examples_per_sec"], record["steps_per_sec"], _format_eta(eta),
+                        "step %d/%d %s | %.1f ex/s %.2f it/s eta %s",
+                        done,
+                        steps,
+                        terms,
+                        record["examples_per_sec"],
+                        record["steps_per_sec"],
+                        _format_eta(eta),
                     )
                 window, examples, t_window = [], 0, time.perf_counter()
 

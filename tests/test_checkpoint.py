@@ -19,8 +19,10 @@ def make_state(n_ctx: int = 3, step: int = 7) -> train.TrainState:
     prompt = {
         "ctx": jnp.asarray(r.randn(n_ctx, 8), jnp.float32),
         "meta_net": {
-            "linear1": {"kernel": jnp.asarray(r.randn(8, 2), jnp.float32),
-                        "bias": jnp.asarray(r.randn(2), jnp.float32)},
+            "linear1": {
+                "kernel": jnp.asarray(r.randn(8, 2), jnp.float32),
+                "bias": jnp.asarray(r.randn(2), jnp.float32),
+            },
         },
     }
     tx = train.make_optimizer(0.1)
@@ -150,9 +152,10 @@ def test_mismatch_is_one_line_and_touches_nothing(tmp_path):
 
     # A missing group is named too.
     like = make_state()
-    like = like._replace(prompt={**like.prompt, "vision_ctx": jnp.zeros((2, 8))},
-                         opt_state=train.make_optimizer(0.1).init(
-                             {**like.prompt, "vision_ctx": jnp.zeros((2, 8))}))
+    like = like._replace(
+        prompt={**like.prompt, "vision_ctx": jnp.zeros((2, 8))},
+        opt_state=train.make_optimizer(0.1).init({**like.prompt, "vision_ctx": jnp.zeros((2, 8))}),
+    )
     with pytest.raises(checkpoint.CheckpointMismatchError, match="prompt.vision_ctx is missing"):
         checkpoint.restore(tmp_path, like)
     assert tree_of_files(tmp_path) == files_before

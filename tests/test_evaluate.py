@@ -61,8 +61,12 @@ def test_eval_step_sums_with_mask():
 def test_evaluate_pads_short_batches_over_8_devices():
     batches = [data(8, 1), data(8, 2), data(5, 3)]  # the last one does not fill 8 devices
     res = evaluate.evaluate(
-        linear_method(), {"w": W}, {"params": np.zeros(2)}, {"t": np.zeros(1)},
-        [{"image": x, "label": y} for x, y in batches], mesh=sharding.make_mesh(),
+        linear_method(),
+        {"w": W},
+        {"params": np.zeros(2)},
+        {"t": np.zeros(1)},
+        [{"image": x, "label": y} for x, y in batches],
+        mesh=sharding.make_mesh(),
     )
     images = np.concatenate([b[0] for b in batches])
     labels = np.concatenate([b[1] for b in batches])
@@ -79,8 +83,10 @@ def test_evaluate_encode_classes_path_on_new_classes(tiny_clip, new_task):
     prompt = method.init(jax.random.key(0), tiny_clip, new_task)
     r = np.random.RandomState(4)
     batches = [
-        {"image": r.randn(8, 32, 32, 3).astype(np.float32),
-         "label": r.randint(0, len(new_task), 8).astype(np.int32)}
+        {
+            "image": r.randn(8, 32, 32, 3).astype(np.float32),
+            "label": r.randint(0, len(new_task), 8).astype(np.int32),
+        }
         for _ in range(2)
     ]
     batches[1]["mask"] = np.array([1, 1, 1, 1, 1, 0, 0, 0], bool)
@@ -103,9 +109,11 @@ def test_harmonic_mean():
 
 
 def test_summarize_seeds_population_std():
-    seeds = [{"base": 80.0, "new": 70.0, "seed": 1, "dataset": "dtd"},
-             {"base": 82.0, "new": 74.0, "seed": 2, "dataset": "dtd"},
-             {"base": 84.0, "new": 72.0, "seed": 3, "dataset": "dtd"}]
+    seeds = [
+        {"base": 80.0, "new": 70.0, "seed": 1, "dataset": "dtd"},
+        {"base": 82.0, "new": 74.0, "seed": 2, "dataset": "dtd"},
+        {"base": 84.0, "new": 72.0, "seed": 3, "dataset": "dtd"},
+    ]
     s = evaluate.summarize_seeds(seeds)
     assert s["base"]["mean"] == pytest.approx(82.0)
     assert s["base"]["std"] == pytest.approx(np.sqrt(8 / 3))  # population, not sample (2.0)
@@ -117,10 +125,12 @@ def test_summarize_seeds_population_std():
 def test_write_results_and_markdown_table(tmp_path):
     path = evaluate.write_results(tmp_path / "run", {"base": 80.0, "new": np.float32(60.0)})
     assert json.loads(open(path).read()) == {"base": 80.0, "new": 60.0}
-    table = evaluate.markdown_table({
-        "dtd": {"base": 80.0, "new": 60.0, "hm": 68.5714},
-        "eurosat": {"base": {"mean": 90.0, "std": 1.0}, "new": 70.0, "hm": 78.75},
-    })
+    table = evaluate.markdown_table(
+        {
+            "dtd": {"base": 80.0, "new": 60.0, "hm": 68.5714},
+            "eurosat": {"base": {"mean": 90.0, "std": 1.0}, "new": 70.0, "hm": 78.75},
+        }
+    )
     lines = table.splitlines()
     assert lines[0] == "| Dataset | Base | New | HM |"
     assert lines[2] == "| dtd | 80.00 | 60.00 | 68.57 |"

@@ -114,16 +114,17 @@ def test_init_float32_documented_shapes(variant, initial, tiny_clip, tiny_task):
         assert initial["deep_text"].shape == (depth - 1,) + initial["ctx"].shape
         assert initial["deep_vision"].shape == (depth - 1,) + initial["vision_ctx"].shape
     # The method's config is JSON-able meta, enough to rebuild it.
-    assert isinstance(checkpoint._jsonable(
-        {k: v for k, v in dict(method.config).items() if k != "base"}), dict)
+    assert isinstance(
+        checkpoint._jsonable({k: v for k, v in dict(method.config).items() if k != "base"}), dict
+    )
 
 
 def test_loss_finite_and_gradient(variant, initial, tiny_clip, tiny_task):
     name, _, method = variant
     batch = make_batch(tiny_clip)
-    (loss, metrics), grads = jax.jit(
-        jax.value_and_grad(method.loss, has_aux=True)
-    )(initial, tiny_clip, tiny_task, batch, jax.random.key(1))
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(method.loss, has_aux=True))(
+        initial, tiny_clip, tiny_task, batch, jax.random.key(1)
+    )
     assert loss.shape == () and np.isfinite(float(loss))
     assert all(np.all(np.isfinite(np.asarray(v))) for v in metrics.values())
     if not jax.tree.leaves(initial):
@@ -194,21 +195,32 @@ def run_steps(method, clip, task, mesh):
     state_sh = jax.tree.map(lambda _: rep, state)
     step = jax.jit(
         train.make_train_step(method, tx),
-        in_shardings=(state_sh, sharding.clip_shardings(clip, mesh),
-                      jax.tree.map(lambda _: rep, task), sharding.batch_sharding(mesh), rep),
+        in_shardings=(
+            state_sh,
+            sharding.clip_shardings(clip, mesh),
+            jax.tree.map(lambda _: rep, task),
+            sharding.batch_sharding(mesh),
+            rep,
+        ),
         out_shardings=(state_sh, rep),
         donate_argnums=0,
     )
     batches = [sharding.put_batch(make_batch(clip, seed=10 + i), mesh) for i in range(STEPS)]
     _COMPILES.n, _COMPILES.on = 0, True
     try:
-        for b in batches:
-            state, metrics = step(state, clip, task, b, key)
-        jax.block_until_ready(state)
+        # Everything is placed up front: any implicit host<->device copy in the step is a bug.
+        with jax.transfer_guard("disallow"):
+            for b in batches:
+                state, metrics = step(state, clip, task, b, key)
+            jax.block_until_ready(state)
     finally:
         _COMPILES.on = False
-    return {"state": state, "metrics": metrics, "compiles": _COMPILES.n,
-            "cache_size": step._cache_size()}
+    return {
+        "state": state,
+        "metrics": metrics,
+        "compiles": _COMPILES.n,
+        "cache_size": step._cache_size(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -234,11 +246,14 @@ def test_8_devices_equal_1_device(variant, trained, initial):
         assert len(leaf.sharding.device_set) == 8
     for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(trained["8"]["metrics"]["loss"], trained["1"]["metrics"]["loss"],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        trained["8"]["metrics"]["loss"], trained["1"]["metrics"]["loss"], rtol=1e-5, atol=1e-5
+    )
     if jax.tree.leaves(initial):  # the steps really changed the prompt
-        moved = max(float(jnp.abs(a - b).max())
-                    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(initial), strict=True))
+        moved = max(
+            float(jnp.abs(a - b).max())
+            for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(initial), strict=True)
+        )
         assert moved > 1e-6
 
 
@@ -246,11 +261,14 @@ def test_8_devices_equal_1_device(variant, trained, initial):
 def test_checkpoint_round_trip(variant, trained, tiny_clip, tiny_task, tmp_path):
     name, _, method = variant
     state = trained["8"]["state"]
-    meta = {"method": method.name, "config": {k: v for k, v in dict(method.config).items()
-                                              if k != "base"}}
+    meta = {
+        "method": method.name,
+        "config": {k: v for k, v in dict(method.config).items() if k != "base"},
+    }
     checkpoint.save(tmp_path, state, meta=meta)
-    like = train.init_train_state(method, train.make_optimizer(0.01), jax.random.key(9),
-                                  tiny_clip, tiny_task)
+    like = train.init_train_state(
+        method, train.make_optimizer(0.01), jax.random.key(9), tiny_clip, tiny_task
+    )
     restored, got_meta, _ = checkpoint.restore(tmp_path, like)
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):

@@ -86,9 +86,7 @@ def test_make_optimizer_is_torch_sgd_with_coupled_decay():
 
 
 def test_group_lrs_partition():
-    tx = train.make_optimizer(
-        1e-3, momentum=0.0, weight_decay=0.0, group_lrs={"logit_scale": 5e-7}
-    )
+    tx = train.make_optimizer(1e-3, momentum=0.0, weight_decay=0.0, group_lrs={"logit_scale": 5e-7})
     p = {"ctx": jnp.ones((2, 3)), "logit_scale": jnp.ones(())}
     g = jax.tree.map(jnp.ones_like, p)
     updates, _ = tx.update(g, tx.init(p), p)
@@ -160,10 +158,16 @@ class Agg(NamedTuple):
 def mean_of_epoch_ends() -> Agg:
     """Mean of the epoch-end prompts; also counts the epoch numbers it saw."""
     return Agg(
-        init=lambda p: {"sum": jax.tree.map(jnp.zeros_like, p), "epochs": jnp.zeros((), jnp.int32),
-                        "n": jnp.zeros((), jnp.int32)},
-        update=lambda s, p, e: {"sum": jax.tree.map(jnp.add, s["sum"], p),
-                                "epochs": s["epochs"] * 10 + e, "n": s["n"] + 1},
+        init=lambda p: {
+            "sum": jax.tree.map(jnp.zeros_like, p),
+            "epochs": jnp.zeros((), jnp.int32),
+            "n": jnp.zeros((), jnp.int32),
+        },
+        update=lambda s, p, e: {
+            "sum": jax.tree.map(jnp.add, s["sum"], p),
+            "epochs": s["epochs"] * 10 + e,
+            "n": s["n"] + 1,
+        },
         result=lambda s: jax.tree.map(lambda x: x / s["n"], s["sum"]),
     )
 
@@ -204,17 +208,29 @@ def test_fit_logs_aggregates_and_matches_manual_loop(tmp_path):
     key = jax.random.key(3)
     evals = []
     state = train.fit(
-        method, tx, FAKE_CLIP, FAKE_TASK, Batches(), steps=6, key=key, workdir=tmp_path,
-        log_every=2, iters_per_epoch=2, lr_schedule=sched, aggregator=mean_of_epoch_ends(),
-        eval_fn=lambda p, s: evals.append(s) or {"top1": 50.0}, eval_every=3,
+        method,
+        tx,
+        FAKE_CLIP,
+        FAKE_TASK,
+        Batches(),
+        steps=6,
+        key=key,
+        workdir=tmp_path,
+        log_every=2,
+        iters_per_epoch=2,
+        lr_schedule=sched,
+        aggregator=mean_of_epoch_ends(),
+        eval_fn=lambda p, s: evals.append(s) or {"top1": 50.0},
+        eval_every=3,
     )
     ref, ends = manual_run(method, tx, 6, key, ipe=2)
     # The returned prompt is the aggregate of the prompts after steps 2, 4 and 6.
     # (fit shards the batch over 8 devices, the reference does not: sums differ in order.)
     np.testing.assert_allclose(state.prompt["w"], np.mean(ends, axis=0), rtol=1e-5, atol=1e-6)
     assert int(state.step) == 6
-    np.testing.assert_allclose(state.opt_state[1][0].trace["w"], ref.opt_state[1][0].trace["w"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        state.opt_state[1][0].trace["w"], ref.opt_state[1][0].trace["w"], rtol=1e-5, atol=1e-6
+    )
     assert evals == [3, 6]
 
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -237,29 +253,46 @@ def test_fit_resume_in_process_is_exact(tmp_path):
     method = linear_method(noise=0.1)
     tx = train.make_optimizer(0.5, epochs=4, iters_per_epoch=2, warmup_lr=0.1)
     key = jax.random.key(5)
-    kw = dict(key=key, log_every=1, iters_per_epoch=2, checkpoint_every=2,
-              aggregator=mean_of_epoch_ends())
+    kw = dict(
+        key=key, log_every=1, iters_per_epoch=2, checkpoint_every=2, aggregator=mean_of_epoch_ends()
+    )
     full = train.fit(method, tx, FAKE_CLIP, FAKE_TASK, Batches(), steps=8, **kw)
     # First run stops after 5 steps (checkpoints 2, 4 and a final one at 5) ...
     train.fit(method, tx, FAKE_CLIP, FAKE_TASK, Batches(), steps=5, workdir=tmp_path, **kw)
     assert checkpoint.latest_step(tmp_path) == 5
     # ... the second continues from step 5 with a fresh iterator repositioned by set_state.
-    resumed = train.fit(method, tx, FAKE_CLIP, FAKE_TASK, Batches(), steps=8, workdir=tmp_path,
-                        **kw)
+    resumed = train.fit(
+        method, tx, FAKE_CLIP, FAKE_TASK, Batches(), steps=8, workdir=tmp_path, **kw
+    )
     np.testing.assert_array_equal(np.asarray(resumed.prompt["w"]), np.asarray(full.prompt["w"]))
 
 
 def test_fit_reports_exhausted_iterator():
     method = linear_method()
     with pytest.raises(ValueError, match="ran out at step 2"):
-        train.fit(method, optax.sgd(0.1), FAKE_CLIP, FAKE_TASK, iter([next(Batches())] * 2),
-                  steps=4, key=jax.random.key(0))
+        train.fit(
+            method,
+            optax.sgd(0.1),
+            FAKE_CLIP,
+            FAKE_TASK,
+            iter([next(Batches())] * 2),
+            steps=4,
+            key=jax.random.key(0),
+        )
 
 
 def test_fit_with_aggregator_needs_epochs():
     with pytest.raises(ValueError, match="iters_per_epoch"):
-        train.fit(linear_method(), optax.sgd(0.1), FAKE_CLIP, FAKE_TASK, Batches(), steps=2,
-                  key=jax.random.key(0), aggregator=mean_of_epoch_ends())
+        train.fit(
+            linear_method(),
+            optax.sgd(0.1),
+            FAKE_CLIP,
+            FAKE_TASK,
+            Batches(),
+            steps=2,
+            key=jax.random.key(0),
+            aggregator=mean_of_epoch_ends(),
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,11 +309,11 @@ def test_sigkill_and_resume_is_bit_identical(tiny_clip_dir, tmp_path):
         sys.path.remove(HERE)
     workdir = tmp_path / "run"
     workdir.mkdir()
-    cmd = [sys.executable, os.path.join(HERE, "resume_worker.py"), str(tiny_clip_dir),
-           str(workdir)]
+    cmd = [sys.executable, os.path.join(HERE, "resume_worker.py"), str(tiny_clip_dir), str(workdir)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd + ["0.7"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        cmd + ["0.7"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
