@@ -20,7 +20,7 @@ is used. A checkpoint whose arrays do not fit the expected structure raises
 
 Example::
 
-    save(workdir, state, meta={"method": method.name, "config": dict(method.config)})
+    save(workdir, state, meta={"method": method.name, "method_config": dict(method.config)})
     state, meta, data_state = restore(workdir, like=state)
     prompt, meta = load_prompt(workdir)          # on another machine, with no config
     export(workdir, "coop_imagenet.npz")         # one file: weights + JSON meta
@@ -167,8 +167,23 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"meta value of type {type(x).__name__} is not JSON-serialisable: {x!r}")
 
 
+def _methods_to_meta(obj: Any) -> Any:
+    """Replaces nested methods (POUF's and TPT's ``base``) by their name and kwargs."""
+    if (
+        isinstance(obj, tuple)
+        and hasattr(obj, "_fields")
+        and {"name", "config"} <= set(obj._fields)
+    ):
+        return {"method": obj.name, "method_config": _methods_to_meta(dict(obj.config))}
+    if isinstance(obj, Mapping):
+        return {str(k): _methods_to_meta(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_methods_to_meta(v) for v in obj]
+    return obj
+
+
 def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=_json_default))
+    return json.loads(json.dumps(_methods_to_meta(obj), default=_json_default))
 
 
 def _encode_data_state(data_state: Any) -> dict[str, Any]:
@@ -419,10 +434,10 @@ def _mismatch_message(
         shown += f"; and {len(problems) - 3} more"
     written_by = ""
     if "method" in meta:
-        written_by = (
-            f" It was written by method {meta['method']!r} with config "
-            f"{json.dumps(meta.get('config', {}), sort_keys=True)}."
-        )
+        kwargs = json.dumps(meta.get("method_config", meta.get("config", {})), sort_keys=True)
+        if len(kwargs) > 300:  # keep the message one readable line
+            kwargs = kwargs[:300] + "..."
+        written_by = f" It was written by method {meta['method']!r} with {kwargs}."
     return (
         f"checkpoint {directory / str(step)} does not fit: {shown}.{written_by} Fix: build the "
         "method from the checkpoint's meta (jaxprompt.checkpoint.load_prompt returns it) or "

@@ -286,7 +286,8 @@ def _default_meta(method: PromptMethod, clip: Any, task: Any) -> dict[str, Any]:
     spec = getattr(clip, "spec", None)
     return {
         "method": method.name,
-        "config": dict(method.config),
+        # Not "config": that key is left for the caller's resolved run config.
+        "method_config": dict(method.config),
         "model": getattr(spec, "name", None),
         "classnames": list(getattr(task, "names", ())),
     }
@@ -363,8 +364,9 @@ def fit(
         interval).
       checkpoint_every: steps between checkpoints (default: ``iters_per_epoch``, else 1000).
       keep: number of newest checkpoints retained.
-      meta: extra JSON meta merged into the default (method name and config, model id, class
-        names).
+      meta: extra JSON meta merged into the default (``method``, ``method_config`` (the
+        constructor kwargs), ``model``, ``classnames``); e.g. the resolved ``config`` and
+        few-shot ids.
       lr_schedule: the optimizer's schedule, only to log ``lr``.
       augment: on-device augmentation ``augment(batch, key) -> batch``.
       async_checkpoints: write checkpoints in the background.

@@ -50,7 +50,13 @@ def tree_of_files(path) -> dict[str, str]:
     return out
 
 
-META = {"method": "coop", "config": {"n_ctx": 3}, "model": "tiny", "classnames": ["a", "b"]}
+META = {
+    "method": "coop",
+    "method_config": {"n_ctx": 3},
+    "config": {"resolved": "run config"},
+    "model": "tiny",
+    "classnames": ["a", "b"],
+}
 
 
 def test_save_restore_identity(tmp_path):
@@ -62,7 +68,8 @@ def test_save_restore_identity(tmp_path):
     restored, meta, data_state = checkpoint.restore(tmp_path, like)
     assert_trees_equal(restored, state)
     assert isinstance(restored, train.TrainState)
-    assert meta["method"] == "coop" and meta["config"] == {"n_ctx": 3} and meta["step"] == 7
+    assert meta["method"] == "coop" and meta["method_config"] == {"n_ctx": 3}
+    assert meta["config"] == {"resolved": "run config"} and meta["step"] == 7
     assert data_state == {"i": 12, "epoch": [1, 2]}
 
 
@@ -147,7 +154,7 @@ def test_mismatch_is_one_line_and_touches_nothing(tmp_path):
     assert isinstance(err.value, ValueError)
     assert "\n" not in msg
     assert "prompt.ctx is (3, 8) in the checkpoint but (5, 8) expected" in msg
-    assert "'coop'" in msg and "Fix:" in msg
+    assert "'coop' with {\"n_ctx\": 3}" in msg and "Fix:" in msg
     assert tree_of_files(tmp_path) == files_before
 
     # A missing group is named too.
@@ -167,3 +174,17 @@ def test_flatten_unflatten_dict():
     assert sorted(flat) == ["prompt.a.b", "prompt.a.c", "prompt.d"]
     back = checkpoint.unflatten_dict(flat, "prompt")
     assert_trees_equal(back, tree)
+
+
+def test_meta_with_a_wrapped_method_is_json(tmp_path):
+    """POUF/TPT configs hold a base method: meta stores its name and kwargs instead."""
+    from jaxprompt.methods.base import PromptMethod
+
+    inner = PromptMethod(init=None, logits=None, loss=None, name="coop", config={"n_ctx": 4})
+    meta = {"method": "pouf", "method_config": {"base": inner, "w_info": 0.3}}
+    checkpoint.save(tmp_path, make_state(), meta=meta)
+    _, got = checkpoint.load_prompt(tmp_path)
+    assert got["method_config"] == {
+        "base": {"method": "coop", "method_config": {"n_ctx": 4}},
+        "w_info": 0.3,
+    }

@@ -114,9 +114,7 @@ def test_init_float32_documented_shapes(variant, initial, tiny_clip, tiny_task):
         assert initial["deep_text"].shape == (depth - 1,) + initial["ctx"].shape
         assert initial["deep_vision"].shape == (depth - 1,) + initial["vision_ctx"].shape
     # The method's config is JSON-able meta, enough to rebuild it.
-    assert isinstance(
-        checkpoint._jsonable({k: v for k, v in dict(method.config).items() if k != "base"}), dict
-    )
+    assert isinstance(checkpoint._jsonable(dict(method.config)), dict)
 
 
 def test_loss_finite_and_gradient(variant, initial, tiny_clip, tiny_task):
@@ -261,10 +259,7 @@ def test_8_devices_equal_1_device(variant, trained, initial):
 def test_checkpoint_round_trip(variant, trained, tiny_clip, tiny_task, tmp_path):
     name, _, method = variant
     state = trained["8"]["state"]
-    meta = {
-        "method": method.name,
-        "config": {k: v for k, v in dict(method.config).items() if k != "base"},
-    }
+    meta = {"method": method.name, "method_config": dict(method.config)}
     checkpoint.save(tmp_path, state, meta=meta)
     like = train.init_train_state(
         method, train.make_optimizer(0.01), jax.random.key(9), tiny_clip, tiny_task
