@@ -1,0 +1,110 @@
+"""IVLP: initialisation, and the method's wiring against the spec-written NumPy forward.
+
+Where the prompt tokens go inside each tower is tested in ``test_clip`` against the NumPy
+reference; here the reference checks that IVLP hands the right tensor to the right place:
+``ctx`` at text positions 1..n_t of "a photo of a <name>.", ``deep_text[i]`` before text layer
+i + 1, ``vision_ctx`` appended after the patches, ``deep_vision[i]`` before vision layer i + 1.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import CLASSNAMES
+from test_clip import np_image, np_text
+from test_promptsrc import sharpened
+
+import jaxprompt as jp
+from jaxprompt import clip as clip_lib
+from jaxprompt.methods import base
+
+
+def _norm(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_clip):
+    return sharpened(tiny_clip)
+
+
+def _moved(prompt, scale=0.3, seed=1):
+    keys = jax.random.split(jax.random.key(seed), len(prompt))
+    return {
+        k: v + scale * jax.random.normal(kk, v.shape)
+        for (k, v), kk in zip(sorted(prompt.items()), keys, strict=True)
+    }
+
+
+def test_init_shapes_and_values(clip, tiny_task):
+    method = jp.methods.get("ivlp", depth=2)
+    p = method.init(jax.random.key(0), clip, tiny_task)
+    dt, dv = clip.spec.text_width, clip.spec.vision_width
+    assert jax.tree.map(jnp.shape, p) == {
+        "ctx": (4, dt),
+        "vision_ctx": (4, dv),
+        "deep_text": (1, 4, dt),
+        "deep_vision": (1, 4, dv),
+    }
+    # The text context starts at the words "a photo of a" (4 tokens = n_ctx_text).
+    np.testing.assert_array_equal(p["ctx"], base.word_embeddings(clip, "a photo of a"))
+    # Everything else is N(0, 0.02^2).
+    rest = np.concatenate([np.ravel(p[k]) for k in ("vision_ctx", "deep_text", "deep_vision")])
+    assert 0.015 < rest.std() < 0.025 and abs(rest.mean()) < 0.005
+    # Parameter count: depth x (n_t D_t + n_v D_v); 46,080 at ViT-B/16 widths (spec 2.4).
+    assert sum(x.size for x in jax.tree.leaves(p)) == 2 * (4 * dt + 4 * dv)
+    assert 9 * (4 * 512 + 4 * 768) == 46_080
+
+
+def test_init_words_of_another_length_give_random_context(clip, tiny_task):
+    p = jp.methods.get("ivlp", depth=1, n_ctx_text=2).init(jax.random.key(0), clip, tiny_task)
+    assert p["ctx"].shape == (2, clip.spec.text_width)
+    assert p["deep_text"].shape == (0, 2, clip.spec.text_width)
+    assert 0.01 < float(jnp.std(p["ctx"])) < 0.03  # not the word embeddings
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_logits_and_loss_equal_numpy_reference(clip, tiny_task, batch, depth):
+    method = jp.methods.get("ivlp", depth=depth)
+    prompt = _moved(method.init(jax.random.key(0), clip, tiny_task))
+    logits = jax.jit(method.logits)(prompt, clip, tiny_task, batch["image"])
+    loss, metrics = jax.jit(method.loss)(prompt, clip, tiny_task, batch, jax.random.key(0))
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), prompt)
+    deep_t = p["deep_text"] if depth > 1 else None
+    deep_v = p["deep_vision"] if depth > 1 else None
+    ids, _ = clip_lib.tokenize(clip, [f"a photo of a {c}." for c in CLASSNAMES])
+    txt = _norm(np_text(clip, ids, ctx=p["ctx"], deep=deep_t))
+    img = _norm(np_image(clip, batch["image"], prompts=p["vision_ctx"], deep=deep_v))
+    want = 100.0 * img @ txt.T
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-3)
+    z = want - want.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    ce = -np.mean(logp[np.arange(len(batch["label"])), batch["label"]])
+    np.testing.assert_allclose(loss, ce, rtol=1e-5)
+    assert set(metrics) == {"ce", "accuracy"}
+    # The prompts matter in both towers (guards the reference comparison above).
+    plain = 100.0 * _norm(np_image(clip, batch["image"])) @ txt.T
+    assert np.abs(plain - want).max() > 1e-2
+
+
+def test_encode_classes_then_classify_equals_logits(clip, tiny_task, new_task, images):
+    method = jp.methods.get("ivlp", depth=2)
+    prompt = _moved(method.init(jax.random.key(0), clip, tiny_task))
+
+    @jax.jit
+    def both(p, x):
+        classes = method.encode_classes(p, clip, new_task)
+        return method.classify(p, clip, classes, x), method.logits(p, clip, new_task, x)
+
+    split, logits = both(prompt, images)
+    assert logits.shape == (4, len(new_task))  # base -> new: the prompt is class-agnostic
+    np.testing.assert_allclose(split, logits, rtol=1e-6)
+
+
+def test_depth_errors(clip, tiny_task):
+    with pytest.raises(ValueError, match="depth"):
+        jp.methods.get("ivlp", depth=0)
+    with pytest.raises(ValueError, match="depth 3 does not fit"):
+        jp.methods.get("ivlp", depth=3).init(jax.random.key(0), clip, tiny_task)
+    assert jp.methods.get("ivlp").config["depth"] == 9
