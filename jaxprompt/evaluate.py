@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -76,11 +77,27 @@ def make_eval_step(method: PromptMethod) -> Callable[[Prompt, Any, Any, Batch, A
     return eval_step
 
 
-def _classify_step(method: PromptMethod) -> Callable[..., Sums]:
-    def step(prompt, clip, classes, batch):
-        return _sums(method.classify(prompt, clip, classes, batch["image"]), batch)
+# The jitted functions are cached per method function, so evaluating every few hundred steps
+# (or base, then new, then again) reuses compilations instead of re-tracing fresh closures.
+@functools.lru_cache(maxsize=64)
+def _jitted_encode(encode_classes: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    return jax.jit(encode_classes)
 
-    return step
+
+@functools.lru_cache(maxsize=64)
+def _jitted_classify(classify: Callable[..., jax.Array]) -> Callable[..., Sums]:
+    def step(prompt, clip, classes, batch):
+        return _sums(classify(prompt, clip, classes, batch["image"]), batch)
+
+    return jax.jit(step)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_logits(logits: Callable[..., jax.Array]) -> Callable[..., Sums]:
+    def step(prompt, clip, task, batch, key):
+        return _sums(logits(prompt, clip, task, batch["image"], key=key), batch)
+
+    return jax.jit(step)
 
 
 def _pad_to(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -131,7 +148,6 @@ def evaluate(
       ``{"top1": percent, "n": examples counted, "loss": mean cross-entropy}``.
     """
     mesh = shard_lib.make_mesh() if mesh is None else mesh
-    rep = shard_lib.replicated(mesh)
     ndata = mesh.shape["data"]
     clip = shard_lib.shard_clip(clip, mesh)
     task = shard_lib.replicate(task, mesh)
@@ -139,15 +155,15 @@ def evaluate(
     key = jax.random.key(0) if key is None else key
 
     if method.encode_classes is not None and method.classify is not None:
-        classes = jax.jit(method.encode_classes, out_shardings=rep)(prompt, clip, task)
-        step = jax.jit(_classify_step(method), out_shardings=rep)
+        classes = _jitted_encode(method.encode_classes)(prompt, clip, task)
+        step = _jitted_classify(method.classify)
 
         def run(batch, i):
             del i
             return step(prompt, clip, classes, batch)
 
     else:
-        step = jax.jit(make_eval_step(method), out_shardings=rep)
+        step = _jitted_logits(method.logits)
 
         def run(batch, i):
             return step(prompt, clip, task, batch, jax.random.fold_in(key, i))

@@ -60,12 +60,14 @@ def test_eval_step_sums_with_mask():
 
 def test_evaluate_pads_short_batches_over_8_devices():
     batches = [data(8, 1), data(8, 2), data(5, 3)]  # the last one does not fill 8 devices
+    method = linear_method()
+    feed = [{"image": x, "label": y} for x, y in batches]
     res = evaluate.evaluate(
-        linear_method(),
+        method,
         {"w": W},
         {"params": np.zeros(2)},
         {"t": np.zeros(1)},
-        [{"image": x, "label": y} for x, y in batches],
+        feed,
         mesh=sharding.make_mesh(),
     )
     images = np.concatenate([b[0] for b in batches])
@@ -74,6 +76,9 @@ def test_evaluate_pads_short_batches_over_8_devices():
     assert res["n"] == 21 == count
     assert res["top1"] == pytest.approx(100.0 * correct / 21)
     assert res["loss"] == pytest.approx(loss_sum / 21, rel=1e-5)
+    # Evaluating again (a later training step) reuses the compiled step: one shape, one entry.
+    evaluate.evaluate(method, {"w": W + 1}, {"params": np.zeros(2)}, {"t": np.zeros(1)}, feed)
+    assert evaluate._jitted_logits(method.logits)._cache_size() == 1
 
 
 @pytest.mark.slow

@@ -350,3 +350,23 @@ def test_sigkill_and_resume_is_bit_identical(tiny_clip_dir, tmp_path):
         init_key, clip, jp.make_task(clip, resume_worker.CLASSNAMES)
     )
     assert np.abs(np.asarray(init["ctx"]) - reference["ctx"]).max() > 1e-4
+
+
+def test_fit_on_a_model_sharded_mesh_and_progress_line(caplog):
+    """A ("data": 4, "model": 2) mesh shards the frozen params and gives the same result."""
+    import logging
+
+    from jaxprompt import sharding
+
+    method = linear_method(noise=0.1)
+    tx = optax.sgd(0.3, momentum=0.9)
+    kw = dict(steps=3, key=jax.random.key(11), log_every=3)
+    clip = {"params": np.arange(8, dtype=np.float32)}
+    ref = train.fit(method, tx, clip, FAKE_TASK, Batches(), mesh=sharding.make_mesh(), **kw)
+    caplog.set_level(logging.INFO, logger="absl")
+    got = train.fit(method, tx, clip, FAKE_TASK, Batches(), mesh=sharding.make_mesh(model=2), **kw)
+    np.testing.assert_allclose(got.prompt["w"], ref.prompt["w"], rtol=1e-6, atol=1e-7)
+    progress = [r.getMessage() for r in caplog.records if "it/s" in r.getMessage()]
+    assert (
+        len(progress) == 1 and progress[0].startswith("step 3/3 ") and "eta 0:00:00" in progress[0]
+    )
