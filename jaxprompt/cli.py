@@ -54,7 +54,8 @@ def _one_line(e: BaseException) -> str:
     if not lines:
         return type(e).__name__
     if any(ln.startswith("Traceback") for ln in lines):
-        return lines[-1]  # the exception raised inside the config file
+        # The exception raised inside the config file, without its type.
+        return re.sub(r"^\w+(Error|Exception): ", "", lines[-1])
     m = re.match(r"Unknown command line flag '(config\.)?(.+)'", lines[0])
     if m:
         what = "config key" if m.group(1) else "flag"
@@ -76,7 +77,13 @@ def _config_flags(argv: list[str], *, need_config: bool):
         lock_config=True,
     )
     flags.DEFINE_string("workdir", None, "run directory (local path or gs://)", flag_values=fv)
-    rest = fv(argv)
+    # ml_collections finds the `--config.<key>` overrides by scanning sys.argv, so parse with
+    # sys.argv set to what we parse (main() may be called in-process with other arguments).
+    saved, sys.argv = sys.argv, list(argv)
+    try:
+        rest = fv(argv)
+    finally:
+        sys.argv = saved
     if len(rest) > 1:
         raise ValueError(f"unexpected arguments {rest[1:]}")
     if not fv.workdir:

@@ -149,7 +149,7 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
         log.info("%s exists: skipping this run (delete it to run again)", done)
         with open(done) as f:
             return json.load(f)
-    _write_json(os.path.join(workdir, "config.json"), cfg)
+    _check_same_run(workdir, cfg)
     t0 = time.time()
     # Cheap checks first: a typo in the method or dataset fails before any weights load.
     method = build_method(cfg)
@@ -257,6 +257,31 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
     }
     finish(workdir, record)
     return record
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _check_same_run(workdir: str, cfg: dict[str, Any]) -> None:
+    """Writes config.json, or checks a resumed run's config is the one it was started with."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = _diff_keys(old, cfg)
+        if diff:
+            raise ConfigError(
+                f"{workdir} holds a run with a different config ({', '.join(diff[:4])}): "
+                "use a new --workdir, or the original config to resume it"
+            )
+        return
+    _write_json(path, cfg)
 
 
 def run_eval(workdir: str, config: Any | None = None) -> dict[str, Any]:

@@ -1,0 +1,167 @@
+"""The `jaxprompt` command end to end on the toy world, and its one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxprompt import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "base2new.py")
+
+
+def _snapshot(d):
+    """Every file under d with its size and mtime (to prove nothing was touched)."""
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            p = os.path.join(root, f)
+            st = os.stat(p)
+            out[os.path.relpath(p, d)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_clip_dir, tmp_path_factory):
+    """A tiny CoOp base-to-novel run on the toy world through the CLI (in process)."""
+    wd = str(tmp_path_factory.mktemp("run") / "coop")
+    code = cli.main(
+        [
+            "jaxprompt", "train", "--config", f"{CONFIG}:coop,runlocal=true",
+            f"--config.clip.name={tiny_clip_dir}", "--config.method.kw.n_ctx=4",
+            "--workdir", wd,
+        ]
+    )  # fmt: skip
+    assert code == 0
+    return wd
+
+
+@pytest.mark.slow
+def test_train_writes_the_run_directory(trained):
+    files = set(os.listdir(trained))
+    assert {"config.json", "metrics.jsonl", "results.json", "results.md", "results.png"} <= files
+    res = json.load(open(os.path.join(trained, "results.json")))
+    acc = res["accuracy"]
+    assert set(acc) == {"base", "new", "hm"}
+    assert res["method"] == "coop" and res["dataset"] == "toy_textures" and res["seed"] == 1
+    assert all(0 <= v <= 100 for v in acc.values())
+    # Few-shot ids are recorded so the run can be repeated and shared.
+    shots = json.load(open(os.path.join(trained, "data", "shot_2-seed_1.json")))
+    # The file holds the K-shot draw over all 16 classes (base/new selection comes after).
+    assert len(shots["train"]) == 2 * 16
+    cfg = json.load(open(os.path.join(trained, "config.json")))
+    assert cfg["method"]["kw"]["n_ctx"] == 4
+    assert "| coop |" in open(os.path.join(trained, "results.md")).read()
+
+
+@pytest.mark.slow
+def test_finished_run_is_skipped_and_eval_needs_no_config(trained, capsys):
+    before = _snapshot(trained)
+    assert cli.main(["jaxprompt", "train", "--config", f"{CONFIG}:coop", "--workdir", trained]) == 0
+    assert _snapshot(trained) == before
+    assert cli.main(["jaxprompt", "eval", "--workdir", trained]) == 0
+    res = json.load(open(os.path.join(trained, "eval_results.json")))
+    first = json.load(open(os.path.join(trained, "results.json")))
+    assert res["accuracy"] == first["accuracy"]
+
+
+@pytest.mark.slow
+def test_mismatched_checkpoint_is_a_one_line_error_and_keeps_files(
+    trained, tiny_clip_dir, tmp_path, capsys
+):
+    # Copy the checkpoints of the finished run, minus its results, and resume with another
+    # context length: the checkpoint does not fit.
+    import shutil
+
+    wd = tmp_path / "resume"
+    shutil.copytree(trained, wd)
+    os.remove(wd / "results.json")
+    before = _snapshot(wd)
+    code = cli.main(
+        [
+            "jaxprompt", "train", "--config", f"{CONFIG}:coop,runlocal=true",
+            f"--config.clip.name={tiny_clip_dir}", "--config.method.kw.n_ctx=8",
+            "--workdir", str(wd),
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("jaxprompt: error:") and "method.kw.n_ctx" in err[-1]
+    after = _snapshot(wd)
+    assert {k: v for k, v in after.items() if k in before} == before
+
+
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["--config", f"{CONFIG}:copo"], "unknown method 'copo'"),
+        (["--config", f"{CONFIG}:coop,dataset=imagenett"], "unknown dataset 'imagenett'"),
+        (["--config", f"{CONFIG}:coop,shotz=2"], "unknown config argument 'shotz'"),
+        (["--config", f"{CONFIG}:coop", "--config.optim.lrr=1"], "did you mean 'lr'"),
+        (
+            ["--config", f"{CONFIG}:coop,runlocal=true", "--config.clip.name=/no/such/dir"],
+            "not a directory",
+        ),
+        ([], "--config is required"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, expect, tmp_path, capsys):
+    wd = tmp_path / "wd"
+    code = cli.main(["jaxprompt", "train", *args, "--workdir", str(wd)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) >= 1 and err[-1].startswith("jaxprompt: error:")
+    assert expect in err[-1]
+    assert not (wd / "results.json").exists()
+
+
+def test_missing_weights_directory(tmp_path, capsys):
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    code = cli.main(
+        ["jaxprompt", "train", "--config", f"{CONFIG}:coop,runlocal=true",
+         f"--config.clip.name={empty}", "--workdir", str(tmp_path / "wd")]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "no CLIP weights" in err[-1]
+
+
+def test_unknown_command_and_help(capsys):
+    assert cli.main(["jaxprompt", "frobnicate"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+    assert cli.main(["jaxprompt", "--help"]) == 0
+    assert "jaxprompt train" in capsys.readouterr().out
+
+
+def test_every_config_builds_with_every_method_preset():
+    import importlib.util
+
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    import common
+
+    for name in ("base2new", "fewshot", "xdomain"):
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(REPO, "configs", name + ".py")
+        )
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        for method in common.METHOD_PRESETS:
+            for extra in ("", ",runlocal=true"):
+                c = mod.get_config(f"{method},dataset=toy_textures{extra}")
+                assert c.method.name == method and c.evals and c.data.dataset == "toy_textures"
+                if extra:
+                    assert c.optim.epochs <= 1 and c.data.batch_size <= 8
+
+
+@pytest.mark.slow
+def test_console_script_runs_in_a_subprocess():
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxprompt.cli", "train", "--config", f"{CONFIG}:nope",
+         "--workdir", "/tmp/never"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("jaxprompt: error: unknown method")
