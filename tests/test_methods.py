@@ -117,6 +117,7 @@ def test_init_float32_documented_shapes(variant, initial, tiny_clip, tiny_task):
     assert isinstance(checkpoint._jsonable(dict(method.config)), dict)
 
 
+@pytest.mark.slow
 def test_loss_finite_and_gradient(variant, initial, tiny_clip, tiny_task):
     name, _, method = variant
     batch = make_batch(tiny_clip)
@@ -135,6 +136,7 @@ def test_loss_finite_and_gradient(variant, initial, tiny_clip, tiny_task):
     assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads))) > 0
 
 
+@pytest.mark.slow
 def test_logits_on_a_different_task(variant, initial, tiny_clip, tiny_task, new_task):
     _, vid, method = variant
     images = make_batch(tiny_clip, n=4)["image"]
@@ -148,6 +150,7 @@ def test_logits_on_a_different_task(variant, initial, tiny_clip, tiny_task, new_
     assert np.all(np.isfinite(np.asarray(logits)))
 
 
+@pytest.mark.slow
 def test_jit_equals_eager(variant, initial, tiny_clip, tiny_task):
     _, _, method = variant
     batch = make_batch(tiny_clip, n=4, seed=3, num_classes=len(tiny_task))
