@@ -87,6 +87,7 @@ def cocoop(
 
     def init(key, clip, task):
         embed, dt = clip.spec.embed_dim, clip.spec.text_width
+        # The reference hard-codes vis_dim // 16 with vis_dim = CLIP's embed dim (512 -> 32).
         hidden = embed // meta_ratio
         if hidden < 1:
             raise ValueError(
@@ -120,6 +121,8 @@ def cocoop(
             txt = clip_lib.normalize(clip_lib.encode_text(clip, embeds, eot, remat=remat))
             return scale * txt @ img_b  # [C]
 
+        # vmap rather than a Python loop over images: one traced text pass serves any batch
+        # size, and under a data-sharded batch each device runs its own images' B/n x C texts.
         return jax.vmap(one_image)(shift, img)  # [B, C]
 
     def loss(prompt, clip, task, batch, key):

@@ -94,6 +94,7 @@ def ivlp(
         def normal(k, shape):
             return init_std * jax.random.normal(k, shape, jnp.float32)
 
+        # Token count, not word count: a BPE tokenizer may split a word into several tokens.
         words = base.word_embeddings(clip, init_words) if init_words else None
         if words is not None and words.shape[0] == n_ctx_text:
             ctx = words
@@ -109,7 +110,10 @@ def ivlp(
         }
 
     def encode_classes(prompt, clip, task):
+        # [C, 1 + n_t + L, D]: the shared context sits right after SOT, before every class name,
+        # so the EOT index is that of the tokenized "a photo of a <name>.".
         embeds, eot = clip_lib.prompted_text_inputs(clip, task, prompt["ctx"])
+        # Depth 1 stores [0, n, D] deep prompts (a fixed pytree layout); the towers then get none.
         deep = prompt["deep_text"] if prompt["deep_text"].shape[0] else None
         return clip_lib.encode_text(clip, embeds, eot, deep=deep, remat=remat)
 
@@ -120,6 +124,8 @@ def ivlp(
         )
 
     def classify(prompt, clip, classes, images):
+        # The image side is the only one that sees the batch: evaluation encodes the class set
+        # once with encode_classes and reuses it for every test batch.
         return base.cosine_logits(clip, encode_images(prompt, clip, images), classes)
 
     logits = base.split_logits(encode_classes, classify)

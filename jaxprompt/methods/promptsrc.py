@@ -171,6 +171,8 @@ def promptsrc(
         z_p = scale * f_p @ g_p.T  # [B, C]
         # Frozen path: the same (augmented) images without prompts, and the template teacher.
         f = jax.lax.stop_gradient(clip_lib.normalize(clip_lib.encode_image(clip, images)))
+        # Teacher text: precomputed if the batch carries it (with_teacher puts it there),
+        # otherwise encoded here from the static class names (60 x C sequences per step).
         if TEACHER_KEY in batch:
             g = jax.lax.stop_gradient(jnp.asarray(batch[TEACHER_KEY], jnp.float32))
             if g.shape != g_p.shape:
@@ -183,7 +185,11 @@ def promptsrc(
         z = scale * f @ g.T  # [B, C]
 
         ce = losses.cross_entropy(z_p, labels)
-        kl = losses.kl_agreement(z, z_p)  # target = frozen CLIP, sum / (B*C)
+        # Both logits carry the x100 scale (T = 1); the frozen CLIP is the target distribution
+        # and the sum runs over B*C logits divided by B*C, as the reference does.
+        kl = losses.kl_agreement(z, z_p)
+        # L1 on normalised features, mean over every element: the text term covers all C
+        # classes of the split (not only the labels in the batch), the image term the batch.
         l1_text = losses.l1_agreement(g_p, g)
         l1_image = losses.l1_agreement(f_p, f)
         total = ce + w_kl * kl + w_text * l1_text + w_image * l1_image
