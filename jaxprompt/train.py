@@ -476,6 +476,8 @@ def fit(
                 if lr_schedule is not None:
                     record["lr"] = float(lr_schedule(done - 1))  # rate used by this step
                 writer.write({"step": done, **record})
+                if not np.isfinite(record.get("loss", 0.0)):
+                    logging.warning("non-finite loss %s at step %d", record["loss"], done)
                 if is_main:
                     eta = (steps - done) / record["steps_per_sec"]
                     terms = " ".join(
