@@ -239,3 +239,32 @@ def test_bad_arguments_are_clear_errors(clip, tiny_task):
         jp.methods.get("promptsrc", depth=3).init(jax.random.key(0), clip, tiny_task)
     with pytest.raises(ValueError, match="template"):
         jp.methods.get("promptsrc", templates="nope")
+
+
+@pytest.mark.slow
+def test_cached_teacher_in_the_sharded_train_step(method, clip, tiny_task):
+    """with_teacher's constant works in the trainer's step on 8 devices and changes nothing."""
+    from jaxprompt import sharding, train
+
+    mesh = sharding.make_mesh()
+    tx = train.make_optimizer(0.01)
+    clip_s, task_s = sharding.shard_clip(clip, mesh), sharding.replicate(tiny_task, mesh)
+    r = np.random.RandomState(0)
+    batch = sharding.put_batch(
+        {
+            "image": r.randn(8, 32, 32, 3).astype(np.float32),
+            "label": (np.arange(8) % 5).astype(np.int32),
+        },
+        mesh,
+    )
+    key = sharding.replicate(jax.random.key(3), mesh)
+    out = []
+    for m in (method, with_teacher(method, clip, tiny_task)):
+        state = sharding.replicate(
+            train.init_train_state(m, tx, jax.random.key(0), clip, tiny_task), mesh
+        )
+        state, metrics = jax.jit(train.make_train_step(m, tx))(state, clip_s, task_s, batch, key)
+        out.append((state.prompt, metrics["loss"]))
+    np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(out[1][0]), jax.tree.leaves(out[0][0]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
