@@ -194,7 +194,8 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
             ds.fetch,
             batch_size=batch_size,
             seed=int(d["seed"]),
-            canvas=max(clip.spec.image_size, 32) if d["dataset"].startswith("toy") else 512,
+            # The canvas holds a decoded image before the on-device random resized crop.
+            canvas=min(512, max(64, 4 * clip.spec.image_size)),
         )
         size = clip.spec.image_size
 

@@ -165,3 +165,47 @@ def test_console_script_runs_in_a_subprocess():
     )  # fmt: skip
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("jaxprompt: error: unknown method")
+
+
+@pytest.mark.slow
+def test_prepare_then_train_on_an_image_folder_without_tensorflow(tiny_clip_dir, tmp_path):
+    """`jaxprompt prepare` on a generated image folder, then a training run that reads the
+    prepared array_record copy in a fresh process where TensorFlow is never imported."""
+    from PIL import Image
+
+    rng = __import__("numpy").random.RandomState(0)
+    folder = tmp_path / "shapes"
+    for c, name in enumerate(["red_things", "green_things", "blue_things", "grey_things"]):
+        (folder / name).mkdir(parents=True)
+        for i in range(12):
+            img = rng.randint(0, 60, (40 + i, 36, 3)).astype("uint8")
+            img[..., c % 3] += 150
+            Image.fromarray(img).save(folder / name / f"{i:03d}.png")
+    data_dir = tmp_path / "tfds"
+    # One CPU device, as on a laptop (the test process simulates 8).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    prep = subprocess.run(
+        [sys.executable, "-m", "jaxprompt.cli", "prepare", "--dataset", f"folder:{folder}",
+         "--data_dir", str(data_dir)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    wd = tmp_path / "run"
+    script = (
+        "import sys\n"
+        "from jaxprompt import cli\n"
+        f"code = cli.main(['jaxprompt', 'train', '--config', '{CONFIG}:coop,runlocal=true,"
+        f"dataset=folder:{folder}', '--config.clip.name={tiny_clip_dir}',"
+        f" '--config.data.data_dir={data_dir}', '--config.method.kw.n_ctx=2',"
+        " '--config.data.batch_size=2',"
+        f" '--workdir', '{wd}'])\n"
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n"
+        "sys.exit(code)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=900, env=env
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.load(open(wd / "results.json"))
+    assert set(res["accuracy"]) == {"base", "new", "hm"} and res["dataset"] == "shapes"
