@@ -14,6 +14,7 @@ from jaxprompt.methods.coop import coop
 from jaxprompt.methods.ivlp import ivlp
 from jaxprompt.methods.maple import maple
 from jaxprompt.methods.promptsrc import promptsrc
+from jaxprompt.methods.tpt import tpt
 from jaxprompt.methods.zeroshot import zeroshot
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "names",
     "promptsrc",
     "register",
+    "tpt",
     "zeroshot",
 ]
 
@@ -39,6 +41,7 @@ _REGISTRY: dict[str, Callable[..., PromptMethod]] = {
     "ivlp": ivlp,
     "maple": maple,
     "promptsrc": promptsrc,
+    "tpt": tpt,
 }
 
 
