@@ -23,10 +23,57 @@ from jaxprompt.clip import (
 )
 from jaxprompt.methods import PromptMethod
 
+# The engine (orbax, grain) loads on first use, so research code that only needs the
+# methods does not import the data and checkpoint stack.
+_LAZY = {
+    "checkpoint": "jaxprompt.checkpoint",
+    "evaluate": "jaxprompt.evaluate",
+    "sharding": "jaxprompt.sharding",
+    "train": "jaxprompt.train",
+    "gpa": "jaxprompt.gpa",
+    "losses": "jaxprompt.losses",
+    "data": "jaxprompt.data",
+}
+_LAZY_NAMES = {
+    "TrainState": "jaxprompt.train",
+    "init_train_state": "jaxprompt.train",
+    "make_train_step": "jaxprompt.train",
+    "make_optimizer": "jaxprompt.train",
+    "fit": "jaxprompt.train",
+    "make_eval_step": "jaxprompt.evaluate",
+    "make_mesh": "jaxprompt.sharding",
+    "put_batch": "jaxprompt.sharding",
+}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _LAZY:
+        return importlib.import_module(_LAZY[name])
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+    raise AttributeError(f"module 'jaxprompt' has no attribute {name!r}")
+
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Clip",
+    "TrainState",
+    "checkpoint",
+    "data",
+    "evaluate",
+    "fit",
+    "gpa",
+    "init_train_state",
+    "losses",
+    "make_eval_step",
+    "make_mesh",
+    "make_optimizer",
+    "make_train_step",
+    "put_batch",
+    "sharding",
+    "train",
     "ClipLoadError",
     "ClipSpec",
     "PromptMethod",
