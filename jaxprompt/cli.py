@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         elif cmd == "eval":
             experiment.run_eval(workdir, config)
         else:
-            return _fail("adapt: no test-time method is available yet (TPT and POUF land later)")
+            from jaxprompt import adapt
+
+            adapt.run_adapt(config, workdir)
     except (
         clip.ClipLoadError,
         checkpoint.CheckpointMismatchError,
