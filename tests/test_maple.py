@@ -120,6 +120,7 @@ def test_logits_and_loss_equal_numpy_reference(method, prompt, clip, task, batch
     assert set(metrics) == {"ce", "accuracy"}
 
 
+@pytest.mark.slow
 def test_gradient_reaches_every_group(method, prompt, clip, task, batch):
     g = jax.jit(jax.grad(lambda q: method.loss(q, clip, task, batch, None)[0]))(prompt)
     for path, leaf in jax.tree_util.tree_leaves_with_path(g):
