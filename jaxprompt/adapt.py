@@ -45,7 +45,7 @@ PROGRESS = "progress.json"
 # The ImageNet family gets crops + flips only; every other dataset AugMix (spec section 2.1).
 IMAGENET_FAMILY = ("ImageNet", "ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
 
-__all__ = ["initial_prompt", "make_adapt_step", "run_adapt", "use_augmix"]
+__all__ = ["batch_views", "initial_prompt", "make_adapt_step", "run_adapt", "use_augmix"]
 
 
 def use_augmix(setting: str | bool, dataset: str) -> bool:
@@ -120,6 +120,35 @@ def _sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, ja
     return {"correct": jnp.sum(correct.astype(jnp.int32))}
 
 
+def batch_views(
+    key: jax.Array, batch: Mapping[str, Any], *, views: int, augmix: bool, image_size: int
+) -> jax.Array:
+    """TPT's views of a batch, image ``i``'s drawn from ``fold_in(key, batch["index"][i])``.
+
+    Keyed by the global test-split index, the views of an image are the same whatever batch,
+    host or position it lands in (the reference draws from one stream in loading order).
+
+    Args:
+      key: the run's data key (``key(seed)``).
+      batch: ``image`` [B, S, S, 3] normalised view 0, ``raw`` [B, C, C, 3] canvases, ``size``
+        [B, 2] and ``index`` [B] (from ``eval_iterator(..., tpt=True)`` plus the indices).
+      views: views per image, view 0 included.
+      augmix: AugMix on top of the crops and flips.
+      image_size: the view side.
+
+    Returns:
+      float32 [B, views, S, S, 3].
+    """
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(batch["index"]))
+
+    def one(k, image, raw, size):
+        return aug_lib.tpt_views(
+            k, image, raw, size, n_views=views - 1, use_augmix=augmix, out_size=image_size
+        )
+
+    return jax.vmap(one)(keys, batch["image"], batch["raw"], batch["size"])
+
+
 def make_adapt_step(
     base: methods_lib.PromptMethod,
     tx: Any,
@@ -141,14 +170,7 @@ def make_adapt_step(
     """
 
     def step(prompt, clip, task, batch, key):
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(batch["index"])
-
-        def make_views(k, image, raw, size):
-            return aug_lib.tpt_views(
-                k, image, raw, size, n_views=views - 1, use_augmix=augmix, out_size=image_size
-            )
-
-        v = jax.vmap(make_views)(keys, batch["image"], batch["raw"], batch["size"])
+        v = batch_views(key, batch, views=views, augmix=augmix, image_size=image_size)
         out = episodes(
             base, tx, prompt, clip, task, v,
             steps=steps, keep=keep, cocoop_unnormalized=cocoop_unnormalized, details=True,
