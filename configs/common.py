@@ -42,6 +42,9 @@ METHOD_PRESETS = {
     ),
 }
 
+# The toy CLIP has 4 layers per tower where ViT-B/16 has 12: prompt depths scale by 4/12.
+TOY_LAYERS = 4
+
 TOY_DATASETS = (
     "toy_textures",
     "toy_textures_sketch",
@@ -124,9 +127,17 @@ def base(arg) -> ml_collections.ConfigDict:
     c.log_every = 50
     c.eval_every_epochs = 0
     c.evals = []
+    if toy:
+        scale_depth_for_toy(c)
     if arg.runlocal:
         c.data.batch_size = min(c.data.batch_size, 8)
         c.optim.epochs = min(c.optim.epochs, 1)
         c.data.shots = min(arg.shots, 2)
         c.log_every = 1
     return c
+
+
+def scale_depth_for_toy(c) -> None:
+    """Maps a ViT-B/16 prompt depth (of 12 layers) to the toy CLIP's 4 layers (9 -> 3, 3 -> 1)."""
+    if c.clip.name == "toy" and "depth" in c.method.kw:
+        c.method.kw["depth"] = max(1, round(c.method.kw["depth"] * TOY_LAYERS / 12))

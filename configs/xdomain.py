@@ -46,10 +46,12 @@ def get_config(arg=None):
     c.data.subset = "all"
     if arg.method in ("promptsrc", "ivlp"):
         c.method.kw["depth"] = 3
+        common.scale_depth_for_toy(c)
     if arg.method == "promptsrc":
         c.gpa.mean, c.gpa.std = 6.0, 10.0
     if arg.method == "maple" and not arg.runlocal:
         c.method.kw["depth"] = 3
+        common.scale_depth_for_toy(c)
         c.optim.lr, c.optim.epochs = 0.0026, 2
     targets = TOY_TARGETS if arg.dataset in common.TOY_DATASETS else IMAGENET_TARGETS
     c.evals = [{"name": arg.dataset, "dataset": arg.dataset, "subset": "all"}] + [

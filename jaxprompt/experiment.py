@@ -164,6 +164,11 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
         ds, shots=int(d["shots"]), seed=int(d["seed"]), subset=d["subset"], workdir=workdir
     )
     task = clip_lib.make_task(clip, names)
+    if method.name == "promptsrc":
+        from jaxprompt.methods.promptsrc import with_teacher
+
+        # The frozen 60-template teacher is computed once for the training classes.
+        method = with_teacher(method, clip, task)
     o = cfg["optim"]
     epochs = int(o["epochs"])
     key = jax.random.key(int(cfg["seed"]))

@@ -67,13 +67,13 @@ def pretraining_pool(*, photo_per_class: int, other_per_class: int, seed: int):
     return np.stack(imgs), np.asarray(targets, np.int32)
 
 
-def zero_shot_accuracy(clip: clip_lib.Clip, *, style: str, split: str = "test", seed: int = 0):
+def zero_shot_accuracy(
+    clip: clip_lib.Clip, *, style: str, split: str = "test", seed: int = 0, images=None
+):
     """Top-1 zero-shot accuracy (%) on a toy split with "a photo of a {}." prompts."""
-    task = clip_lib.make_task(clip, toyworld.CLASSES)
     ids, eot = clip_lib.tokenize(clip, [f"a photo of a {c}." for c in toyworld.CLASSES])
     txt = clip_lib.normalize(clip_lib.encode_token_ids(clip, jnp.asarray(ids), jnp.asarray(eot)))
-    del task
-    images, attrs = toyworld.images(split, style=style, seed=seed)
+    images, attrs = images or toyworld.images(split, style=style, seed=seed)
     labels = np.asarray([a["label"] for a in attrs])
     enc = jax.jit(lambda c, x: clip_lib.normalize(clip_lib.encode_image(c, x)))
     correct = 0
@@ -179,6 +179,7 @@ def pretrain(
 
     rng = np.random.default_rng(seed)
     params = clip.params
+    val = toyworld.images("val", style="photo", seed=seed)  # for progress lines only
     history = []
     t_start = time.time()
     for s in range(1, steps + 1):
@@ -193,15 +194,14 @@ def pretrain(
         if s % log_every == 0 or s == steps:
             loss, acc = float(loss), float(acc)
             rate = s / (time.time() - t_start)
-            history.append({"step": s, "loss": round(loss, 4), "caption_acc": round(acc, 4)})
+            zs = zero_shot_accuracy(clip.replace(params=params), style="photo", images=val)
+            history.append(
+                {"step": s, "loss": round(loss, 4), "caption_acc": round(acc, 4), "val_zs": zs}
+            )
             log.info(
-                "pretrain step %d/%d loss %.3f caption-acc %.3f (%.2f steps/s, ETA %.0fs)",
-                s,
-                steps,
-                loss,
-                acc,
-                rate,
-                (steps - s) / rate,
+                "pretrain step %d/%d loss %.3f caption-acc %.3f val zero-shot %.1f%% "
+                "(%.2f steps/s, ETA %.0fs)",
+                *(s, steps, loss, acc, zs, rate, (steps - s) / rate),
             )
     params = dict(params)
     # Save with the learned temperature, as CLIP checkpoints do.

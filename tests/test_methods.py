@@ -84,6 +84,13 @@ def expected_shapes(vid: str, clip, task) -> dict[str, Any] | None:
             "deep_text": (1, 4, dt),
             "deep_vision": (1, 4, dv),
         }
+    if vid == "maple":  # depth 2, 2 text tokens; vision prompts are projections
+        dv = clip.spec.vision_width
+        return {
+            "ctx": (2, dt),
+            "deep_text": (1, 2, dt),
+            "proj": {"kernel": (2, dt, dv), "bias": (2, dv)},
+        }
     if vid == "cocoop":  # context from "a photo of a"; meta-net hidden = embed dim / 16
         n = base.word_embeddings(clip, "a photo of a").shape[0]
         e, h = clip.spec.embed_dim, max(clip.spec.embed_dim // 16, 1)
