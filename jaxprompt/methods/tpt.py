@@ -57,7 +57,7 @@ import optax
 from jaxprompt import clip as clip_lib
 from jaxprompt import losses
 from jaxprompt.methods import base as base_lib
-from jaxprompt.methods import cocoop as cocoop_lib
+from jaxprompt.methods.cocoop import meta_net
 
 Array = jax.Array
 Prompt = base_lib.Prompt
@@ -220,7 +220,7 @@ def _initial_tuned(base, kind, prompt, feats0, cocoop_unnormalized):
         return prompt
     x = feats0 if cocoop_unnormalized else clip_lib.normalize(feats0)
     # [n, D]: the per-image generated context is the only thing TPT + CoCoOp tunes.
-    return {"ctx": prompt["ctx"] + cocoop_lib.meta_net(prompt["meta_net"], x)[None, :]}
+    return {"ctx": prompt["ctx"] + meta_net(prompt["meta_net"], x)[None, :]}
 
 
 def _episode_core(
