@@ -6,7 +6,7 @@ prompt and rebuilt class prompts, on the new classes; report base, new and their
     jaxprompt train --config configs/base2new.py:promptsrc,dataset=toy_textures,seed=1 \\
         --workdir runs/b2n/promptsrc/toy_textures/seed1
 
-Arguments after ``:``: the method (zeroshot, coop, cocoop, ivlp, maple, promptsrc), then
+Arguments after ``:``: the method (zeroshot, coop, cocoop, ivlp, maple, promptsrc, bayes), then
 ``dataset=``, ``shots=``, ``seed=``, ``runlocal=true`` (tiny smoke run).
 Published numbers (the papers', not ours) are in README.md; ours are recorded there only once
 reproduced.
@@ -26,6 +26,8 @@ def get_config(arg=None):
     c = common.base(arg)
     c.protocol = "base2new"
     c.data.subset = "base"
+    if arg.method == "bayes":  # L (train = test) and epochs per dataset
+        common.apply_bayes_per_dataset(c, arg)
     c.evals = [
         {"name": "base", "dataset": arg.dataset, "subset": "base"},
         {"name": "new", "dataset": arg.dataset, "subset": "new"},

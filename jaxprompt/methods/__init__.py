@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from jaxprompt.methods.base import Batch, Metrics, Prompt, PromptMethod
+from jaxprompt.methods.bayes import bayes
 from jaxprompt.methods.cocoop import cocoop
 from jaxprompt.methods.coop import coop
 from jaxprompt.methods.ivlp import ivlp
@@ -22,6 +23,7 @@ __all__ = [
     "Metrics",
     "Prompt",
     "PromptMethod",
+    "bayes",
     "cocoop",
     "coop",
     "get",
@@ -42,6 +44,7 @@ _REGISTRY: dict[str, Callable[..., PromptMethod]] = {
     "maple": maple,
     "promptsrc": promptsrc,
     "tpt": tpt,
+    "bayes": bayes,
 }
 
 
