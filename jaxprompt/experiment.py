@@ -203,9 +203,10 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
             canvas=min(512, max(64, 4 * clip.spec.image_size)),
         )
         size = clip.spec.image_size
+        scale = tuple(float(x) for x in d.get("rrc_scale", (0.08, 1.0)))
 
         def augment(batch, k):
-            return data_lib.train_augment(k, batch, out_size=size)
+            return data_lib.train_augment(k, batch, out_size=size, scale=scale)
 
         aggregator = None
         if cfg.get("gpa", {}).get("enabled"):

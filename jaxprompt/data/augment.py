@@ -127,7 +127,12 @@ def random_flip(key: Array, images: Array, prob: float = 0.5) -> Array:
 
 
 def train_augment(
-    key: Array, batch: dict[str, Array], *, out_size: int = IMAGE_SIZE, method: str = "bicubic"
+    key: Array,
+    batch: dict[str, Array],
+    *,
+    out_size: int = IMAGE_SIZE,
+    method: str = "bicubic",
+    scale: tuple[float, float] = (0.08, 1.0),
 ) -> dict[str, Array]:
     """CoOp's train transform on device: RRC (0.08-1, 3/4-4/3, bicubic), flip, normalise.
 
@@ -135,12 +140,18 @@ def train_augment(
       key: PRNG key (fold in the step number for a fresh key per step).
       batch: ``{"image": [B, C, C, 3] canvases, "size": [B, 2], "label": [B]}`` from
         ``train_iterator``.
+      out_size: output side.
+      method: resampling method.
+      scale: RRC area range (CoOp's 0.08-1 is meant for natural images; the toy world's
+        32-pixel textures lose their class below about half the area).
 
     Returns:
       ``{"image": float32 [B, out_size, out_size, 3] normalised, "label": int32 [B]}``.
     """
     k_crop, k_flip = jax.random.split(key)
-    x = random_resized_crop(k_crop, batch["image"], batch["size"], out_size=out_size, method=method)
+    x = random_resized_crop(
+        k_crop, batch["image"], batch["size"], out_size=out_size, method=method, scale=scale
+    )
     x = random_flip(k_flip, x)
     return {"image": normalize_on_device(x), "label": jnp.asarray(batch["label"], jnp.int32)}
 

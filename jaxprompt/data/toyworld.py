@@ -262,9 +262,14 @@ def images(
 
 
 def captions(style: str, classname: str, fg: str) -> tuple[str, str]:
-    """The two captions that describe an image: class only, and class with its colour."""
+    """The two captions that describe an image: class only, and class with its colour.
+
+    Like web alt-text, they name the pattern and the medium but never in the words of the
+    zero-shot template ("a photo of a {}."): the gap between hand-made prompts and the
+    pretraining text is what prompt learning closes on real data, and the toy world keeps it.
+    """
     w = STYLE_WORDS[style]
-    return f"a {w} of a {classname}.", f"a {w} of a {fg} {classname}."
+    return f"{classname} {w}.", f"{fg} {classname} {w}."
 
 
 def caption_set() -> list[str]:
