@@ -36,9 +36,10 @@ METHOD_PRESETS = {
             init_words="a photo of a",
             w_text=25.0,
             w_image=10.0,
+            gpa_mean=15.0,
+            gpa_std=1.0,
         ),
         optim=dict(epochs=20, lr=0.0025, batch_size=4),
-        gpa=dict(mean=15.0, std=1.0),
     ),
     # Bayesian prompt learning (bayesian.md 4.1): the released config is the unconditional
     # posterior, batch 1, lr 0.002 with SGD + coupled weight decay 5e-4; L and the epochs are
@@ -171,14 +172,6 @@ def base(arg) -> ml_collections.ConfigDict:
             "warmup_epochs": 1,
             "warmup_lr": 1e-5,
             "epochs": preset["optim"]["epochs"],
-        }
-    )
-    gpa = preset.get("gpa")
-    c.gpa = ml_collections.ConfigDict(
-        {
-            "enabled": gpa is not None,
-            "mean": (gpa or {}).get("mean", 0.0),
-            "std": (gpa or {}).get("std", 1.0),
         }
     )
     c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})

@@ -26,7 +26,7 @@ def get_config(arg=None):
     if arg.method == "promptsrc" and not arg.runlocal:
         c.optim.epochs = 50
         sharp = arg.dataset in SHARP_GPA
-        c.gpa.mean, c.gpa.std = (45.0, 5.0) if sharp else (30.0, 30.0)
+        c.method.kw["gpa_mean"], c.method.kw["gpa_std"] = (45.0, 5.0) if sharp else (30.0, 30.0)
     if arg.method == "coop" and not arg.runlocal:
         # CoOp's few-shot epochs by shots (its configs): 1-2 shots 50, 4-8 shots 100, 16 shots 200.
         c.optim.epochs = 50 if arg.shots <= 2 else (100 if arg.shots <= 8 else 200)

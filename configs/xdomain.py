@@ -48,7 +48,7 @@ def get_config(arg=None):
         c.method.kw["depth"] = 3
         common.scale_depth_for_toy(c)
     if arg.method == "promptsrc":
-        c.gpa.mean, c.gpa.std = 6.0, 10.0
+        c.method.kw["gpa_mean"], c.method.kw["gpa_std"] = 6.0, 10.0
     if arg.method == "maple" and not arg.runlocal:
         c.method.kw["depth"] = 3
         common.scale_depth_for_toy(c)

@@ -209,9 +209,12 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
             return data_lib.train_augment(k, batch, out_size=size, scale=scale)
 
         aggregator = None
-        if cfg.get("gpa", {}).get("enabled"):
+        if "gpa_mean" in method.config:
+            # Gaussian prompt aggregation over per-epoch snapshots (PromptSRC).
             aggregator = gpa_lib.gaussian_aggregation(
-                mean=float(cfg["gpa"]["mean"]), std=float(cfg["gpa"]["std"]), num_epochs=epochs
+                mean=float(method.config["gpa_mean"]),
+                std=float(method.config["gpa_std"]),
+                num_epochs=epochs,
             )
         meta = {
             "config": cfg,
