@@ -464,3 +464,21 @@ def test_cli_adapt_writes_results_side_by_side(tiny_clip_dir, tmp_path):
     # TPT + CoOp needs the trained prompt: a one-line error.
     coop = [a.replace(":tpt,", ":tpt_coop,") for a in args[:-1]] + [str(tmp_path / "c")]
     assert cli.main(coop) == 2
+
+
+@pytest.mark.slow
+def test_vision_prompt_base_batch_equals_single(tiny_clip, tiny_task, setup):
+    # A base with vision prompts tunes through base.logits on the views (no sharing).
+    base = jp.methods.ivlp(depth=2)
+    tx = setup["tx"]
+    prompt = base.init(jax.random.key(4), tiny_clip, tiny_task)
+    views = setup["views"][:2, :16]
+    out = jax.jit(
+        lambda p, v: episodes(base, tx, p, tiny_clip, tiny_task, v, keep=0.25, details=True)
+    )(prompt, views)
+    single = jax.jit(lambda p, v: episode(base, tx, p, tiny_clip, tiny_task, v, keep=0.25))
+    for b in range(2):
+        np.testing.assert_allclose(out["logits"][b], single(prompt, views[b]), atol=1e-5)
+    assert out["prompt"]["vision_ctx"].shape == (2,) + prompt["vision_ctx"].shape
+    moved = np.abs(np.asarray(out["prompt"]["vision_ctx"][0]) - np.asarray(prompt["vision_ctx"]))
+    assert moved.max() > 0.5 * LR
