@@ -435,3 +435,14 @@ def test_cli_trains_base_and_evaluates_base_and_new(conditional, tiny_clip_dir, 
     assert {"nll", "kl", "accuracy"} <= set(train_lines[-1])
     cfg = json.load(open(os.path.join(wd, "config.json")))
     assert cfg["method"]["kw"]["conditional"] is conditional
+
+
+def test_trainer_decay_is_coupled_on_the_posterior(uprompt):
+    """The recipe's optimizer decays mean and logvar with the gradient (before momentum)."""
+    from jaxprompt import train
+
+    tx = train.make_optimizer(0.002, weight_decay=5e-4)
+    zero = jax.tree.map(jnp.zeros_like, uprompt)
+    updates, _ = tx.update(zero, tx.init(uprompt), uprompt)
+    for k in ("mean", "logvar", "ctx"):
+        np.testing.assert_allclose(updates[k], -0.002 * 5e-4 * uprompt[k], rtol=1e-6)

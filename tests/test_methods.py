@@ -35,7 +35,10 @@ TINY: dict[str, list[tuple[str, Callable[[], dict[str, Any]]]]] = {
     "ivlp": [("ivlp", lambda: dict(depth=2))],
     "maple": [("maple", lambda: dict(depth=2))],
     "promptsrc": [("promptsrc", lambda: dict(depth=2))],
-    "bayes": [("bayes", lambda: dict(mc_samples=2))],
+    "bayes": [
+        ("bayes", lambda: dict(mc_samples=2)),
+        ("bayes-cond", lambda: dict(mc_samples=2, conditional=True)),
+    ],
     "pouf": [("pouf", lambda: dict(base=jp.methods.get("coop", n_ctx=4)))],
 }
 CLASS_SPECIFIC = {"coop-csc"}  # prompts sized by the class count: no transfer to new classes
@@ -91,6 +94,17 @@ def expected_shapes(vid: str, clip, task) -> dict[str, Any] | None:
             "deep_text": (1, 2, dt),
             "proj": {"kernel": (2, dt, dv), "bias": (2, dv)},
         }
+    if vid in ("bayes", "bayes-cond"):  # context from "a photo of a"; posterior over [D]
+        n = base.word_embeddings(clip, "a photo of a").shape[0]
+        if vid == "bayes":
+            return {"ctx": (n, dt), "mean": (dt,), "logvar": (dt,)}
+        e, h = clip.spec.embed_dim, clip.spec.embed_dim // 2  # MLPs E -> E/2 -> E/2 -> D
+        net = {
+            "linear1": {"kernel": (e, h), "bias": (h,)},
+            "linear2": {"kernel": (h, h), "bias": (h,)},
+            "linear3": {"kernel": (h, dt), "bias": (dt,)},
+        }
+        return {"ctx": (n, dt), "mean_net": net, "logvar_net": net}
     if vid == "cocoop":  # context from "a photo of a"; meta-net hidden = embed dim / 16
         n = base.word_embeddings(clip, "a photo of a").shape[0]
         e, h = clip.spec.embed_dim, max(clip.spec.embed_dim // 16, 1)

@@ -350,6 +350,11 @@ def bayes(
     * No ``encode_classes`` / ``classify``: the text side depends on the key (and, for the
       conditional variant, on the image).
 
+    Optimise it as the reference does, with SGD and COUPLED weight decay on every leaf
+    (``jaxprompt.train.make_optimizer``: ``add_decayed_weights(5e-4)`` before ``sgd``): near
+    zero the decay's pull on ``mean`` and ``logvar`` is some 250-500 times the KL's, so
+    decoupled (AdamW-style) or no decay changes the posterior's behaviour.
+
     Args:
       n_ctx: context length; ignored when ``init_words`` is given (then one vector per token of
         those words, 4 for "a photo of a", as in the reference).
