@@ -44,12 +44,16 @@ def normalise(images_uint8: np.ndarray) -> np.ndarray:
     return ((images_uint8.astype(np.float32) / 255.0) - MEAN) / STD
 
 
-def pretraining_pool(*, photo_per_class: int, other_per_class: int, seed: int):
+def pretraining_pool(
+    *, photo_per_class: int, other_per_class: int, seed: int, fine_fraction: float = 0.35
+):
     """Images and their caption targets for pretraining (disjoint from the protocol splits).
 
     Returns:
       ``(images uint8 [N, 32, 32, 3], targets int32 [N, 2])``: indices into
-      :func:`toyworld.caption_set` of the two true captions of each image.
+      :func:`toyworld.caption_set` of the two true captions of each image. A fraction
+      ``fine_fraction`` of the images is captioned with its class name, the rest with its
+      coarse name (:data:`toyworld.COARSE`).
     """
     caps = {c: i for i, c in enumerate(toyworld.caption_set())}
     imgs, targets = [], []
@@ -62,7 +66,10 @@ def pretraining_pool(*, photo_per_class: int, other_per_class: int, seed: int):
                 fg = names[r.integers(len(names))]
                 bg = names[(names.index(fg) + 1 + r.integers(len(names) - 1)) % len(names)]
                 imgs.append(toyworld.render(cls, fg, bg, style, r))
-                a, b = toyworld.captions(style, toyworld.CLASSES[cls], fg)
+                name = toyworld.CLASSES[cls]
+                if r.random() >= fine_fraction:
+                    name = toyworld.COARSE[name]
+                a, b = toyworld.captions(style, name, fg)
                 targets.append((caps[a], caps[b]))
     return np.stack(imgs), np.asarray(targets, np.int32)
 
@@ -94,6 +101,7 @@ def pretrain(
     warmup: int = 100,
     photo_per_class: int = 400,
     other_per_class: int = 40,
+    fine_fraction: float = 0.35,
     seed: int = 0,
     log_every: int = 50,
     **shape: int,
@@ -111,6 +119,7 @@ def pretrain(
       warmup: warm-up steps.
       photo_per_class: photo-style pretraining images per class.
       other_per_class: pretraining images per class in each other style.
+      fine_fraction: share of images captioned with their class (not coarse) name.
       seed: seed of the images, the initialisation and the batches.
       log_every: steps between progress lines.
       **shape: overrides of the ``"toy"`` preset of :data:`jaxprompt.clip.PRESETS`.
@@ -133,7 +142,10 @@ def pretrain(
     clip = clip.replace(params={**clip.params, "logit_scale": jnp.asarray(np.log(1 / 0.07))})
 
     images, targets = pretraining_pool(
-        photo_per_class=photo_per_class, other_per_class=other_per_class, seed=seed
+        photo_per_class=photo_per_class,
+        other_per_class=other_per_class,
+        seed=seed,
+        fine_fraction=fine_fraction,
     )
     images = normalise(images)
     ids, eot = clip_lib.tokenize(clip, toyworld.caption_set())
@@ -217,7 +229,11 @@ def pretrain(
         "captions_per_step": n_sub,
         "lr": lr,
         "seed": seed,
-        "pool": {"photo_per_class": photo_per_class, "other_per_class": other_per_class},
+        "pool": {
+            "photo_per_class": photo_per_class,
+            "other_per_class": other_per_class,
+            "fine_fraction": fine_fraction,
+        },
         "history": history,
         "seconds": round(time.time() - t0, 1),
     }
@@ -244,7 +260,7 @@ if __name__ == "__main__":
 
 # The recipe of the shipped weights (jaxprompt/assets/toy_clip): `jaxprompt pretrain-toy` with
 # these arguments reproduces them.
-RECIPE: dict = {"steps": 1500, "batch_size": 128, "seed": 0}
+RECIPE: dict = {"steps": 1200, "batch_size": 128, "fine_fraction": 0.35, "seed": 0}
 
 
 def toy_clip_dir() -> str:

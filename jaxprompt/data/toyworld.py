@@ -261,22 +261,47 @@ def images(
     return np.stack([o[0] for o in out]), [o[1] for o in out]
 
 
+# Coarse names: what most pretraining captions call a pattern. Fine-grained names (the classes)
+# appear in only a fraction of captions, as rare fine-grained labels do in web text; the
+# image encoder still sees every class, the text side aligns fine names less well. That gap is
+# what prompt learning closes on real fine-grained data, and the toy world keeps it.
+COARSE: dict[str, str] = {
+    "horizontal stripes": "stripes",
+    "vertical stripes": "stripes",
+    "diagonal stripes": "stripes",
+    "zigzag": "stripes",
+    "waves": "stripes",
+    "checkerboard": "tiles",
+    "grid": "tiles",
+    "plaid": "tiles",
+    "bricks": "tiles",
+    "diamonds": "tiles",
+    "polka dots": "spots",
+    "crosses": "spots",
+    "rings": "circles",
+    "spiral": "circles",
+    "sunburst": "circles",
+    "gradient": "gradient",
+}
+
+
 def captions(style: str, classname: str, fg: str) -> tuple[str, str]:
-    """The two captions that describe an image: class only, and class with its colour.
+    """The two captions that describe an image: pattern only, and pattern with its colour.
 
     Like web alt-text, they name the pattern and the medium but never in the words of the
-    zero-shot template ("a photo of a {}."): the gap between hand-made prompts and the
-    pretraining text is what prompt learning closes on real data, and the toy world keeps it.
+    zero-shot template ("a photo of a {}."). ``classname`` may be a fine (class) or a coarse
+    name (:data:`COARSE`).
     """
     w = STYLE_WORDS[style]
     return f"{classname} {w}.", f"{fg} {classname} {w}."
 
 
 def caption_set() -> list[str]:
-    """Every distinct caption of the world, in a fixed order."""
+    """Every distinct caption of the world (fine and coarse names), in a fixed order."""
+    names = list(CLASSES) + sorted(set(COARSE.values()) - set(CLASSES))
     out: list[str] = []
     for style in STYLES:
-        for c in CLASSES:
+        for c in names:
             out.append(captions(style, c, "red")[0])
             out.extend(captions(style, c, fg)[1] for fg in COLOURS)
     return out
