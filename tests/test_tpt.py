@@ -321,6 +321,19 @@ def test_initial_prompt_from_export_and_mismatch(tmp_path, tiny_clip, tiny_task)
         adapt.initial_prompt(bad, "coop", {}, tiny_clip, tiny_task, key)
     with pytest.raises(adapt.experiment.ConfigError, match="neither"):
         adapt.initial_prompt(str(tmp_path / "nope"), "coop", {}, tiny_clip, tiny_task, key)
+    # A training run directory (orbax checkpoint): TPT + CoOp's usual source.
+    from jaxprompt import train
+
+    coop = jp.methods.coop(n_ctx=4)
+    state = train.init_train_state(coop, train.make_optimizer(0.01), key, tiny_clip, tiny_task)
+    checkpoint.save(
+        tmp_path / "run", state, meta={"method": "coop", "method_config": dict(coop.config)}
+    )
+    base, prompt, source = adapt.initial_prompt(
+        str(tmp_path / "run"), "cocoop", {}, tiny_clip, tiny_task, key
+    )
+    assert base.name == "coop" and source == str(tmp_path / "run")
+    np.testing.assert_array_equal(np.asarray(prompt["ctx"]), np.asarray(state.prompt["ctx"]))
     base, prompt, source = adapt.initial_prompt(
         "", "coop", {"n_ctx": 4, "init_words": "a photo of a"}, tiny_clip, tiny_task, key
     )
