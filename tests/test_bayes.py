@@ -344,10 +344,10 @@ def test_chunked_and_remat_gradients_agree(uprompt, cprompt, tiny_clip, tiny_tas
         plain = jp.methods.get("bayes", mc_samples=L, conditional=cond, remat=False)
         # 7 does not divide L x C = 15 (or B x L x C = 60): the padding path is exercised.
         chunked = jp.methods.get("bayes", mc_samples=L, conditional=cond, chunk=7)
-        (la, _), ga = jax.value_and_grad(plain.loss, has_aux=True)(
+        (la, _), ga = jax.jit(jax.value_and_grad(plain.loss, has_aux=True))(
             prompt, tiny_clip, tiny_task, batch, key
         )
-        (lb, _), gb = jax.value_and_grad(chunked.loss, has_aux=True)(
+        (lb, _), gb = jax.jit(jax.value_and_grad(chunked.loss, has_aux=True))(
             prompt, tiny_clip, tiny_task, batch, key
         )
         np.testing.assert_allclose(lb, la, rtol=1e-5)
@@ -423,6 +423,8 @@ def test_cli_trains_base_and_evaluates_base_and_new(conditional, tiny_clip_dir, 
             "jaxprompt", "train", "--config",
             f"{os.path.join(REPO, 'configs', 'base2new.py')}:bayes,runlocal=true",
             f"--config.clip.name={tiny_clip_dir}", "--config.method.kw.mc_samples=2",
+            # The recipe's batch 1 cannot split over the 8 simulated devices of the tests.
+            "--config.data.batch_size=8",
             f"--config.method.kw.conditional={str(conditional).lower()}", "--workdir", wd,
         ]
     )  # fmt: skip
