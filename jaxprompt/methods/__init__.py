@@ -14,6 +14,7 @@ from jaxprompt.methods.cocoop import cocoop
 from jaxprompt.methods.coop import coop
 from jaxprompt.methods.ivlp import ivlp
 from jaxprompt.methods.maple import maple
+from jaxprompt.methods.pouf import pouf
 from jaxprompt.methods.promptsrc import promptsrc
 from jaxprompt.methods.tpt import tpt
 from jaxprompt.methods.zeroshot import zeroshot
@@ -30,6 +31,7 @@ __all__ = [
     "ivlp",
     "maple",
     "names",
+    "pouf",
     "promptsrc",
     "register",
     "tpt",
@@ -45,6 +47,7 @@ _REGISTRY: dict[str, Callable[..., PromptMethod]] = {
     "promptsrc": promptsrc,
     "tpt": tpt,
     "bayes": bayes,
+    "pouf": pouf,
 }
 
 
