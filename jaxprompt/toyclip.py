@@ -192,6 +192,13 @@ def pretrain(
     rng = np.random.default_rng(seed)
     params = clip.params
     val = toyworld.images("val", style="photo", seed=seed)  # for progress lines only
+    # A fixed probe batch: its loss before and after training is the learning signal
+    # (single-batch losses along the way are noisy).
+    probe_idx = np.random.default_rng(seed + 1).choice(len(images), batch_size, replace=False)
+    probe_sub, probe_tgt = caption_subset(targets[probe_idx])
+    probe = (jnp.asarray(images[probe_idx]), probe_tgt, probe_sub)
+    probe_loss = jax.jit(lambda p, x, t, sub: loss_fn(p, x, t, sub)[0])
+    initial_loss = float(probe_loss(params, *probe))
     history = []
     t_start = time.time()
     for s in range(1, steps + 1):
@@ -215,11 +222,13 @@ def pretrain(
                 "(%.2f steps/s, ETA %.0fs)",
                 *(s, steps, loss, acc, zs, rate, (steps - s) / rate),
             )
+    final_loss = float(probe_loss(params, *probe))
     params = dict(params)
     # Save with the learned temperature, as CLIP checkpoints do.
     model.save_pretrained(out_dir, params=jax.tree.map(np.asarray, params))
     trained = clip_lib.load_clip(out_dir)
     report = {
+        "probe_loss": {"initial": round(initial_loss, 4), "final": round(final_loss, 4)},
         "zero_shot_top1": {
             st: round(zero_shot_accuracy(trained, style=st), 2) for st in toyworld.STYLES
         },
