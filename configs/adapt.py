@@ -37,6 +37,11 @@ PRESETS = {
     "tpt_cocoop": dict(base="cocoop", base_kwargs=dict(n_ctx=4, init_words="a photo of a")),
 }
 NEEDS_INIT = ("tpt_coop", "tpt_cocoop")
+# POUF (specs/pouf.md): unsupervised adaptation on unlabeled target data, run by
+# jaxprompt.pouf_runner.run_pouf. pouf: CoOp context (4 tokens from "a photo of a") and
+# logit_scale; pouf_full: every CLIP weight (the fixed prompt "a photo of a {}"); pouf_mlm:
+# a RoBERTa masked LM on a text task.
+POUF_PRESETS = ("pouf", "pouf_full", "pouf_mlm")
 
 
 def get_config(arg=None):
@@ -46,8 +51,11 @@ def get_config(arg=None):
     preset = "tpt"
     if parts and "=" not in parts[0]:
         preset = parts.pop(0)
+    if preset in POUF_PRESETS:
+        return pouf_config(preset, ",".join(parts))
     if preset not in PRESETS:
-        raise ValueError(f"unknown adapt preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
+        presets = sorted([*PRESETS, *POUF_PRESETS])
+        raise ValueError(f"unknown adapt preset {preset!r}; presets: {', '.join(presets)}")
     arg = common.parse_arg(
         ",".join(parts), dataset="toy_textures", seed=0, runlocal=False, batch_size=8, limit=0
     )
@@ -99,5 +107,84 @@ def get_config(arg=None):
     if arg.runlocal:
         c.method.views = 16
         c.data.limit = arg.limit or 16
+        c.log_every = 1
+    return c
+
+
+def pouf_config(preset, arg=""):
+    """POUF presets; ``arg`` is the rest of ``pouf,key=value,...``.
+
+    Keys: ``dataset`` (CLIP: ``folder:PATH`` for an Office-31/Office-Home domain,
+    ``DomainNet/<domain>``, a catalog or toy dataset; MLM: ``glue/sst2``, ``glue/mnli``, ...
+    or ``csv:PATH``), ``task`` (MLM, for csv files), ``seed``, ``runlocal``, ``full``
+    (``pouf,full=true`` is ``pouf_full``), ``select_with_target_labels`` (report the best epoch
+    by target TEST accuracy too: the reference's selection, label leakage; default off, the
+    last step is the result).
+    """
+    mlm = preset == "pouf_mlm"
+    arg = common.parse_arg(
+        arg, dataset="glue/sst2" if mlm else "toy_textures_sketch", task="", seed=1 if not mlm
+        else 42, runlocal=False, full=False, select_with_target_labels=False, limit=0,
+    )  # fmt: skip
+    c = ml_collections.ConfigDict()
+    c.protocol = "adapt"
+    c.preset = preset
+    c.seed = arg.seed
+    c.select_with_target_labels = arg.select_with_target_labels
+    c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    if mlm:
+        # spec 2.2-2.3: CT at t = 10 on tanh-GELU mask features vs label-word decoder rows,
+        # 0.6 IM on the label-word logits; AdamW 1e-5, linear decay over 1000 steps, batch 2.
+        c.method = ml_collections.ConfigDict({
+            "name": "pouf_mlm", "w_transport": 1.0, "w_info": 0.6, "scale": 10.0,
+            "feature_gelu": "tanh", "dropout": True,
+        })  # fmt: skip
+        c.mlm = ml_collections.ConfigDict({"name": "roberta-large"})
+        c.data = ml_collections.ConfigDict(
+            {"dataset": arg.dataset, "task": arg.task, "data_dir": "", "limit": arg.limit}
+        )
+        c.optim = ml_collections.ConfigDict({"lr": 1e-5, "steps": 1000, "batch_size": 2})
+        c.eval_every = 100
+        c.log_every = 50
+        if arg.runlocal:
+            c.optim.steps = 10
+            c.eval_every = 5
+            c.log_every = 1
+        return c
+    full = preset == "pouf_full" or arg.full
+    toy = arg.dataset in common.TOY_DATASETS
+    if full:
+        base, base_kwargs = "zeroshot", {"templates": ["a photo of a {}"]}
+    else:
+        base, base_kwargs = "coop", {"n_ctx": 4, "init_words": "a photo of a"}
+    c.method = ml_collections.ConfigDict({
+        "name": "pouf", "base": base, "base_kwargs": base_kwargs, "w_transport": 1.0,
+        "w_info": 0.3, "train_logit_scale": True, "full_model": full,
+    })  # fmt: skip
+    # spec 1.8: the EFFECTIVE rates (tllib multipliers x 0.01), Nesterov SGD, coupled L2 1e-3,
+    # lr x (1 + 2e-4 t)^-0.75 over global steps; 10 epochs x 500 iterations of 96 images.
+    c.optim = ml_collections.ConfigDict({
+        "ctx_lr": 1e-3, "logit_scale_lr": 5e-7, "clip_lr": 5e-7, "momentum": 0.9,
+        "weight_decay": 1e-3, "gamma": 2e-4, "decay": 0.75, "epochs": 10,
+        "iters_per_epoch": 500,
+    })  # fmt: skip
+    c.clip = ml_collections.ConfigDict(
+        {"name": "toy" if toy else common.DEFAULT_CLIP, "dtype": "float32"}
+    )
+    c.data = ml_collections.ConfigDict({
+        "dataset": arg.dataset, "batch_size": 96, "eval_batch_size": 32,
+        # "auto": a folder domain (Office) adapts and tests on all its images (the reference's
+        # transductive protocol); other datasets adapt on train and test on test.
+        "adapt_split": "auto", "test_split": "auto",
+        "rrc_scale": (0.5, 1.0) if toy else (0.08, 1.0),
+        "limit": arg.limit, "data_dir": "", "manual_dir": "", "split_file": "",
+    })  # fmt: skip
+    c.log_every = 50
+    c.ckpt_keep = 2
+    if arg.runlocal:
+        c.optim.epochs = 2
+        c.optim.iters_per_epoch = 3
+        c.data.batch_size = 16
+        c.data.limit = arg.limit or 64
         c.log_every = 1
     return c
