@@ -95,6 +95,11 @@ def logits_fns(uncond, cond):
     return {"uncond": jit_logits(uncond), "cond": jit_logits(cond)}
 
 
+@pytest.fixture(scope="module")
+def loss_fns(uncond, cond):
+    return {"uncond": jax.jit(uncond.loss), "cond": jax.jit(cond.loss)}
+
+
 def _perturbed(p, seed, scale):
     keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(p))))
     return jax.tree.map(lambda v: v + scale * jax.random.normal(next(keys), v.shape), p)
@@ -197,10 +202,10 @@ def _np_residuals(mu, lv, eps):
 
 
 def test_unconditional_loss_matches_numpy(
-    uncond, logits_fns, uprompt, tiny_clip, tiny_task, batch, coop_logits
+    loss_fns, logits_fns, uprompt, tiny_clip, tiny_task, batch, coop_logits
 ):
     key = jax.random.key(11)
-    loss, metrics = uncond.loss(uprompt, tiny_clip, tiny_task, batch, key)
+    loss, metrics = loss_fns["uncond"](uprompt, tiny_clip, tiny_task, batch, key)
     # Independent: noise by the documented draw, residuals in NumPy, per-sample logits by CoOp.
     eps = np.asarray(jax.random.normal(key, (L, tiny_clip.spec.text_width)), np.float64)
     mu, lv = np.asarray(uprompt["mean"], np.float64), np.asarray(uprompt["logvar"], np.float64)
@@ -228,11 +233,11 @@ def test_unconditional_loss_matches_numpy(
 
 
 def test_conditional_loss_matches_numpy(
-    cond, logits_fns, cprompt, tiny_clip, tiny_task, batch, coop_logits
+    loss_fns, logits_fns, cprompt, tiny_clip, tiny_task, batch, coop_logits
 ):
     key = jax.random.key(12)
     x = batch["image"]
-    loss, metrics = cond.loss(cprompt, tiny_clip, tiny_task, batch, key)
+    loss, metrics = loss_fns["cond"](cprompt, tiny_clip, tiny_task, batch, key)
     b = len(x)
     img = np.asarray(clip_lib.normalize(clip_lib.encode_image(tiny_clip, x)), np.float64)
     mu, lv = np_mlp(cprompt["mean_net"], img), np_mlp(cprompt["logvar_net"], img)  # [B, D]
@@ -256,7 +261,7 @@ def test_conditional_loss_matches_numpy(
 
 
 def test_same_key_same_result_different_key_different(
-    uncond, logits_fns, uprompt, tiny_clip, tiny_task, batch
+    uncond, logits_fns, loss_fns, uprompt, tiny_clip, tiny_task, batch
 ):
     def f(p, k):
         return logits_fns["uncond"](p, tiny_clip, tiny_task, batch["image"], k)
@@ -270,9 +275,9 @@ def test_same_key_same_result_different_key_different(
     np.testing.assert_allclose(none, fixed, rtol=1e-5, atol=1e-5)
     mean_only = {**uprompt, "logvar": jnp.full_like(uprompt["logvar"], -jnp.inf)}
     assert np.abs(np.asarray(none) - np.asarray(f(mean_only, jax.random.key(0)))).max() > 1e-3
-    la, _ = uncond.loss(uprompt, tiny_clip, tiny_task, batch, jax.random.key(5))
-    lb, _ = uncond.loss(uprompt, tiny_clip, tiny_task, batch, jax.random.key(5))
-    lc, _ = uncond.loss(uprompt, tiny_clip, tiny_task, batch, jax.random.key(6))
+    la, _ = loss_fns["uncond"](uprompt, tiny_clip, tiny_task, batch, jax.random.key(5))
+    lb, _ = loss_fns["uncond"](uprompt, tiny_clip, tiny_task, batch, jax.random.key(5))
+    lc, _ = loss_fns["uncond"](uprompt, tiny_clip, tiny_task, batch, jax.random.key(6))
     assert float(la) == float(lb) and float(la) != float(lc)
 
 
