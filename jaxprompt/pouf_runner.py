@@ -58,7 +58,10 @@ from jaxprompt import evaluate as eval_lib
 from jaxprompt import experiment
 from jaxprompt import methods as methods_lib
 from jaxprompt import train as train_lib
-from jaxprompt.methods import pouf as pouf_lib
+
+# (jaxprompt.methods.pouf the attribute is the constructor: import from the module itself)
+from jaxprompt.methods.pouf import inverse_decay
+from jaxprompt.methods.pouf import make_optimizer as make_pouf_optimizer
 
 log = logging.getLogger("jaxprompt")
 
@@ -200,7 +203,7 @@ def _run_clip(cfg: dict[str, Any], workdir: str) -> dict[str, Any]:
     task = clip_lib.make_task(clip, names)
     mesh = experiment._mesh(cfg)
     key = jax.random.key(int(cfg["seed"]))
-    tx = pouf_lib.make_optimizer(
+    tx = make_pouf_optimizer(
         ctx_lr=float(o["ctx_lr"]),
         logit_scale_lr=float(o["logit_scale_lr"]),
         clip_lr=float(o["clip_lr"]),
@@ -262,7 +265,7 @@ def _run_clip(cfg: dict[str, Any], workdir: str) -> dict[str, Any]:
         eval_fn=eval_fn if select else None, eval_every=ipe if select else None,
         iters_per_epoch=ipe, checkpoint_every=ipe, keep=int(cfg.get("ckpt_keep", 2)),
         meta={"config": cfg, "dataset": ds.spec.name, "classnames": names},
-        lr_schedule=pouf_lib.inverse_decay(float(o["ctx_lr"]), gamma=float(o["gamma"]),
+        lr_schedule=inverse_decay(float(o["ctx_lr"]), gamma=float(o["gamma"]),
                                            decay=float(o["decay"])),
         augment=augment,
     )  # fmt: skip
