@@ -305,3 +305,48 @@ def test_optimizer_groups_and_nesterov_closed_form():
             want = -lr * (1 + 2e-4 * t) ** -0.75 * (gp + m * buf)
             got = np.asarray(jax.tree.leaves(updates[t][name])[0])
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The runner on an image folder (the Office-31 / Office-Home path)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_runner_on_an_image_folder(tiny_clip_dir, tmp_path):
+    import importlib.util
+    import os
+    import sys
+
+    from PIL import Image
+
+    from jaxprompt import pouf_runner
+
+    root = tmp_path / "office_domain"
+    r = np.random.RandomState(0)
+    for c, name in enumerate(["back_pack", "bike"]):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            px = (r.rand(40, 48, 3) * 100 + 120 * c).astype(np.uint8)
+            Image.fromarray(px).save(root / name / f"{i}.png")
+    configs = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+    sys.path.insert(0, configs)
+    try:
+        spec = importlib.util.spec_from_file_location("pouf_adapt_cfg", f"{configs}/adapt.py")
+        cfg_mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cfg_mod)
+    finally:
+        sys.path.remove(configs)
+    cfg = cfg_mod.get_config(f"pouf,dataset=folder:{root},runlocal=true")
+    cfg.clip.name = str(tiny_clip_dir)
+    cfg.data.batch_size = 8
+    cfg.data.eval_batch_size = 8
+    cfg.optim.epochs, cfg.optim.iters_per_epoch = 1, 2
+    rec = pouf_runner.run_pouf(cfg, str(tmp_path / "run"))
+    assert set(rec["accuracy"]) == {"zero_shot", "pouf"}
+    assert rec["selection"] == "last step (label-free)"
+    # Office protocol: adapt on every image of the domain and test on the same images.
+    assert rec["n_adapt"] == rec["n_test"] == 8 and rec["steps"] == 2
+    assert os.path.exists(tmp_path / "run" / "results.json")
+    # A second call skips the finished run.
+    assert pouf_runner.run_pouf(cfg, str(tmp_path / "run")) == rec
