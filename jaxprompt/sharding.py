@@ -94,7 +94,25 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     Returns:
       The tree with replicated global ``jax.Array`` leaves.
     """
-    return jax.device_put(tree, replicated(mesh))
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: _put_global(x, sharding), tree)
+
+
+def _put_global(x: Any, sharding: NamedSharding) -> jax.Array:
+    """``jax.device_put(x, sharding)`` that also works when the mesh spans several processes.
+
+    ``device_put`` refuses a committed host-local ``jax.Array`` (a jit output, a loaded weight,
+    a split key) for a sharding with devices of other processes. There each process builds its
+    own shards from its local copy of the value (no communication: the value must be the same
+    on every process, as for any replicated input).
+    """
+    if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _put_global(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def put_batch(local_batch: PyTree, mesh: Mesh) -> PyTree:
@@ -188,4 +206,4 @@ def shard_clip(clip: PyTree, mesh: Mesh) -> PyTree:
     Returns:
       The same Clip with global ``jax.Array`` parameters.
     """
-    return jax.device_put(clip, clip_shardings(clip, mesh))
+    return jax.tree.map(_put_global, clip, clip_shardings(clip, mesh))

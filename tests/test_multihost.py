@@ -1,0 +1,93 @@
+"""Multi-host training: two ``jax.distributed`` processes on this machine equal one process.
+
+Two subprocesses (4 simulated CPU devices each, gloo collectives, coordinator on localhost) run
+``tests/multihost_worker.py``: each joins the job, feeds only its half of every global batch and
+trains CoOp on the tiny CLIP with ``jaxprompt.train.fit`` into one shared run directory. The
+result must equal the same training in this pytest process on 8 devices, and the shared run
+directory must hold each checkpoint and each metrics line once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import multihost_worker as worker  # noqa: E402
+
+TIMEOUT = 600  # seconds for the two-process job (about 40 s on 2 busy CPU cores)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _run_two_processes(clip_dir: str, workdir: str, out: str) -> tuple[list[str], float]:
+    """Starts both processes, waits for them, and returns their output and the wall time."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    procs = []
+    t0 = time.perf_counter()
+    for pid in range(2):
+        cmd = [sys.executable, os.path.join(HERE, "multihost_worker.py"), clip_dir, workdir, out]
+        cmd += [str(pid), "2", str(port), "4"]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, log in zip(procs, logs, strict=True):
+        tail = "\n".join(log.splitlines()[-25:])
+        assert p.returncode == 0, f"worker exited with {p.returncode}:\n{tail}"
+    return logs, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_prompt_as_one(tiny_clip_dir, tmp_path):
+    from jaxprompt import checkpoint
+
+    assert jax.device_count() == 8 and jax.process_count() == 1
+    out = str(tmp_path / "two.npz")
+    logs, seconds = _run_two_processes(tiny_clip_dir, str(tmp_path / "two"), out)
+    assert "process 0/2 done" in logs[0] and "process 1/2 done" in logs[1]
+    two = np.load(out)
+
+    one = worker.train_and_evaluate(tiny_clip_dir, str(tmp_path / "one"))
+
+    # Same prompt after STEPS steps of data-parallel SGD on the same global batches.
+    assert two["ctx"].shape == one["ctx"].shape == (4, 32)
+    diff = float(np.max(np.abs(two["ctx"] - one["ctx"])))
+    assert diff <= 1e-5, diff
+    assert not np.allclose(one["ctx"], checkpoint.load_prompt(tmp_path / "one", step=2)[0]["ctx"])
+    # Evaluation: every host's eval rows were counted exactly once.
+    assert int(two["n"]) == int(one["n"]) == worker.EVAL_BATCHES * worker.GLOBAL_BATCH
+    assert float(two["top1"]) == pytest.approx(float(one["top1"]))
+
+    # The shared run directory: checkpoints written once and readable, one metrics line a step.
+    workdir = tmp_path / "two"
+    assert checkpoint.latest_step(workdir) == worker.STEPS
+    saved, meta = checkpoint.load_prompt(workdir)
+    np.testing.assert_allclose(saved["ctx"], two["ctx"], atol=0)
+    assert meta["method"] == "coop"
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == worker.STEPS
+    print(f"two processes: {seconds:.1f}s, max |ctx diff| {diff:.2e}")
