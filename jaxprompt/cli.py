@@ -124,12 +124,17 @@ def main(argv: list[str] | None = None) -> int:
             experiment.run_train(config, workdir)
         elif cmd == "eval":
             experiment.run_eval(workdir, config)
+        elif config.method.name in ("pouf", "pouf_mlm"):
+            from jaxprompt import pouf_runner
+
+            pouf_runner.run_pouf(config, workdir)
         else:
             from jaxprompt import adapt
 
             adapt.run_adapt(config, workdir)
     except (
         clip.ClipLoadError,
+        _mlm_error(),
         checkpoint.CheckpointMismatchError,
         experiment.ConfigError,
         FileNotFoundError,
@@ -142,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         # these; the library raises one-line messages that name the fix.
         return _fail(_one_line(e))
     return 0
+
+
+def _mlm_error() -> type[Exception]:
+    from jaxprompt import mlm
+
+    return mlm.MlmLoadError
 
 
 def _pretrain_toy(args: list[str]) -> int:
