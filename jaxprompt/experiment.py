@@ -9,19 +9,28 @@ A run directory holds ``config.json`` (resolved config), ``data/`` (the sampled 
 ``metrics.jsonl``, orbax checkpoints, and at the end ``results.json``, ``results.md`` and
 ``results.png``. A run whose ``results.json`` exists is skipped; an interrupted run resumes from
 its newest checkpoint.
+
+The run directory may be a bucket (``gs://...``): every file goes through ``etils.epath`` and
+the checkpoints through orbax. On several hosts (``jax.distributed``), every process runs the
+same code on its share of each batch (``data.batch_size`` is the GLOBAL batch) and process 0
+alone writes the JSON, markdown and plot files.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from jaxprompt import checkpoint as ckpt_lib
 from jaxprompt import clip as clip_lib
@@ -31,6 +40,7 @@ from jaxprompt import gpa as gpa_lib
 from jaxprompt import methods as methods_lib
 from jaxprompt import sharding as shard_lib
 from jaxprompt import train as train_lib
+from jaxprompt.data import protocol as protocol_lib
 
 log = logging.getLogger("jaxprompt")
 
@@ -131,6 +141,54 @@ def evaluate_all(
     return out
 
 
+def _is_main() -> bool:
+    """Whether this process writes the run's files (process 0 of a multi-host job)."""
+    return jax.process_index() == 0
+
+
+def _is_local(workdir: str | os.PathLike) -> bool:
+    return "://" not in os.fspath(workdir)
+
+
+def _sync(name: str) -> None:
+    """Waits for all processes (a no-op on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _apply_protocol(ds, d: Mapping[str, Any], workdir: str) -> tuple[Any, list[str]]:
+    """``data.apply_protocol`` with the few-shot record kept in ``workdir/data`` on any host.
+
+    On one host with a local run directory the record is read and written in place. On a
+    bucket or several hosts it is staged through a local temporary directory: an existing
+    record is read by every process (a resumed run keeps its examples), and process 0 alone
+    uploads a new one (the sampling is seeded, so all processes draw the same examples).
+    """
+    kw = dict(shots=int(d["shots"]), seed=int(d["seed"]), subset=d["subset"])
+    if _is_local(workdir) and jax.process_count() == 1:
+        return data_lib.apply_protocol(ds, **kw, workdir=workdir)
+    name = protocol_lib.fewshot_filename(int(d["shots"]), int(d["seed"]))
+    remote = epath.Path(workdir) / "data" / name
+    tmp = tempfile.mkdtemp(prefix="jaxprompt-")
+    try:
+        local = os.path.join(tmp, "data", name)
+        existed = remote.exists()
+        if existed:
+            os.makedirs(os.path.dirname(local))
+            with open(local, "w") as f:
+                f.write(remote.read_text())
+        out = data_lib.apply_protocol(ds, **kw, workdir=tmp)
+        if _is_main() and not existed:
+            remote.parent.mkdir(parents=True, exist_ok=True)
+            with open(local) as f:
+                remote.write_text(f.read())
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _mesh(cfg: Mapping[str, Any]) -> jax.sharding.Mesh:
     m = cfg.get("mesh", {"data": -1, "model": 1})
     return shard_lib.make_mesh(data=int(m["data"]), model=int(m["model"]))
@@ -143,12 +201,12 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
       The contents of ``results.json``.
     """
     cfg = to_dict(config)
-    os.makedirs(workdir, exist_ok=True)
-    done = os.path.join(workdir, RESULTS)
-    if os.path.exists(done):
+    if _is_main():
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    done = epath.Path(workdir) / RESULTS
+    if done.exists():
         log.info("%s exists: skipping this run (delete it to run again)", done)
-        with open(done) as f:
-            return json.load(f)
+        return json.loads(done.read_text())
     _check_same_run(workdir, cfg)
     t0 = time.time()
     # Cheap checks first: a typo in the method or dataset fails before any weights load.
@@ -160,9 +218,7 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
         _load(ev["dataset"], cfg, cache)
     clip = resolve_clip(cfg["clip"]["name"], cfg["clip"]["dtype"])
     mesh = _mesh(cfg)
-    split, names = data_lib.apply_protocol(
-        ds, shots=int(d["shots"]), seed=int(d["seed"]), subset=d["subset"], workdir=workdir
-    )
+    split, names = _apply_protocol(ds, d, workdir)
     task = clip_lib.make_task(clip, names)
     if method.name == "promptsrc":
         from jaxprompt.methods.promptsrc import with_teacher
@@ -182,6 +238,12 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
                 f"data.batch_size={batch_size} exceeds the {n_train} training examples: "
                 "lower it with --config.data.batch_size"
             )
+        n_proc = jax.process_count()
+        if batch_size % n_proc:
+            raise ConfigError(
+                f"data.batch_size={batch_size} (the global batch) does not split over "
+                f"{n_proc} hosts: use a multiple of {n_proc}"
+            )
         iters = n_train // batch_size  # drop_last, as the reference trainers do
         steps = iters * epochs
         schedule = train_lib.make_schedule(
@@ -197,7 +259,7 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
         batches = data_lib.train_iterator(
             split["train"],
             ds.fetch,
-            batch_size=batch_size,
+            batch_size=batch_size // n_proc,  # this host's share; the iterator shards by host
             seed=int(d["seed"]),
             # The canvas holds a decoded image before the on-device random resized crop.
             canvas=min(512, max(64, 4 * clip.spec.image_size)),
@@ -265,7 +327,9 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
         "steps": steps,
         "wall_time_s": round(time.time() - t0, 1),
     }
-    finish(workdir, record)
+    if _is_main():
+        finish(workdir, record)
+    _sync("jaxprompt:results")  # a sweep moves on only once results.json exists
     return record
 
 
@@ -280,10 +344,9 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def _check_same_run(workdir: str, cfg: dict[str, Any]) -> None:
     """Writes config.json, or checks a resumed run's config is the one it was started with."""
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    path = epath.Path(workdir) / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
         diff = _diff_keys(old, cfg)
         if diff:
             raise ConfigError(
@@ -291,7 +354,8 @@ def _check_same_run(workdir: str, cfg: dict[str, Any]) -> None:
                 "use a new --workdir, or the original config to resume it"
             )
         return
-    _write_json(path, cfg)
+    if _is_main():
+        _write_json(path, cfg)
 
 
 def run_eval(workdir: str, config: Any | None = None) -> dict[str, Any]:
@@ -314,22 +378,23 @@ def run_eval(workdir: str, config: Any | None = None) -> dict[str, Any]:
         "accuracy": results,
         "method": method.name,
         "model": cfg["clip"]["name"],
-        "evaluated_from": os.path.abspath(workdir),
+        "evaluated_from": os.path.abspath(workdir) if _is_local(workdir) else str(workdir),
     }
-    _write_json(os.path.join(workdir, "eval_results.json"), record)
+    if _is_main():
+        _write_json(epath.Path(workdir) / "eval_results.json", record)
     return record
 
 
 def finish(workdir: str, record: Mapping[str, Any]) -> None:
     """Writes results.json, a markdown table and a plot of the training curve and accuracies."""
     acc = record["accuracy"]
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(eval_lib.markdown_table({record["method"]: acc}) + "\n")
+    wd = epath.Path(workdir)
+    (wd / "results.md").write_text(eval_lib.markdown_table({record["method"]: acc}) + "\n")
     try:
         _plot(workdir, record)
     except Exception as e:  # noqa: BLE001 - a plot must never cost the results
         log.warning("no plot: %s", e)
-    _write_json(os.path.join(workdir, RESULTS), record)
+    _write_json(wd / RESULTS, record)
     log.info("results: %s", json.dumps(acc))
 
 
@@ -341,14 +406,13 @@ def _plot(workdir: str, record: Mapping[str, Any]) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     steps, losses = [], []
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = {}
-            for line in f:
-                r = json.loads(line)
-                if "loss" in r:
-                    rows[r["step"]] = r["loss"]
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if path.exists():
+        rows = {}
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if "loss" in r:
+                rows[r["step"]] = r["loss"]
         steps, losses = list(rows), list(rows.values())
     axes[0].plot(steps, losses)
     axes[0].set(xlabel="step", ylabel="training loss", title=record["method"])
@@ -358,14 +422,20 @@ def _plot(workdir: str, record: Mapping[str, Any]) -> None:
     for i, v in enumerate(acc.values()):
         axes[1].text(i, v + 1, f"{v:.1f}", ha="center")
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "results.png"), dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    (epath.Path(workdir) / "results.png").write_bytes(buf.getvalue())
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
+def _write_json(path: str | os.PathLike, obj: Any) -> None:
+    text = json.dumps(obj, indent=1, default=_default)
+    if not _is_local(path):
+        epath.Path(path).write_text(text)  # an object store writes an object whole
+        return
+    tmp = os.fspath(path) + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=_default)
+        f.write(text)
     os.replace(tmp, path)
 
 

@@ -267,19 +267,31 @@ def _format_eta(seconds: float) -> str:
 
 
 class _MetricsWriter:
-    """Appends one JSON line per logged step to ``workdir/metrics.jsonl`` (process 0 only)."""
+    """Appends one JSON line per logged step to ``workdir/metrics.jsonl`` (process 0 only).
+
+    Object stores (``gs://``) cannot append to a file: there the text is kept in memory (read
+    back first when resuming) and the whole file is rewritten at each logged step.
+    """
 
     def __init__(self, workdir: str | epath.PathLike | None):
         self._path = None
+        self._text: str | None = None
         if workdir is not None and jax.process_index() == 0:
             self._path = epath.Path(workdir) / "metrics.jsonl"
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            if "://" in str(workdir):
+                self._text = self._path.read_text() if self._path.exists() else ""
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self._path is None:
             return
+        line = json.dumps(record, sort_keys=True) + "\n"
+        if self._text is not None:
+            self._text += line
+            self._path.write_text(self._text)
+            return
         with self._path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(line)
 
 
 def _default_meta(method: PromptMethod, clip: Any, task: Any) -> dict[str, Any]:
