@@ -4,6 +4,8 @@
                       [--config.<key>=<value> ...]
     jaxprompt eval    --workdir DIR [--config ...]     (no config needed: it is in the run)
     jaxprompt adapt   --config configs/adapt.py:<method>,dataset=... --workdir DIR
+    jaxprompt sweep   --config configs/<protocol>.py:<method> --root DIR
+                      [--datasets a,b] [--shots 1,16] [--seeds 1,2,3] [--dry-run]
     jaxprompt prepare --dataset NAME [--data_dir DIR] [--manual_dir DIR]
     jaxprompt pretrain-toy [--out DIR] [--steps N]
 
@@ -21,7 +23,7 @@ import sys
 
 USAGE = __doc__
 
-COMMANDS = ("train", "eval", "adapt", "prepare", "pretrain-toy")
+COMMANDS = ("train", "eval", "adapt", "sweep", "prepare", "pretrain-toy")
 
 
 def _setup_logging() -> None:
@@ -118,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if os.environ.get("JAXPROMPT_MULTIHOST") == "1":
         jax.distributed.initialize()
+    if cmd == "sweep":
+        from jaxprompt import sweep
+
+        return sweep.main(argv[2:])
     try:
         config, workdir = _config_flags(rest, need_config=cmd != "eval")
         if cmd == "train":

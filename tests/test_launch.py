@@ -1,0 +1,299 @@
+"""Launch scripts and sweeps: dry runs print the commands that the real runs execute.
+
+No gcloud is used: a stub ``gcloud`` first on PATH records every call, so a test can compare the
+commands a dry run prints with the ones a real run executes, and fail if a dry run calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+from jaxprompt import cli, sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TPU = os.path.join(ROOT, "launch", "tpu.sh")
+HOST = os.path.join(ROOT, "launch", "host.sh")
+GPU = os.path.join(ROOT, "launch", "gpu_eval.sh")
+CONFIG = os.path.join(ROOT, "configs", "base2new.py")
+
+# Records its arguments, one JSON list per call, in $CALLS.
+RECORDER = """#!/usr/bin/env bash
+python3 -c 'import json, os, sys; print(json.dumps(sys.argv[1:]))' "$@" >> "$CALLS"
+"""
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    """A bin directory with recording ``gcloud`` and ``jaxprompt`` stubs, and the env for it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("gcloud", "jaxprompt"):
+        (bin_dir / name).write_text(RECORDER.replace("$CALLS", f"$CALLS.{name}"))
+        (bin_dir / name).chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "HOME": str(tmp_path / "home"),
+        "CALLS": str(tmp_path / "calls"),
+        "TPU_NAME": "jp-test",
+        "ZONE": "us-central2-b",
+        "BUCKET": "gs://my-bucket",
+    }
+    return env, tmp_path
+
+
+def calls(tmp_path, name: str) -> list[list[str]]:
+    path = tmp_path / f"calls.{name}"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def sh(script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", script, *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def printed(out: str) -> list[list[str]]:
+    """The commands a script printed (``+ cmd`` lines), split as a shell would."""
+    return [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ ")]
+
+
+# ------------------------------------------------------------------------------------------------
+# tpu.sh
+# ------------------------------------------------------------------------------------------------
+
+SSH_ALL = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "jp-test", "--zone=us-central2-b",
+           "--worker=all"]  # fmt: skip
+
+
+def test_tpu_dry_run_prints_the_gcloud_commands(stubs):
+    env, tmp = stubs
+    train = ["train", "--config", "configs/fewshot.py:coop,dataset=dtd,shots=16",
+             "--workdir", "gs://my-bucket/jp/fewshot/coop/dtd/16s/seed1"]  # fmt: skip
+    expected = {
+        "create": [["gcloud", "compute", "tpus", "tpu-vm", "create", "jp-test",
+                    "--zone=us-central2-b", "--accelerator-type=v4-8",
+                    "--version=tpu-ubuntu2204-base"]],
+        "data": [SSH_ALL + ["--command=bash ~/jaxprompt/launch/host.sh data "
+                            "gs://my-bucket/tensorflow_datasets"]],
+        "logs": [["gcloud", "compute", "tpus", "tpu-vm", "ssh", "jp-test",
+                  "--zone=us-central2-b", "--worker=0",
+                  "--command=tail -n 200 -F ~/jaxprompt-logs/run.log"]],
+        "delete": [["gcloud", "compute", "tpus", "tpu-vm", "delete", "jp-test",
+                    "--zone=us-central2-b", "--quiet"]],
+    }  # fmt: skip
+    for cmd, want in expected.items():
+        res = sh(TPU, "--dry-run", cmd, env=env)
+        assert res.returncode == 0, res.stderr
+        assert printed(res.stdout) == want, cmd
+
+    res = sh(TPU, "--dry-run", "run", "--", *train, env=env)
+    assert res.returncode == 0, res.stderr
+    [run] = printed(res.stdout)
+    assert run[:-1] == SSH_ALL
+    remote = run[-1].removeprefix("--command=")
+    # The remote line: logs on the worker's disk, host.sh in the background with the CLI words.
+    assert remote.startswith("mkdir -p ~/jaxprompt-logs && nohup bash ~/jaxprompt/launch/host.sh ")
+    assert remote.endswith(" > ~/jaxprompt-logs/run.log 2>&1 &")
+    words = shlex.split(remote.split("host.sh ", 1)[1].split(" > ", 1)[0])
+    assert words == train
+
+    res = sh(
+        TPU,
+        "--dry-run",
+        "setup",
+        env={**env, "PROJECT": "my-proj"},
+    )
+    assert res.returncode == 0, res.stderr
+    tar, scp, ssh = printed(res.stdout)
+    assert tar[:2] == ["tar", "-czf"] and "--exclude=.git" in tar and tar[-1] == "."
+    assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
+    assert scp[6:] == ["jp-test:~/jaxprompt.tar.gz", "--zone=us-central2-b",
+                       "--project=my-proj", "--worker=all"]  # fmt: skip
+    assert ssh[-1] == ("--command=mkdir -p ~/jaxprompt && tar -xzf ~/jaxprompt.tar.gz -C "
+                       "~/jaxprompt && bash ~/jaxprompt/launch/host.sh install")  # fmt: skip
+    assert calls(tmp, "gcloud") == []  # a dry run never calls gcloud
+
+
+def test_tpu_accelerator_spot_and_version(stubs):
+    env, _ = stubs
+    res = sh(TPU, "--dry-run", "create", env={**env, "ACCEL": "v6e-8", "SPOT": "1"})
+    [cmd] = printed(res.stdout)
+    assert cmd[-3:] == ["--accelerator-type=v6e-8", "--version=v2-alpha-tpuv6e", "--spot"]
+
+
+def test_tpu_real_run_executes_what_the_dry_run_prints(stubs):
+    env, tmp = stubs
+    args = ["run", "--", "train", "--config", "configs/base2new.py:coop,seed=2",
+            "--config.optim.lr=0.01", "--workdir", "gs://my-bucket/jp/it's here"]  # fmt: skip
+    for cmd in (["create"], args, ["logs"], ["delete"]):
+        dry = sh(TPU, "--dry-run", *cmd, env=env)
+        real = sh(TPU, *cmd, env=env)
+        assert real.returncode == 0, real.stderr
+        assert printed(dry.stdout) == printed(real.stdout)
+    executed = calls(tmp, "gcloud")
+    assert [c[2:4] for c in executed] == [["tpu-vm", "create"], ["tpu-vm", "ssh"],
+                                          ["tpu-vm", "ssh"], ["tpu-vm", "delete"]]  # fmt: skip
+    assert executed[1] == printed(sh(TPU, "--dry-run", *args, env=env).stdout)[0][1:]
+
+
+@pytest.mark.parametrize(
+    "unset,cmd,message",
+    [
+        ("TPU_NAME", "create", "set TPU_NAME"),
+        ("ZONE", "create", "set ZONE"),
+        ("BUCKET", "run", "set BUCKET=gs://"),
+        (None, "launch", "unknown command 'launch'"),
+    ],
+)
+def test_tpu_errors_name_the_fix(stubs, unset, cmd, message):
+    env, tmp = stubs
+    env = {k: v for k, v in env.items() if k != unset}
+    res = sh(TPU, cmd, "--", "train", env=env)
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert calls(tmp, "gcloud") == []
+
+
+# ------------------------------------------------------------------------------------------------
+# host.sh
+# ------------------------------------------------------------------------------------------------
+
+
+def test_host_installs_once_then_runs_the_cli_in_multihost_mode(stubs):
+    env, tmp = stubs
+    venv = tmp / "venv"
+    (venv / "bin").mkdir(parents=True)
+    # A venv whose pip and jaxprompt record their calls (and the multi-host switch).
+    (venv / "bin" / "pip").write_text(RECORDER.replace("$CALLS", "$CALLS.pip"))
+    (venv / "bin" / "jaxprompt").write_text(
+        '#!/usr/bin/env bash\necho "$JAXPROMPT_MULTIHOST $*" >> "$CALLS.cli"\n'
+    )
+    for f in ("pip", "jaxprompt"):
+        (venv / "bin" / f).chmod(0o755)
+    env = {**env, "JP_VENV": str(venv)}
+    args = ["train", "--config", "configs/base2new.py:coop", "--workdir", "gs://b/jp/x"]
+
+    dry = sh(HOST, "--dry-run", *args, env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert printed(dry.stdout)[-1] == [str(venv / "bin" / "jaxprompt"), *args]
+    assert calls(tmp, "pip") == [] and not (tmp / "calls.cli").exists()
+
+    for _ in range(2):
+        res = sh(HOST, *args, env=env)
+        assert res.returncode == 0, res.stderr
+    pip = calls(tmp, "pip")
+    assert pip == [["install", "-q", "--upgrade", "pip"],
+                   ["install", "-q", "-e", f"{ROOT}[tpu]", "gcsfs"]]  # fmt: skip
+    assert "up to date" in res.stdout
+    cli_calls = (tmp / "calls.cli").read_text().splitlines()
+    assert cli_calls == ["1 " + " ".join(args)] * 2
+
+    # Other extras are another install.
+    res = sh(HOST, "install", env={**env, "JP_EXTRAS": "tpu,plot"})
+    assert res.returncode == 0, res.stderr
+    assert calls(tmp, "pip")[-1] == ["install", "-q", "-e", f"{ROOT}[tpu,plot]", "gcsfs"]
+
+
+# ------------------------------------------------------------------------------------------------
+# gpu_eval.sh
+# ------------------------------------------------------------------------------------------------
+
+
+def test_gpu_eval_copies_the_run_and_evaluates_on_one_host(stubs):
+    env, tmp = stubs
+    env = {**env, "JAXPROMPT_MULTIHOST": "1"}
+    src = "gs://my-bucket/jp/xdomain/coop/imagenet/16s/seed1"
+    xd = ["--config", "configs/xdomain.py:coop,dataset=imagenet"]
+    dry = sh(GPU, "--dry-run", src, "--", *xd, env=env)
+    assert dry.returncode == 0, dry.stderr
+    dest = "runs/jp/xdomain/coop/imagenet/16s/seed1"
+    assert printed(dry.stdout) == [
+        ["mkdir", "-p", dest],
+        ["gcloud", "storage", "rsync", "--recursive", src, dest],
+        ["env", "-u", "JAXPROMPT_MULTIHOST", "jaxprompt", "eval", "--workdir", dest, *xd],
+    ]
+    assert calls(tmp, "gcloud") == [] and calls(tmp, "jaxprompt") == []
+
+    dest = str(tmp / "local" / "copy")
+    res = sh(GPU, src + "/", dest, "--", *xd, env=env)
+    assert res.returncode == 0, res.stderr
+    assert calls(tmp, "gcloud") == [["storage", "rsync", "--recursive", src, dest]]
+    assert calls(tmp, "jaxprompt") == [["eval", "--workdir", dest, *xd]]
+    assert os.path.isdir(dest)
+
+    res = sh(GPU, str(tmp / "missing"), env=env)
+    assert res.returncode == 2 and "no run directory" in res.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_scripts_are_shellcheck_clean():
+    res = subprocess.run(["shellcheck", TPU, HOST, GPU], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweeps
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sweep_plan_and_run_directories():
+    runs = sweep.plan("configs/fewshot.py:coop", datasets=["dtd", "folder:/x/y"], seeds=[1, 2])
+    assert [r.config_arg for r in runs] == [
+        "configs/fewshot.py:coop,dataset=dtd,seed=1",
+        "configs/fewshot.py:coop,dataset=dtd,seed=2",
+        "configs/fewshot.py:coop,dataset=folder:/x/y,seed=1",
+        "configs/fewshot.py:coop,dataset=folder:/x/y,seed=2",
+    ]
+    cfg = {"protocol": "fewshot", "method": {"name": "coop"}, "seed": 2,
+           "data": {"dataset": "folder:/x/y", "shots": 4}}  # fmt: skip
+    assert sweep.run_dir("/r", cfg) == "/r/fewshot/coop/folder__x_y/4s/seed2"
+
+
+def test_sweep_dry_run_lists_runs(tmp_path, capsys):
+    code = cli.main(["jaxprompt", "sweep", "--config", f"{CONFIG}:coop", "--shots", "1,2",
+                     "--seeds", "1,2,3", "--root", str(tmp_path), "--dry-run"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "sweep: 6 runs, 0 done" in out
+    assert f"--workdir {tmp_path}/base2new/coop/toy_textures/2s/seed3" in out
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_sweep_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    code = cli.main(["jaxprompt", "sweep", "--config", f"{CONFIG}:coop,datset=x",
+                     "--root", str(tmp_path)])  # fmt: skip
+    assert code == 2
+    assert "unknown config argument 'datset'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sweep_runs_skips_and_resumes(tiny_clip_dir, tmp_path, capsys):
+    args = ["jaxprompt", "sweep", "--config", f"{CONFIG}:coop,runlocal=true", "--seeds", "1,2",
+            f"--config.clip.name={tiny_clip_dir}", "--config.method.kw.n_ctx=4",
+            "--root", str(tmp_path)]  # fmt: skip
+    assert cli.main(args) == 0
+    runs = [tmp_path / "base2new" / "coop" / "toy_textures" / "2s" / f"seed{s}" for s in (1, 2)]
+    first = [json.loads((r / "results.json").read_text()) for r in runs]
+    assert [r["seed"] for r in first] == [1, 2]
+    summary = json.loads((tmp_path / "base2new" / "coop" / "summary.json").read_text())
+    group = summary["by_dataset_shots"]["toy_textures/2s"]
+    assert set(group) == {"base", "new", "hm"} and group["base"]["n"] == 2
+    assert len(summary["runs"]) == 2
+
+    # An interrupted run (no results.json, checkpoints kept) resumes; a finished one is skipped.
+    (runs[1] / "results.json").unlink()
+    mtime = (runs[0] / "results.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert "sweep: 2 runs, 1 done" in capsys.readouterr().out
+    assert (runs[0] / "results.json").stat().st_mtime_ns == mtime
+    again = json.loads((runs[1] / "results.json").read_text())
+    assert again["accuracy"] == first[1]["accuracy"]
