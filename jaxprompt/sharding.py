@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 __all__ = [
     "batch_sharding",
     "clip_shardings",
+    "constrain_classes",
     "make_mesh",
     "param_sharding",
     "put_batch",
@@ -207,3 +208,42 @@ def shard_clip(clip: PyTree, mesh: Mesh) -> PyTree:
       The same Clip with global ``jax.Array`` parameters.
     """
     return jax.tree.map(_put_global, clip, clip_shardings(clip, mesh))
+
+
+def constrain_classes(x: jax.Array, mesh: Mesh | None = None) -> jax.Array:
+    """Splits the leading (class) axis of ``x`` over the ``model`` mesh axis, inside ``jit``.
+
+    For large label spaces: the text tower's activations are ``[C, L, D]`` per layer (or
+    ``[S * C, L, D]`` for ``S`` Monte Carlo samples of Bayesian prompts), which for ImageNet's
+    1000 classes may not fit one device. Constraining the token embeddings going in (and the
+    features coming out) makes every device encode only ``C / model`` of the class prompts;
+    rows are independent, so XLA keeps the whole tower split that way, and the logits
+    ``image @ text.T`` gather the features only where needed. Opt-in: call it on the
+    ``[C, ...]`` arrays around ``clip.encode_text``; it changes placement, never values.
+
+    Args:
+      x: an array whose leading axis is the class (or sample x class) axis.
+      mesh: a ``("data", "model")`` mesh; default: the mesh set with ``jax.set_mesh``, if
+        any.
+
+    Returns:
+      ``x`` with a ``P("model")`` sharding constraint, or ``x`` unchanged when there is no
+      mesh or its ``model`` size is 1.
+
+    Example::
+
+        mesh = make_mesh(data=2, model=4)
+        with jax.set_mesh(mesh):
+            feats = jax.jit(lambda c, e, t: constrain_classes(
+                clip_lib.encode_text(c, constrain_classes(e), t)))(clip, embeds, eot)
+    """
+    if mesh is None:
+        abstract = jax.sharding.get_abstract_mesh()
+        if abstract.empty or "model" not in abstract.axis_names:
+            return x
+        if abstract.shape["model"] == 1:
+            return x
+        return jax.lax.with_sharding_constraint(x, P("model"))
+    if mesh.shape["model"] == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("model")))

@@ -5,6 +5,8 @@ Two subprocesses (4 simulated CPU devices each, gloo collectives, coordinator on
 trains CoOp on the tiny CLIP with ``jaxprompt.train.fit`` into one shared run directory. The
 result must equal the same training in this pytest process on 8 devices, and the shared run
 directory must hold each checkpoint and each metrics line once.
+
+Also here: the text tower split over the ``model`` mesh axis on the class axis (1000 classes).
 """
 
 from __future__ import annotations
@@ -91,3 +93,50 @@ def test_two_processes_train_the_same_prompt_as_one(tiny_clip_dir, tmp_path):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == worker.STEPS
     print(f"two processes: {seconds:.1f}s, max |ctx diff| {diff:.2e}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Large label spaces: the text tower split over "model" on the class axis
+# ------------------------------------------------------------------------------------------------
+
+
+def test_text_tower_split_over_the_model_axis_on_classes(tiny_clip):
+    """1000 class prompts on a (data=2, model=4) mesh: same features, a quarter per device."""
+    from jaxprompt import clip as clip_lib
+    from jaxprompt import sharding
+
+    n_cls, length = 1000, 8
+    width = tiny_clip.params["text_model"]["embeddings"]["token_embedding"]["embedding"].shape[1]
+    r = np.random.RandomState(0)
+    embeds = (0.02 * r.randn(n_cls, length, width)).astype(np.float32)
+    eot = r.randint(1, length, n_cls).astype(np.int32)
+    ref = np.asarray(jax.jit(clip_lib.encode_text)(tiny_clip, embeds, eot))
+
+    def encode(mesh):
+        def f(clip, e, t):
+            e = sharding.constrain_classes(e, mesh)
+            return sharding.constrain_classes(clip_lib.encode_text(clip, e, t), mesh)
+
+        return jax.jit(f)
+
+    mesh = sharding.make_mesh(data=2, model=4)
+    clip = sharding.shard_clip(tiny_clip, mesh)  # weights FSDP-split over "model" as well
+    fn = encode(mesh)
+    out = fn(clip, embeds, eot)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+    assert out.sharding.spec[0] == "model"
+    assert {s.data.shape for s in out.addressable_shards} == {(n_cls // 4, ref.shape[1])}
+    # Inside the tower every device holds a quarter of the classes' activations.
+    hlo = fn.lower(clip, embeds, eot).compile().as_text()
+    assert f"f32[{n_cls // 4},{length},{width}]" in hlo
+    assert f"f32[{n_cls},{length},{width}]" not in hlo
+
+    # With the mesh set as context, methods can call it without a mesh argument.
+    with jax.set_mesh(mesh):
+        out2 = encode(None)(clip, embeds, eot)
+    assert out2.sharding.spec[0] == "model"
+    np.testing.assert_allclose(np.asarray(out2), ref, atol=1e-5)
+    # No model axis (or model == 1): nothing changes.
+    x = np.ones((3, 2), np.float32)
+    assert sharding.constrain_classes(x) is x
+    assert sharding.constrain_classes(x, sharding.make_mesh()) is x
