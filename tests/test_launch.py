@@ -297,3 +297,41 @@ def test_sweep_runs_skips_and_resumes(tiny_clip_dir, tmp_path, capsys):
     assert (runs[0] / "results.json").stat().st_mtime_ns == mtime
     again = json.loads((runs[1] / "results.json").read_text())
     assert again["accuracy"] == first[1]["accuracy"]
+
+
+def _readme_commands(prefix: str) -> list[list[str]]:
+    """The README's shell lines starting with ``prefix`` (continuations joined), split."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("## Running on Cloud TPU", 1)[1].split("## Development", 1)[0]
+    lines = section.replace("\\\n", " ").splitlines()
+    out = []
+    for line in lines:
+        line = line.split("  #", 1)[0].strip()
+        if line.startswith(prefix):
+            out.append(shlex.split(line.replace('"$BUCKET', '"gs://my-bucket')))
+    return out
+
+
+def test_readme_launch_commands_are_accepted(stubs, tmp_path, capsys):
+    env, tmp = stubs
+    tpu = _readme_commands("launch/tpu.sh")
+    assert {c[1] for c in tpu} == {"create", "setup", "data", "run", "logs", "delete"}
+    for cmd in tpu:
+        res = sh(TPU, "--dry-run", *cmd[1:], env=env)
+        assert res.returncode == 0, (cmd, res.stderr)
+        if cmd[1] == "run":
+            # The jaxprompt part must parse: train through the CLI's config flags, sweep
+            # through its own dry run (into a local root).
+            words = [w.replace("configs/", f"{ROOT}/configs/") for w in cmd[3:]]
+            words = [w.replace("gs://my-bucket", str(tmp_path)) for w in words]
+            if words[0] == "sweep":
+                assert cli.main(["jaxprompt", *words, "--dry-run"]) == 0
+            else:
+                config, workdir = cli._config_flags(["jaxprompt", *words[1:]], need_config=True)
+                assert config.method.name and workdir.startswith(str(tmp_path))
+    gpu = _readme_commands("launch/gpu_eval.sh")
+    assert len(gpu) == 2
+    for cmd in gpu:
+        res = sh(GPU, "--dry-run", *cmd[1:], env=env)
+        assert res.returncode == 0, (cmd, res.stderr)
+    assert calls(tmp, "gcloud") == []
