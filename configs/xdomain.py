@@ -6,7 +6,7 @@ the targets the 10 other CoOp datasets plus ImageNet-V2/-Sketch/-A/-R; for the t
 source is ``toy_textures``, the targets its other styles (domain shift) and ``toy_colours``
 (another label space).
 
-    jaxprompt train --config configs/xdomain.py:promptsrc,source=imagenet --workdir runs/xd
+    jaxprompt train --config configs/xdomain.py:promptsrc,dataset=ImageNet --workdir runs/xd
 
 PromptSRC's recipe here: depth 3, 20 epochs, GPA mean 6 / std 10; MaPLe: depth 3, 2 epochs,
 lr 0.0026.
