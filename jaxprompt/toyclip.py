@@ -269,7 +269,7 @@ if __name__ == "__main__":
 
 # The recipe of the shipped weights (jaxprompt/assets/toy_clip): `jaxprompt pretrain-toy` with
 # these arguments reproduces them.
-RECIPE: dict = {"steps": 1200, "batch_size": 128, "fine_fraction": 0.35, "seed": 0}
+RECIPE: dict = {"steps": 800, "batch_size": 128, "fine_fraction": 1.0, "seed": 0}
 
 
 def toy_clip_dir() -> str:
