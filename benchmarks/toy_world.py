@@ -20,7 +20,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL_METHODS = ("zeroshot", "coop", "cocoop", "ivlp", "maple", "promptsrc")
+ALL_METHODS = ("zeroshot", "maple", "coop", "ivlp", "promptsrc", "cocoop", "bayes")
 
 
 def _config(protocol: str, arg: str):
@@ -30,6 +30,16 @@ def _config(protocol: str, arg: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config(arg)
+
+
+def _section(protocol: str, rows: dict, seeds: str) -> str:
+    from jaxprompt import evaluate
+
+    cols = ("base", "new", "hm") if protocol == "base2new" else tuple(next(iter(rows.values())))
+    table = evaluate.markdown_table(rows, columns=cols, average=False)
+    return f"### {protocol} (toy world, mean of seeds {seeds})\n\n" + table.replace(
+        "| Dataset |", "| Method |", 1
+    )
 
 
 def main() -> None:
@@ -47,6 +57,17 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     sections, summary = [], {}
     t0 = time.time()
+
+    def write(partial_sections):
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(
+                "# Toy-world results\n\nMeasured with `python benchmarks/toy_world.py` "
+                f"({time.strftime('%Y-%m-%d')}, {time.time() - t0:.0f} s on this machine).\n\n"
+                + "\n\n".join(partial_sections)
+                + "\n"
+            )
+
     for protocol in args.protocols.split(","):
         rows = {}
         for m in methods:
@@ -58,21 +79,9 @@ def main() -> None:
             stats = evaluate.summarize_seeds(per_seed)
             rows[m] = {k: v["mean"] for k, v in stats.items()}
             summary[f"{protocol}/{m}"] = rows[m]
-        cols = ("base", "new", "hm") if protocol == "base2new" else tuple(next(iter(rows.values())))
-        sections.append(
-            f"### {protocol} (toy world, mean of seeds {args.seeds})\n\n"
-            + evaluate.markdown_table(rows, columns=cols, average=False).replace(
-                "| Dataset |", "| Method |", 1
-            )
-        )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(
-            "# Toy-world results\n\nMeasured with `python benchmarks/toy_world.py` "
-            f"({time.strftime('%Y-%m-%d')}, {time.time() - t0:.0f} s on this machine).\n\n"
-            + "\n\n".join(sections)
-            + "\n"
-        )
+            write(sections + [_section(protocol, rows, args.seeds)])  # progress, per method
+        sections.append(_section(protocol, rows, args.seeds))
+    write(sections)
     print(json.dumps({"benchmark": "toy_world", "seeds": seeds, "means": summary}))
 
 
