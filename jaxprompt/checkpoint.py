@@ -33,6 +33,7 @@ import base64
 import contextlib
 import io
 import json
+import os
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -79,8 +80,12 @@ class CheckpointFallbackWarning(UserWarning):
 
 
 def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
-    """Where a run directory keeps its checkpoints: ``workdir/checkpoints``."""
-    return epath.Path(workdir) / "checkpoints"
+    """Where a run directory keeps its checkpoints: ``workdir/checkpoints`` (made absolute:
+    orbax rejects relative paths, and ``--workdir runs/demo`` is how users write them)."""
+    path = epath.Path(workdir)
+    if "://" not in str(workdir):
+        path = epath.Path(os.path.abspath(os.fspath(path)))
+    return path / "checkpoints"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,17 +26,23 @@ def _snapshot(d):
 
 @pytest.fixture(scope="module")
 def trained(tiny_clip_dir, tmp_path_factory):
-    """A tiny CoOp base-to-novel run on the toy world through the CLI (in process)."""
-    wd = str(tmp_path_factory.mktemp("run") / "coop")
-    code = cli.main(
-        [
-            "jaxprompt", "train", "--config", f"{CONFIG}:coop,runlocal=true",
-            f"--config.clip.name={tiny_clip_dir}", "--config.method.kw.n_ctx=4",
-            "--workdir", wd,
-        ]
-    )  # fmt: skip
+    """A tiny CoOp base-to-novel run on the toy world through the CLI (in process), with a
+    relative --workdir as users type it (orbax itself needs absolute paths)."""
+    root = tmp_path_factory.mktemp("run")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        code = cli.main(
+            [
+                "jaxprompt", "train", "--config", f"{CONFIG}:coop,runlocal=true",
+                f"--config.clip.name={tiny_clip_dir}", "--config.method.kw.n_ctx=4",
+                "--workdir", "runs/coop",
+            ]
+        )  # fmt: skip
+    finally:
+        os.chdir(cwd)
     assert code == 0
-    return wd
+    return str(root / "runs" / "coop")
 
 
 @pytest.mark.slow
