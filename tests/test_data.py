@@ -215,7 +215,12 @@ def test_imagenet_classnames_asset():
 
 
 def test_catalog_names_templates_and_unknown():
-    assert len(data.DATASETS) == 15
+    coop = [n for n, spec in data.DATASETS.items() if spec.generator is None]
+    assert len(coop) == 15  # the 11 CoOp datasets and 4 ImageNet variants
+    assert {n for n in data.DATASETS if n.startswith("toy_")} == {
+        "toy_textures", "toy_textures_sketch", "toy_textures_night", "toy_textures_cartoon",
+        "toy_colours",
+    }  # fmt: skip
     assert data.get_dataset("dtd").name == "DescribableTextures"
     assert data.get_dataset("oxford_pets").template == "a photo of a {}, a type of pet."
     assert data.get_dataset("EUROSAT").template == "a centered satellite photo of {}."
