@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprompt import clip as clip_lib
+from jaxprompt import losses
 
 Array = jax.Array
 Prompt = Any  # a pytree of float32 arrays with named top-level groups ("ctx", "deep_text", ...)
@@ -75,8 +76,7 @@ def supervised_loss(logits_fn: Callable[..., Array]) -> Callable[..., tuple[Arra
     def loss(prompt, clip, task, batch, key):
         logits = logits_fn(prompt, clip, task, batch["image"], key=key)
         labels = batch["label"]
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        ce = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+        ce = losses.cross_entropy(logits, labels)
         acc = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
         return ce, {"ce": ce, "accuracy": acc}
 

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxprompt import clip as clip_lib
-from jaxprompt import losses
 from jaxprompt.methods import base
 
 
@@ -125,16 +124,10 @@ def cocoop(
         # size, and under a data-sharded batch each device runs its own images' B/n x C texts.
         return jax.vmap(one_image)(shift, img)  # [B, C]
 
-    def loss(prompt, clip, task, batch, key):
-        z = logits(prompt, clip, task, batch["image"], key=key)
-        ce = losses.cross_entropy(z, batch["label"])
-        acc = jnp.mean((jnp.argmax(z, axis=-1) == batch["label"]).astype(jnp.float32))
-        return ce, {"ce": ce, "accuracy": acc}
-
     return base.PromptMethod(
         init=init,
         logits=logits,
-        loss=loss,
+        loss=base.supervised_loss(logits),
         name="cocoop",
         config=dict(
             n_ctx=n_ctx,

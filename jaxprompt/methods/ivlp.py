@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxprompt import clip as clip_lib
-from jaxprompt import losses
 from jaxprompt.methods import base
 
 
@@ -130,16 +129,10 @@ def ivlp(
 
     logits = base.split_logits(encode_classes, classify)
 
-    def loss(prompt, clip, task, batch, key):
-        z = logits(prompt, clip, task, batch["image"], key=key)
-        ce = losses.cross_entropy(z, batch["label"])
-        acc = jnp.mean((jnp.argmax(z, axis=-1) == batch["label"]).astype(jnp.float32))
-        return ce, {"ce": ce, "accuracy": acc}
-
     return base.PromptMethod(
         init=init,
         logits=logits,
-        loss=loss,
+        loss=base.supervised_loss(logits),
         name="ivlp",
         config=dict(
             depth=depth,

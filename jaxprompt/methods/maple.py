@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprompt import clip as clip_lib
-from jaxprompt import losses
 from jaxprompt.methods import base
 
 
@@ -191,16 +190,10 @@ def maple(
 
     logits = base.split_logits(encode_classes, classify)
 
-    def loss(prompt, clip, task, batch, key):
-        z = logits(prompt, clip, task, batch["image"], key=key)
-        ce = losses.cross_entropy(z, batch["label"])
-        acc = jnp.mean((jnp.argmax(z, axis=-1) == batch["label"]).astype(jnp.float32))
-        return ce, {"ce": ce, "accuracy": acc}
-
     return base.PromptMethod(
         init=init,
         logits=logits,
-        loss=loss,
+        loss=base.supervised_loss(logits),
         name="maple",
         config=dict(
             depth=depth, n_ctx=n_ctx, init_words=init_words, init_std=init_std, remat=remat
