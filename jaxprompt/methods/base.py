@@ -87,3 +87,41 @@ def word_embeddings(clip: clip_lib.Clip, words: str) -> Array:
     """Frozen token embeddings of ``words`` without start/end tokens -> [n, D] float32."""
     ids, eot = clip_lib.tokenize(clip, [words])
     return clip_lib.embed_tokens(clip, jnp.asarray(ids[0, 1 : eot[0]])).astype(jnp.float32)
+
+
+def resolve_base(
+    base: Any,
+    base_kwargs: Mapping[str, Any] | None,
+    *,
+    wrapper: str,
+    default: tuple[str, Mapping[str, Any]],
+) -> PromptMethod:
+    """The base method of a wrapper (TPT, POUF) from any of the forms users and meta give.
+
+    Args:
+      base: a :class:`PromptMethod`, a registry name, the ``{"method", "method_config"}`` form
+        checkpoint meta stores a nested method in, or None for ``default``.
+      base_kwargs: keyword arguments for a base given by name (or overriding the meta form's).
+      wrapper: the wrapper's own name (a wrapper cannot wrap itself).
+      default: ``(name, kwargs)`` of the base used when ``base`` is None.
+
+    Raises:
+      ValueError: a one-line message for a self-wrap, kwargs with a method object, or a base of
+        the wrong type.
+    """
+    if base is None:
+        base, base_kwargs = default[0], {**dict(default[1]), **dict(base_kwargs or {})}
+    if isinstance(base, Mapping) and "method" in base:
+        base_kwargs = {**dict(base.get("method_config") or {}), **dict(base_kwargs or {})}
+        base = base["method"]
+    if isinstance(base, str):
+        if base == wrapper:
+            raise ValueError(f"{wrapper} cannot wrap itself")
+        from jaxprompt import methods  # the registry imports the wrappers: import on use
+
+        return methods.get(base, **dict(base_kwargs or {}))
+    if base_kwargs:
+        raise ValueError("base_kwargs is only for a base given by name")
+    if not isinstance(base, PromptMethod):
+        raise ValueError(f"base must be a PromptMethod or a method name, got {type(base)}")
+    return base

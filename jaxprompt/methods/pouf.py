@@ -232,24 +232,8 @@ def make_optimizer(
 
 
 def _resolve_base(base: Any, base_kwargs: Mapping[str, Any] | None, full_model: bool):
-    if base is None:
-        name, kw = _FULL_BASE if full_model else _PROMPT_BASE
-        base, base_kwargs = name, {**kw, **dict(base_kwargs or {})}
-    if isinstance(base, Mapping) and "method" in base:
-        # The form checkpoint meta stores a nested method in: {"method", "method_config"}.
-        base_kwargs = {**dict(base.get("method_config") or {}), **dict(base_kwargs or {})}
-        base = base["method"]
-    if isinstance(base, str):
-        if base == "pouf":
-            raise ValueError("pouf cannot wrap itself")
-        from jaxprompt import methods  # the registry imports this module: import on use
-
-        return methods.get(base, **dict(base_kwargs or {}))
-    if base_kwargs:
-        raise ValueError("base_kwargs is only for a base given by name")
-    if not isinstance(base, base_lib.PromptMethod):
-        raise ValueError(f"base must be a PromptMethod or a method name, got {type(base)}")
-    return base
+    default = _FULL_BASE if full_model else _PROMPT_BASE
+    return base_lib.resolve_base(base, base_kwargs, wrapper="pouf", default=default)
 
 
 def _split(prompt: Prompt) -> tuple[dict[str, Any], Array | None, Any]:

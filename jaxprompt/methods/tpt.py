@@ -432,29 +432,8 @@ def _shared_text_episodes(base, tx, prompt, clip, task, feats, *, steps, keep):
 
 
 def _resolve_base(base, base_kwargs) -> base_lib.PromptMethod:
-    if base is None:
-        base = "coop"
-        base_kwargs = {
-            "n_ctx": 4,
-            "init_words": "a photo of a",
-            "remat": True,
-            **(base_kwargs or {}),
-        }
-    if isinstance(base, Mapping) and "method" in base:
-        # The form checkpoint meta stores a nested method in: {"method", "method_config"}.
-        base_kwargs = {**dict(base.get("method_config", {})), **(base_kwargs or {})}
-        base = base["method"]
-    if isinstance(base, str):
-        from jaxprompt import methods  # the registry imports this module: import on use
-
-        if base == "tpt":
-            raise ValueError("tpt cannot wrap itself")
-        return methods.get(base, **dict(base_kwargs or {}))
-    if base_kwargs:
-        raise ValueError("base_kwargs is only for a base given by name")
-    if not isinstance(base, base_lib.PromptMethod):
-        raise ValueError(f"base must be a PromptMethod or a method name, got {type(base)}")
-    return base
+    default = ("coop", {"n_ctx": 4, "init_words": "a photo of a", "remat": True})
+    return base_lib.resolve_base(base, base_kwargs, wrapper="tpt", default=default)
 
 
 def _views_from_images(key: Array, images: Array, n_views: int, augmix: bool) -> Array:
