@@ -283,6 +283,9 @@ class Checkpointer:
         if eval_prompt is not None:
             flat.update(flatten(eval_prompt, _EVAL))
         meta = {**_jsonable(dict(meta)), "step": step, "format_version": FORMAT_VERSION}
+        # Orbax cannot write zero-size arrays (e.g. the deep prompts of depth 1); they carry no
+        # values, and restore rebuilds them from the shapes of `like`.
+        flat = {k: v for k, v in flat.items() if np.size(v) > 0}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(flat),
             meta=ocp.args.JsonSave(meta),
@@ -466,6 +469,8 @@ def _fit_to_like(
         have = {k for k in flat if not k.startswith(tuple(p + "." for p in _SIDE))}
     problems = []
     for key, leaf in expected:
+        if key not in flat and 0 in np.shape(leaf):
+            continue  # zero-size leaves are not stored (see Checkpointer.save)
         if key not in flat:
             problems.append(f"{key} is missing from the checkpoint")
             continue
@@ -486,7 +491,10 @@ def _fit_to_like(
 
     def place(key_leaf):
         key, leaf = key_leaf
-        value = flat[key].astype(np.dtype(leaf.dtype)) if hasattr(leaf, "dtype") else flat[key]
+        if key in flat:
+            value = flat[key].astype(np.dtype(leaf.dtype)) if hasattr(leaf, "dtype") else flat[key]
+        else:  # a zero-size leaf
+            value = np.zeros(np.shape(leaf), np.dtype(getattr(leaf, "dtype", np.float32)))
         sharding = getattr(leaf, "sharding", None)
         if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct) and sharding is not None:
             return jax.device_put(value, sharding)

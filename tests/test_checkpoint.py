@@ -188,3 +188,31 @@ def test_meta_with_a_wrapped_method_is_json(tmp_path):
         "base": {"method": "coop", "method_config": {"n_ctx": 4}},
         "w_info": 0.3,
     }
+
+
+def test_zero_size_leaves_round_trip(tmp_path):
+    """Depth-1 IVLP/PromptSRC prompts have deep prompts of shape [0, n, D], which orbax cannot
+    store: they are left out on save and rebuilt from the shapes on restore (incl. the
+    aggregator's running sum, saved as `extra`)."""
+    prompt = {
+        "ctx": jnp.arange(8.0).reshape(2, 4),
+        "deep_text": jnp.zeros((0, 2, 4), jnp.float32),
+    }
+    tx = train.make_optimizer(0.1)
+    state = train.TrainState(jnp.int32(3), prompt, tx.init(prompt))
+    checkpoint.save(tmp_path, state, meta=META, extra={"total": prompt})
+    like = train.TrainState(
+        jnp.int32(0), jax.tree.map(jnp.zeros_like, prompt), tx.init(prompt)
+    )
+    restored, _, _, extra = checkpoint.restore(
+        tmp_path, like, extra_like={"total": jax.tree.map(jnp.zeros_like, prompt)}
+    )
+    assert_trees_equal(restored, state)
+    assert restored.prompt["deep_text"].shape == (0, 2, 4)
+    assert_trees_equal(extra, {"total": prompt})
+    # A checkpoint without the leaf still fails for a like that expects real values there.
+    bigger = {"ctx": prompt["ctx"], "deep_text": jnp.zeros((1, 2, 4), jnp.float32)}
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="deep_text"):
+        checkpoint.restore(
+            tmp_path, train.TrainState(jnp.int32(0), bigger, tx.init(bigger))
+        )
