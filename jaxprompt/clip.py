@@ -382,6 +382,21 @@ def check_context(clip: Clip, task: Task, n_extra: int) -> None:
         )
 
 
+def check_depth(clip: Clip, depth: int) -> None:
+    """Raises a clear error unless ``1 <= depth <= layers`` of both towers of ``clip``.
+
+    Deep prompts at depth ``J`` go before layers ``0..J-1``, so ``J`` can reach the number of
+    layers but not exceed it (IVLP, MaPLe and PromptSRC share this check).
+    """
+    layers = min(clip.spec.text_layers, clip.spec.vision_layers)
+    if not 1 <= depth <= layers:
+        raise ValueError(
+            f"prompt depth {depth} does not fit this CLIP: it has {clip.spec.text_layers} text "
+            f"and {clip.spec.vision_layers} vision layers, so depth must be in 1..{layers} "
+            "(depth 1 = input-level prompts only)"
+        )
+
+
 # --------------------------------------------------------------------------- the towers
 
 

@@ -29,20 +29,8 @@ import jax.numpy as jnp
 from jaxprompt import clip as clip_lib
 from jaxprompt.methods import base
 
-
-def check_depth(clip: clip_lib.Clip, depth: int) -> None:
-    """Raises a clear error unless ``1 <= depth <= layers`` of both towers of ``clip``.
-
-    Depth ``J`` puts fresh prompts before layers ``0..J-1``, so it can reach the number of
-    layers but not exceed it.
-    """
-    layers = min(clip.spec.text_layers, clip.spec.vision_layers)
-    if not 1 <= depth <= layers:
-        raise ValueError(
-            f"prompt depth {depth} does not fit this CLIP: it has {clip.spec.text_layers} text "
-            f"and {clip.spec.vision_layers} vision layers, so depth must be in 1..{layers} "
-            "(depth 1 = input-level prompts only)"
-        )
+# Kept under this name for existing callers; the check lives in jaxprompt.clip.
+check_depth = clip_lib.check_depth
 
 
 def ivlp(

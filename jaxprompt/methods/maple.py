@@ -45,17 +45,6 @@ def maple_param_count(*, depth: int, n_ctx: int, text_width: int, vision_width: 
     return depth * n_ctx * text_width + depth * (text_width * vision_width + vision_width)
 
 
-def _check_depth(clip: clip_lib.Clip, depth: int) -> None:
-    # Repeated from ivlp.py rather than imported (methods do not import each other's code).
-    layers = min(clip.spec.text_layers, clip.spec.vision_layers)
-    if not 1 <= depth <= layers:
-        raise ValueError(
-            f"prompt depth {depth} does not fit this CLIP: it has {clip.spec.text_layers} text "
-            f"and {clip.spec.vision_layers} vision layers, so depth must be in 1..{layers} "
-            "(depth 1 = input-level prompts only)"
-        )
-
-
 def _init_words_split(clip: clip_lib.Clip, init_words: str | None, n_ctx: int):
     """Token ids of the init words: ``(learnable-init ids, fixed ids)`` or ``(None, empty)``."""
     if not init_words:
@@ -153,7 +142,7 @@ def maple(
         raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
 
     def init(key, clip, task):
-        _check_depth(clip, depth)
+        clip_lib.check_depth(clip, depth)
         dt, dv = clip.spec.text_width, clip.spec.vision_width
         learn_ids, fixed_ids = _init_words_split(clip, init_words, n_ctx)
         clip_lib.check_context(clip, task, n_ctx + len(fixed_ids))
