@@ -22,29 +22,12 @@ usage() {
   sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 die() {
   echo "gpu_eval.sh: error: $*" >&2
   exit 2
-}
-
-# Quotes words so that the printed line can be pasted into a shell.
-quote() {
-  local out="" w
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_@%+=:,./~-]+$ ]]; then
-      out+="$w "
-    else
-      out+="'${w//\'/\'\\\'\'}' "
-    fi
-  done
-  echo "${out% }"
-}
-
-run() {
-  echo "+ $(quote "$@")"
-  if [[ $dry_run -eq 0 ]]; then
-    "$@"
-  fi
 }
 
 main() {

@@ -29,26 +29,8 @@ usage() {
   sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
-# Quotes words so that the printed line can be pasted into a shell.
-quote() {
-  local out="" w
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_@%+=:,./~-]+$ ]]; then
-      out+="$w "
-    else
-      out+="'${w//\'/\'\\\'\'}' "
-    fi
-  done
-  echo "${out% }"
-}
-
-# Prints a command, then runs it unless this is a dry run.
-run() {
-  echo "+ $(quote "$@")"
-  if [[ $dry_run -eq 0 ]]; then
-    "$@"
-  fi
-}
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 install() {
   local stamp want

@@ -43,27 +43,8 @@ die() {
   exit 2
 }
 
-# Quotes words so that the line can be pasted into a shell: plain words stay as they are,
-# others go in single quotes. A leading ~/ stays outside the quotes (expanded by that shell).
-quote() {
-  local out="" w
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_@%+=:,./~-]+$ ]]; then
-      out+="$w "
-    else
-      out+="'${w//\'/\'\\\'\'}' "
-    fi
-  done
-  echo "${out% }"
-}
-
-# Prints a command (one pasteable line), then runs it unless this is a dry run.
-run() {
-  echo "+ $(quote "$@")"
-  if [[ $dry_run -eq 0 ]]; then
-    "$@"
-  fi
-}
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 default_version() {
   case "$1" in

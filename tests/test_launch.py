@@ -235,7 +235,11 @@ def test_gpu_eval_copies_the_run_and_evaluates_on_one_host(stubs):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_scripts_are_shellcheck_clean():
-    res = subprocess.run(["shellcheck", TPU, HOST, GPU], capture_output=True, text=True, timeout=60)
+    # -x follows the shared helpers the scripts source (launch/common.sh), checked as well.
+    common = os.path.join(ROOT, "launch", "common.sh")
+    res = subprocess.run(
+        ["shellcheck", "-x", TPU, HOST, GPU, common], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stdout
 
 
