@@ -197,9 +197,9 @@ def test_host_installs_once_then_runs_the_cli_in_multihost_mode(stubs):
     assert cli_calls == ["1 " + " ".join(args)] * 2
 
     # Other extras are another install.
-    res = sh(HOST, "install", env={**env, "JP_EXTRAS": "tpu,plot"})
+    res = sh(HOST, "install", env={**env, "JP_EXTRAS": "tpu,prepare"})
     assert res.returncode == 0, res.stderr
-    assert calls(tmp, "pip")[-1] == ["install", "-q", "-e", f"{ROOT}[tpu,plot]", "gcsfs"]
+    assert calls(tmp, "pip")[-1] == ["install", "-q", "-e", f"{ROOT}[tpu,prepare]", "gcsfs"]
 
 
 # ------------------------------------------------------------------------------------------------
