@@ -1,0 +1,472 @@
+"""Train-step time, FLOPs and MFU of CoOp, CoCoOp, IVLP, MaPLe and PromptSRC at ViT-B/16 shapes.
+
+Random weights with ViT-B/16 shapes (vision 768 wide, 12 layers, 224 px, patch 16; text 512
+wide, 12 layers), real ImageNet class names spread over the label space, batch 4, each method
+with its published base-to-novel hyperparameters (``METHOD_PRESETS`` of ``configs/common.py``:
+CoOp 16 random context tokens; CoCoOp "a photo of a"; IVLP and PromptSRC depth 9, 4 + 4
+tokens; MaPLe depth 9, 2 tokens) and optimizer (SGD, momentum 0.9, weight decay 5e-4, the
+per-epoch warm-up + cosine schedule). The step is the library's own
+:func:`jaxprompt.train.make_train_step` with the on-device training augmentation (random
+resized crop of a 512 px uint8 canvas, flip, normalise) as ``jaxprompt train`` runs it, jitted
+with the state donated. Prints one JSON line per (method, class count) on stdout; progress goes
+to stderr.
+
+* ``step_s``: median of ``--steps`` timed steps after one warm-up step; ``compile_s``: the
+  ahead-of-time ``lower().compile()`` of the step, timed separately.
+* ``flops``: XLA's cost analysis of the compiled step (``flops_source``). It counts what the
+  program executes, so a rematerialised tower's recomputed forward pass is included (CoCoOp
+  rematerialises its text tower by default). ``flops_analytic`` is an independent matmul-only
+  count of the same work (transformer layers, patch embedding, projections: 24 N L D^2 +
+  4 N L^2 D per layer forward; backward to the inputs only, as CLIP gets no gradient:
+  24 N L D^2 + 8 N L^2 D; plus, where rematerialised, the forward again less the second MLP
+  matmul, whose output no gradient needs); ``flops_analytic_model`` leaves the recomputation
+  out (the usual "model FLOPs"); ``xla_over_analytic`` is their ratio (a little above 1: XLA
+  also counts elementwise work and the augmentation).
+* ``peak_tflops_per_s``: the best of several runs of jitted float32 n x n matmuls (2 n^3
+  FLOPs) on the same device, measured in the same process at the start and again after every
+  line (best so far: a busy moment cannot lower it); ``mfu = flops / step_s / peak`` and
+  ``mfu_model_analytic`` the same with the analytic model FLOPs. ``loadavg_1m`` records other
+  work on the machine.
+* PromptSRC also reports ``teacher_seconds_100``: building the frozen 60-template teacher text
+  features for 100 classes with :func:`jaxprompt.methods.promptsrc.teacher_text_features`
+  (chunked, truncated to the longest template sequence), jitted as ``with_teacher`` does;
+  compile time separately. Inside the timed step the teacher is a cached [C, E] constant, as
+  with ``with_teacher``, but filled with random unit vectors (computing it for 1000 classes,
+  60,000 sequences, would take longer than the step benchmark itself and is not part of a
+  step).
+* ``temp_gib``: XLA's temporary buffers of the compiled step (``memory_analysis``), and
+  ``max_rss_gib`` the process's peak resident memory so far (it only grows across lines).
+  ``--compile-only`` prints these (and the FLOPs) without running a step: a memory check
+  before a long run.
+
+No real CLIP BPE vocabulary is available offline: the tokenizer is word-level (every word of
+the class names and templates one token), so class prompts are somewhat shorter than with BPE.
+On a CPU, CoCoOp at 1000 classes (4 x 1000 prompted sequences forward, backward and
+rematerialised) takes minutes per step and XLA's CPU compiler gives its step 16.4 GiB of
+temporary buffers (the whole process about 19.5 GiB); ``--methods`` selects a subset.
+
+    python benchmarks/train_step.py                                 # 5 methods x 50, 1000 classes
+    python benchmarks/train_step.py --methods coop promptsrc --classes 100 --steps 5
+    python benchmarks/train_step.py --preset tiny --classes 5       # a quick check (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxprompt as jp
+from jaxprompt import clip as clip_lib
+from jaxprompt import templates as templates_lib
+from jaxprompt import train as train_lib
+from jaxprompt.data import augment as augment_lib
+from jaxprompt.methods.promptsrc import TEACHER_KEY, teacher_text_features
+
+METHODS = ("coop", "cocoop", "ivlp", "maple", "promptsrc")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def presets() -> dict[str, dict]:
+    """The published per-method recipes, read from ``configs/common.py`` (one source of truth)."""
+    spec = importlib.util.spec_from_file_location("_jp_configs_common", REPO / "configs/common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.METHOD_PRESETS
+
+
+def all_classnames() -> list[str]:
+    text = resources.files("jaxprompt").joinpath("assets/imagenet_classnames.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def classnames(n: int) -> list[str]:
+    names = all_classnames()
+    # Spread over the label space (the first n are all fish and birds).
+    return [names[i] for i in np.linspace(0, len(names) - 1, n).astype(int)]
+
+
+def flops_of(compiled: Any) -> float:
+    """Total FLOPs of a compiled XLA program (cost analysis; a dict, or a list of one)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def temp_gib(compiled: Any) -> float | None:
+    try:
+        return round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 3)
+    except Exception:  # not every backend implements it
+        return None
+
+
+def host_cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def loadavg() -> float | None:
+    """The 1-minute load average (other work on the machine skews the times)."""
+    try:
+        return float(open("/proc/loadavg").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def max_rss_gib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB on Linux
+
+
+class MatmulPeak:
+    """Best achieved FLOP/s of jitted float32 n x n matmuls on the default device.
+
+    Measured at the start and again after every timed method, keeping the best: on a shared
+    machine one measurement can land in a busy moment, and a low peak would inflate the MFU.
+    """
+
+    def __init__(self, sizes: list[int], repeats: int):
+        self.repeats = repeats
+        self.best = 0.0
+        self.measurements = 0
+        self._fns = []
+        for i, n in enumerate(sizes):
+            a = jax.random.normal(jax.random.key(i), (n, n), jnp.float32)
+            mm = jax.jit(jnp.matmul).lower(a, a).compile()
+            jax.block_until_ready(mm(a, a))
+            self._fns.append((n, mm, a))
+        self.sizes = sizes
+
+    def measure(self) -> float:
+        for n, mm, a in self._fns:
+            for _ in range(self.repeats):
+                t = time.perf_counter()
+                jax.block_until_ready(mm(a, a))
+                self.best = max(self.best, 2 * n**3 / (time.perf_counter() - t))
+        self.measurements += 1
+        return self.best
+
+
+# ------------------------------------------------------------------------------------------------
+# Analytic FLOPs (matmuls only), to cross-check XLA's count
+# ------------------------------------------------------------------------------------------------
+
+
+def tower_flops(n: int, length: int, width: int, layers: int) -> tuple[float, float, float]:
+    """Matmul FLOPs of ``layers`` pre-LN blocks (MLP 4x width) on n sequences of ``length``.
+
+    Returns (forward, backward, recomputation). Forward per layer: q, k, v, out (8 D^2) and the
+    MLP (16 D^2) per token, QK^T and PV (2 L^2 D each per sequence). Backward with respect to
+    the inputs only (the weights get no gradient): the same dense work, and four L^2 D products
+    for attention. A rematerialised block recomputes its forward except the second MLP matmul,
+    whose output no gradient needs (XLA removes it).
+    """
+    dense = 24.0 * n * length * width**2
+    attn = 4.0 * n * length**2 * width
+    fc2 = 8.0 * n * length * width**2
+    return layers * (dense + attn), layers * (dense + 2 * attn), layers * (dense - fc2 + attn)
+
+
+def prefix_tokens(clip: jp.Clip, name: str, cfg: dict) -> int:
+    """Tokens between [SOT] and the class name in the method's text prompt."""
+    words = cfg.get("init_words")
+    n_words = len(clip_lib.tokenize(clip, [words])[0][0]) - 2 if words else 0
+    if name in ("coop", "cocoop"):
+        return n_words if words else int(cfg.get("n_ctx", 16))
+    if name == "maple":  # n_ctx learned tokens, the rest of the init words fixed
+        return max(n_words, int(cfg["n_ctx"]))
+    return int(cfg["n_ctx_text"])  # IVLP / PromptSRC: init words only when they fit n_ctx
+
+
+def analytic_flops(
+    clip: jp.Clip, task: jp.Task, name: str, cfg: dict, batch: int
+) -> tuple[float, float]:
+    """(executed, model) matmul FLOPs of one train step; executed adds rematerialisation."""
+    s = clip.spec
+    classes = len(task)
+    text_len = 1 + prefix_tokens(clip, name, cfg) + int(task.token_ids.shape[1])
+    patches = (s.image_size // s.patch_size) ** 2
+    patch_embed = 2.0 * batch * patches * (3 * s.patch_size**2) * s.vision_width
+    vis_proj = 2.0 * batch * s.vision_width * s.embed_dim
+
+    def vision(n_prompts: int, grad: bool) -> float:
+        fwd, bwd, _ = tower_flops(batch, 1 + patches + n_prompts, s.vision_width, s.vision_layers)
+        return patch_embed + vis_proj + fwd + (bwd + vis_proj if grad else 0.0)
+
+    n_text = classes * batch if name == "cocoop" else classes
+    t_fwd, t_bwd, t_re = tower_flops(n_text, text_len, s.text_width, s.text_layers)
+    t_proj = 2.0 * n_text * s.text_width * s.embed_dim
+    text = t_fwd + t_bwd + 2 * t_proj
+    logits = 2.0 * 2 * batch * classes * s.embed_dim  # forward and backward
+    if name in ("coop", "cocoop"):
+        images = vision(0, grad=False)
+    elif name == "ivlp":
+        images = vision(int(cfg["n_ctx_vision"]), grad=True)
+    elif name == "maple":
+        images = vision(int(cfg["n_ctx"]), grad=True)
+    elif name == "promptsrc":  # prompted path plus the frozen image features
+        images = vision(int(cfg["n_ctx_vision"]), grad=True) + vision(0, grad=False)
+        logits *= 1.5  # the frozen logits z (forward only)
+    else:
+        raise ValueError(name)
+    model = text + images + logits
+    remat = bool(cfg.get("remat", name == "cocoop"))
+    recompute = t_re if remat else 0.0
+    if remat and name not in ("coop", "cocoop"):  # the prompted image tower too
+        n_v = int(cfg.get("n_ctx_vision", cfg.get("n_ctx", 0)))
+        recompute += tower_flops(batch, 1 + patches + n_v, s.vision_width, s.vision_layers)[2]
+    return model + recompute, model
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark pieces
+# ------------------------------------------------------------------------------------------------
+
+
+def scaled_kwargs(kwargs: dict, clip: jp.Clip) -> dict:
+    """Prompt depths of the 12-layer recipes mapped to a shallower CLIP (as the toy configs do)."""
+    kwargs = dict(kwargs)
+    layers = min(clip.spec.text_layers, clip.spec.vision_layers)
+    if "depth" in kwargs and layers < 12:
+        kwargs["depth"] = max(1, round(kwargs["depth"] * layers / 12))
+    return kwargs
+
+
+def with_cached_teacher(method: jp.methods.PromptMethod, teacher: np.ndarray):
+    """PromptSRC whose loss uses ``teacher`` as its cached [C, E] teacher (as ``with_teacher``)."""
+    inner = method.loss
+
+    def loss(prompt, clip, task, batch, key):
+        return inner(prompt, clip, task, {**batch, TEACHER_KEY: teacher}, key)
+
+    return method._replace(loss=loss)
+
+
+def random_teacher(classes: int, dim: int) -> np.ndarray:
+    g = np.random.RandomState(1).randn(classes, dim).astype(np.float32)
+    return g / np.linalg.norm(g, axis=-1, keepdims=True)
+
+
+def time_teacher(clip: jp.Clip, cfg: dict, classes: int) -> dict[str, Any]:
+    """Seconds to build PromptSRC's teacher for ``classes`` classes, as ``with_teacher`` does."""
+    task = jp.make_task(clip, classnames(classes))
+    tmpl = tuple(cfg.get("templates") or templates_lib.PROMPTSRC_60)
+    chunk = cfg.get("chunk", 1024)
+    fn = jax.jit(lambda c, t: teacher_text_features(c, t, tmpl, chunk=chunk))
+    t = time.perf_counter()
+    compiled = fn.lower(clip, task).compile()
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(clip, task))
+    run_s = time.perf_counter() - t
+    names = [n.replace("_", " ") for n in task.names]
+    ids, _ = clip_lib.tokenize(clip, [tm.format(n) for tm in tmpl for n in names])
+    return {
+        f"teacher_seconds_{classes}": round(run_s, 3),
+        f"teacher_compile_s_{classes}": round(compile_s, 2),
+        "teacher_sequences": len(tmpl) * len(names),
+        "teacher_tokens": int(ids.shape[1]),
+        "teacher_chunk": chunk,
+    }
+
+
+def make_batch(clip: jp.Clip, batch: int, classes: int, augment: bool) -> dict[str, Any]:
+    rng = np.random.RandomState(0)
+    size = clip.spec.image_size
+    labels = jnp.asarray(rng.randint(0, classes, batch), jnp.int32)
+    if not augment:
+        return {"image": jnp.asarray(rng.randn(batch, size, size, 3), jnp.float32), "label": labels}
+    canvas = min(512, max(64, 4 * size))  # what jaxprompt.experiment reads images into
+    return {
+        "image": jnp.asarray(rng.randint(0, 256, (batch, canvas, canvas, 3)), jnp.uint8),
+        "size": jnp.full((batch, 2), canvas, jnp.int32),
+        "label": labels,
+    }
+
+
+def bench_one(
+    clip: jp.Clip,
+    name: str,
+    preset: dict,
+    classes: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    cfg = scaled_kwargs(preset["method"], clip)
+    method = jp.methods.get(name, **cfg)
+    task = jp.make_task(clip, classnames(classes))
+    if name == "promptsrc":
+        method = with_cached_teacher(method, random_teacher(classes, clip.spec.embed_dim))
+    optim = preset["optim"]
+    tx = train_lib.make_optimizer(optim["lr"], epochs=max(1, optim["epochs"]), iters_per_epoch=100)
+    augment = None
+    if args.augment:
+        size = clip.spec.image_size
+
+        def augment(batch, key):
+            return augment_lib.train_augment(key, batch, out_size=size)
+
+    key = jax.random.key(0)
+    state = train_lib.init_train_state(method, tx, key, clip, task)
+    batch = make_batch(clip, args.batch, classes, args.augment)
+    step = jax.jit(train_lib.make_train_step(method, tx, augment=augment), donate_argnums=0)
+
+    t = time.perf_counter()
+    compiled = step.lower(state, clip, task, batch, key).compile()
+    compile_s = time.perf_counter() - t
+    flops = flops_of(compiled)
+    log(
+        f"{name} C={classes}: compiled in {compile_s:.1f}s, {flops / 1e12:.3f} TFLOP/step, "
+        f"temp {temp_gib(compiled)} GiB"
+    )
+    executed, model = analytic_flops(clip, task, name, cfg, args.batch)
+    out = {
+        "method": name,
+        "classes": classes,
+        "batch": args.batch,
+        "compile_s": round(compile_s, 2),
+        "flops": flops,
+        "flops_source": "xla_cost_analysis",
+        "flops_analytic": executed,
+        "flops_analytic_model": model,
+        "xla_over_analytic": round(flops / executed, 3),
+        "remat": bool(method.config.get("remat", False)),
+        "temp_gib": temp_gib(compiled),
+        "method_config": {k: v for k, v in cfg.items() if k != "templates"},
+        "lr": optim["lr"],
+    }
+    if args.compile_only:
+        return out
+
+    t = time.perf_counter()
+    state, metrics = compiled(state, clip, task, batch, key)
+    jax.block_until_ready((state, metrics))
+    warmup_s = time.perf_counter() - t
+    log(f"{name} C={classes}: warm-up step {warmup_s:.2f}s")
+    times = []
+    for i in range(args.steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, clip, task, batch, key)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t)
+        log(f"{name} C={classes}: step {i + 1}/{args.steps} {times[-1]:.2f}s")
+    step_s = statistics.median(times)
+    return {
+        **out,
+        "step_s": round(step_s, 4),
+        "step_s_all": [round(x, 4) for x in times],
+        "warmup_step_s": round(warmup_s, 3),
+        "tflops_per_s": round(flops / step_s / 1e12, 4),
+        "loss": float(metrics["loss"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--classes", nargs="+", type=int, default=[50, 1000])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
+    ap.add_argument("--preset", default="vit-b/16", help="model shapes (tiny: a quick check)")
+    ap.add_argument("--teacher-classes", type=int, default=100, help="0: skip the teacher timing")
+    ap.add_argument(
+        "--peak-sizes", nargs="+", type=int, default=None, help="matmul sides for the peak"
+    )
+    ap.add_argument("--peak-repeats", type=int, default=5, help="runs per size, best kept")
+    ap.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="compile and report FLOPs and XLA's temporary memory, without timing",
+    )
+    ap.add_argument(
+        "--no-augment", dest="augment", action="store_false", help="feed 224 px images directly"
+    )
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error("--steps must be >= 1")
+    n_names = len(all_classnames())
+    if not all(1 <= c <= n_names for c in [*args.classes, args.teacher_classes or 1]):
+        ap.error(f"class counts must be in 1..{n_names} (the ImageNet class names)")
+
+    dev = jax.devices()[0]
+    sizes = args.peak_sizes or ([1024, 2048] if args.preset == "vit-b/16" else [256])
+    peak = MatmulPeak(sizes, args.peak_repeats)
+    log(f"matmul peak {sizes} float32: {peak.measure() / 1e12:.4f} TFLOP/s on {dev}")
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    common = {
+        "benchmark": "train_step",
+        "device": f"{dev.platform}:{dev.device_kind}",
+        "host": host_cpu(),
+        "cpu_cores_usable": len(affinity) if affinity else os.cpu_count(),
+        "shapes": f"{args.preset} (random weights)",
+        "augment": args.augment,
+    }
+
+    all_presets = presets()
+    # Vocabulary: every class name used and the teacher's template words, one token per word.
+    words = sorted({n for c in [*args.classes, args.teacher_classes] for n in classnames(c)})
+    words += [*templates_lib.PROMPTSRC_60, "a photo of a"]
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        clip_lib.save_random_clip(d, words=words, preset=args.preset)
+        clip = jp.load_clip(d)
+    log(f"random {args.preset} CLIP built in {time.perf_counter() - t:.1f}s")
+
+    teacher: dict[str, Any] = {}
+    results = []
+    for classes in args.classes:
+        for name in args.methods:
+            if (
+                name == "promptsrc"
+                and args.teacher_classes
+                and not teacher
+                and not args.compile_only
+            ):
+                teacher = time_teacher(clip, all_presets[name]["method"], args.teacher_classes)
+                log(f"promptsrc teacher for {args.teacher_classes} classes: {teacher}")
+            log(f"{name} C={classes}: start")
+            r = bench_one(clip, name, all_presets[name], classes, args)
+            if not args.compile_only:
+                best = peak.measure()
+                r["peak_tflops_per_s"] = round(best / 1e12, 4)
+                r["peak_source"] = (
+                    f"jitted float32 n x n matmuls, n in {sizes}, best of "
+                    f"{args.peak_repeats * peak.measurements} runs each over the process"
+                )
+                r["mfu"] = round(r["flops"] / r["step_s"] / best, 4)
+                r["mfu_model_analytic"] = round(r["flops_analytic_model"] / r["step_s"] / best, 4)
+            if name == "promptsrc":
+                r.update(teacher)
+            r["max_rss_gib"] = max_rss_gib()
+            r["loadavg_1m"] = loadavg()
+            line = {**common, **r}
+            results.append(line)
+            print(json.dumps(line), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    main()
