@@ -1,12 +1,19 @@
-"""Every method on the toy world, seeds 1-3: base-to-novel and cross-domain tables.
+"""Every method on the toy world, seeds 1-3: base-to-novel, cross-domain and test-time tables.
 
-    python benchmarks/toy_world.py --out docs/toy_results.md [--methods coop,ivlp] [--seeds 1,2]
+    python benchmarks/toy_world.py --out docs/toy_results.md [--methods coop,tpt] [--seeds 1,2]
 
-Runs ``configs/base2new.py`` (train on the 8 base textures, test base and new) and
-``configs/xdomain.py`` (train on all 16 photo textures, test the sketch/night/cartoon styles
-and the colour label space) for each method and seed through the same code path as the CLI
-(run directories under ``--runs``; finished runs are skipped, so it resumes), then writes the
-mean over seeds as markdown tables. Prints one JSON line with the means.
+Runs, for each method and seed, through the same code path as the CLI (run directories under
+``--runs``; finished runs are skipped, so it resumes):
+
+* ``base2new``: ``configs/base2new.py`` (train on the 8 base textures, test base and new);
+* ``xdomain``: ``configs/xdomain.py`` (train on all 16 photo textures, test the
+  sketch/night/cartoon styles and the colour label space);
+* ``adapt``: ``configs/adapt.py`` TPT (each test image alone, label-free; every 5th test
+  image) and POUF (unlabeled target train images; the whole test split) on the sketch, night
+  and cartoon styles, with zero-shot beside them (measured on the whole test split by POUF
+  and on TPT's subset by TPT: the rows say which).
+
+then writes the mean over seeds as markdown tables. Prints one JSON line with the means.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_METHODS = ("zeroshot", "maple", "coop", "ivlp", "promptsrc", "cocoop", "bayes")
+ADAPT_METHODS = ("tpt", "pouf")
+TRAIN_METHODS = ALL_METHODS
+ADAPT_TARGETS = ("toy_textures_sketch", "toy_textures_night", "toy_textures_cartoon")
 
 
 def _config(protocol: str, arg: str):
@@ -35,7 +45,10 @@ def _config(protocol: str, arg: str):
 def _section(protocol: str, rows: dict, seeds: str) -> str:
     from jaxprompt import evaluate
 
-    cols = ("base", "new", "hm") if protocol == "base2new" else tuple(next(iter(rows.values())))
+    if protocol == "base2new":
+        cols = ("base", "new", "hm")
+    else:
+        cols = tuple(dict.fromkeys(k for r in rows.values() for k in r))
     table = evaluate.markdown_table(rows, columns=cols, average=False)
     return f"### {protocol} (toy world, mean of seeds {seeds})\n\n" + table.replace(
         "| Dataset |", "| Method |", 1
@@ -44,9 +57,9 @@ def _section(protocol: str, rows: dict, seeds: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default=",".join(ALL_METHODS))
+    ap.add_argument("--methods", default=",".join(ALL_METHODS + ADAPT_METHODS))
     ap.add_argument("--seeds", default="1,2,3")
-    ap.add_argument("--protocols", default="base2new,xdomain")
+    ap.add_argument("--protocols", default="base2new,xdomain,adapt")
     ap.add_argument("--runs", default="runs/toy")
     ap.add_argument("--out", default="docs/toy_results.md")
     args = ap.parse_args()
@@ -69,8 +82,16 @@ def main() -> None:
             )
 
     for protocol in args.protocols.split(","):
+        if protocol == "adapt":
+            rows = _adapt_rows([m for m in methods if m in ADAPT_METHODS], seeds, args.runs)
+            for m, r in rows.items():
+                summary[f"adapt/{m}"] = r
+            if rows:
+                sections.append(_section(protocol, rows, args.seeds))
+                write(sections)
+            continue
         rows = {}
-        for m in methods:
+        for m in (m for m in methods if m in TRAIN_METHODS):
             per_seed = []
             for s in seeds:
                 cfg = _config(protocol, f"{m},dataset=toy_textures,seed={s}")
@@ -83,6 +104,30 @@ def main() -> None:
         sections.append(_section(protocol, rows, args.seeds))
     write(sections)
     print(json.dumps({"benchmark": "toy_world", "seeds": seeds, "means": summary}))
+
+
+def _adapt_rows(methods: list[str], seeds: list[int], runs: str) -> dict:
+    """Label-free adaptation on each shifted style: per method, zero-shot on the same test
+    images (the same frozen CLIP and "a photo of a {}." prompt), then the method (seed means)."""
+    from jaxprompt import adapt, evaluate, pouf_runner
+
+    rows: dict = {}
+    for m in methods:
+        zs_row = "zeroshot" if m == "pouf" else f"zeroshot ({m}'s images)"
+        for target in ADAPT_TARGETS:
+            per_seed = []
+            for s in seeds:
+                # TPT tunes on 64 views of each test image alone: every 5th image (10 per
+                # class, 160) keeps three styles x three seeds within minutes on a CPU.
+                extra = ",every=5" if m == "tpt" else ""
+                cfg = _config("adapt", f"{m},dataset={target},seed={s}{extra}")
+                wd = os.path.join(runs, "adapt", m, target, f"seed{s}")
+                run = pouf_runner.run_pouf if m == "pouf" else adapt.run_adapt
+                per_seed.append(run(cfg, wd)["accuracy"])
+            stats = evaluate.summarize_seeds(per_seed)
+            rows.setdefault(zs_row, {})[target] = stats["zero_shot"]["mean"]
+            rows.setdefault(m, {})[target] = stats[m]["mean"]
+    return rows
 
 
 if __name__ == "__main__":

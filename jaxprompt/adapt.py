@@ -232,7 +232,7 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
         cfg.get("init_from", ""), m["base"], m.get("base_kwargs", {}), clip, task, key
     )
     augmix = use_augmix(d.get("augmix", "auto"), ds.spec.name)
-    examples = list(ds.split["test"])
+    examples = list(ds.split["test"])[:: max(1, int(d.get("every", 1)))]
     if int(d.get("limit", 0)) > 0:
         examples = examples[: int(d["limit"])]
     mesh = experiment._mesh(cfg)
