@@ -43,7 +43,7 @@ No real CLIP BPE vocabulary is available offline: the tokenizer is word-level (e
 the class names and templates one token), so class prompts are somewhat shorter than with BPE.
 On a CPU, CoCoOp at 1000 classes (4 x 1000 prompted sequences forward, backward and
 rematerialised) takes minutes per step and XLA's CPU compiler gives its step 16.4 GiB of
-temporary buffers (the whole process about 19.5 GiB); ``--methods`` selects a subset.
+temporary buffers (the process peaked at 20.3 GiB); ``--methods`` selects a subset.
 
     python benchmarks/train_step.py                                 # 5 methods x 50, 1000 classes
     python benchmarks/train_step.py --methods coop promptsrc --classes 100 --steps 5
