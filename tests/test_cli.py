@@ -215,3 +215,18 @@ def test_prepare_then_train_on_an_image_folder_without_tensorflow(tiny_clip_dir,
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.load(open(wd / "results.json"))
     assert set(res["accuracy"]) == {"base", "new", "hm"} and res["dataset"] == "shapes"
+
+
+def test_toy_configs_scale_prompt_shapes_to_the_toy_clip():
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    import base2new
+    import xdomain
+
+    toy = base2new.get_config("promptsrc,dataset=toy_textures").method.kw
+    real = base2new.get_config("promptsrc,dataset=ImageNet").method.kw
+    # ViT-B/16's 12 layers and 196 patches -> the toy's 4 layers and 16 patches.
+    assert (real["depth"], real["n_ctx_vision"], real["n_ctx_text"]) == (9, 4, 4)
+    assert (toy["depth"], toy["n_ctx_vision"], toy["n_ctx_text"]) == (3, 1, 4)
+    assert xdomain.get_config("ivlp,dataset=toy_textures").method.kw["depth"] == 1
+    assert base2new.get_config("maple,dataset=toy_textures").method.kw["n_ctx"] == 1
+    assert base2new.get_config("maple,dataset=ImageNet").method.kw["n_ctx"] == 2
