@@ -39,7 +39,6 @@ from jaxprompt.methods.tpt import episodes, make_optimizer, num_selected
 
 log = logging.getLogger("jaxprompt")
 
-RESULTS = "results.json"
 PROGRESS = "progress.json"
 
 # The ImageNet family gets crops + flips only; every other dataset AugMix (spec section 2.1).
@@ -186,13 +185,6 @@ def make_adapt_step(
     return step
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
     """Runs TPT over the configured dataset's test split (see ``configs/adapt.py``).
 
@@ -205,13 +197,10 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
       percent, plus the dataset, model, seed, steps, views, image count and wall time.
     """
     cfg = experiment.to_dict(config)
-    os.makedirs(workdir, exist_ok=True)
-    done = os.path.join(workdir, RESULTS)
-    if os.path.exists(done):
-        log.info("%s exists: skipping this run (delete it to run again)", done)
-        with open(done) as f:
-            return json.load(f)
-    experiment._check_same_run(workdir, cfg)
+    finished = experiment.start_run(workdir, cfg)
+    if finished is not None:
+        return finished
+    done = os.path.join(workdir, experiment.RESULTS)
     t0 = time.time()
     m, d = cfg["method"], cfg["data"]
     if m.get("name", "tpt") != "tpt":
@@ -303,7 +292,7 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
                 100.0 * totals["tpt"] / n, done_here / max(time.time() - t_run, 1e-9),
             )  # fmt: skip
         if ((j + 1) % int(cfg.get("save_every", 50)) == 0 and not last) and index == 0:
-            _write_json(
+            experiment._write_json(
                 progress,
                 {"batches": j + 1, "totals": totals, "iterator": batches.get_state()},
             )
@@ -334,7 +323,7 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
         )
         with open(os.path.join(workdir, "results.md"), "w") as f:
             f.write(table + "\n")
-        _write_json(done, record)
+        experiment._write_json(done, record)
         if os.path.exists(progress):
             os.remove(progress)
     log.info("results: %s", json.dumps(accuracy))

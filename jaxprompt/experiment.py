@@ -201,13 +201,9 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
       The contents of ``results.json``.
     """
     cfg = to_dict(config)
-    if _is_main():
-        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    done = epath.Path(workdir) / RESULTS
-    if done.exists():
-        log.info("%s exists: skipping this run (delete it to run again)", done)
-        return json.loads(done.read_text())
-    _check_same_run(workdir, cfg)
+    finished = start_run(workdir, cfg)
+    if finished is not None:
+        return finished
     t0 = time.time()
     # Cheap checks first: a typo in the method or dataset fails before any weights load.
     method = build_method(cfg)
@@ -340,6 +336,22 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [prefix.rstrip(".")]
+
+
+def start_run(workdir: str, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """Opens a run directory: a finished run's ``results.json`` contents (skip it), else None.
+
+    Creates ``workdir`` and writes ``config.json``, or checks that a resumed run's config is
+    the one it was started with (every runner: train, TPT, POUF).
+    """
+    if _is_main():
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    done = epath.Path(workdir) / RESULTS
+    if done.exists():
+        log.info("%s exists: skipping this run (delete it to run again)", done)
+        return json.loads(done.read_text())
+    _check_same_run(workdir, cfg)
+    return None
 
 
 def _check_same_run(workdir: str, cfg: dict[str, Any]) -> None:

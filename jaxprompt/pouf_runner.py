@@ -65,7 +65,6 @@ from jaxprompt.methods.pouf import make_optimizer as make_pouf_optimizer
 
 log = logging.getLogger("jaxprompt")
 
-RESULTS = "results.json"
 DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 
 __all__ = ["domainnet_spec", "run_pouf"]
@@ -145,13 +144,6 @@ class _Unlabeled:
         self._it.set_state(state)
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
 def _finish(workdir: str, record: dict[str, Any], name: str) -> None:
     if jax.process_index() == 0:
         table = eval_lib.markdown_table(
@@ -159,7 +151,7 @@ def _finish(workdir: str, record: dict[str, Any], name: str) -> None:
         )
         with open(os.path.join(workdir, "results.md"), "w") as f:
             f.write(table + "\n")
-        _write_json(os.path.join(workdir, RESULTS), record)
+        experiment._write_json(os.path.join(workdir, experiment.RESULTS), record)
     log.info("results: %s", json.dumps(record["accuracy"]))
 
 
@@ -170,13 +162,9 @@ def run_pouf(config: Any, workdir: str) -> dict[str, Any]:
       The contents of ``results.json``.
     """
     cfg = experiment.to_dict(config)
-    os.makedirs(workdir, exist_ok=True)
-    done = os.path.join(workdir, RESULTS)
-    if os.path.exists(done):
-        log.info("%s exists: skipping this run (delete it to run again)", done)
-        with open(done) as f:
-            return json.load(f)
-    experiment._check_same_run(workdir, cfg)
+    finished = experiment.start_run(workdir, cfg)
+    if finished is not None:
+        return finished
     name = cfg["method"]["name"]
     if name == "pouf_mlm":
         return _run_mlm(cfg, workdir)

@@ -106,12 +106,15 @@ def zero_shot_accuracy(
     return 100.0 * float(np.mean(pred == labels[keep]))
 
 
+# Module level so that one compilation serves every call (pretraining's progress lines).
+_encode_images = jax.jit(lambda c, x: clip_lib.normalize(clip_lib.encode_image(c, x)))
+
+
 def image_features(clip: clip_lib.Clip, images_uint8: np.ndarray, batch: int = 256) -> np.ndarray:
     """Normalised frozen image features of uint8 NHWC toy images, float32 [N, D]."""
-    enc = jax.jit(lambda c, x: clip_lib.normalize(clip_lib.encode_image(c, x)))
     return np.concatenate(
         [
-            np.asarray(enc(clip, jnp.asarray(normalise(images_uint8[i : i + batch]))))
+            np.asarray(_encode_images(clip, jnp.asarray(normalise(images_uint8[i : i + batch]))))
             for i in range(0, len(images_uint8), batch)
         ]
     )
