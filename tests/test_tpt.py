@@ -387,11 +387,10 @@ def test_two_steps_reuse_the_step0_selection(setup, batched, tiny_clip, tiny_tas
     np.testing.assert_allclose(zero, batched["initial"][:2], atol=1e-5)
 
 
-@pytest.mark.slow
-def test_cocoop_tunes_the_generated_context(tiny_clip, tiny_task, setup):
-    base = jp.methods.cocoop(n_ctx=4)
+def _batch_of_2_equals_single_episodes(base, seed, tiny_clip, tiny_task, setup):
+    """Asserts ``episodes`` on 2 images gives each image's ``episode``; returns (prompt, out)."""
     tx = setup["tx"]
-    prompt = base.init(jax.random.key(3), tiny_clip, tiny_task)
+    prompt = base.init(jax.random.key(seed), tiny_clip, tiny_task)
     views = setup["views"][:2, :16]
     out = jax.jit(
         lambda p, v: episodes(base, tx, p, tiny_clip, tiny_task, v, keep=0.25, details=True)
@@ -399,8 +398,15 @@ def test_cocoop_tunes_the_generated_context(tiny_clip, tiny_task, setup):
     single = jax.jit(lambda p, v: episode(base, tx, p, tiny_clip, tiny_task, v, keep=0.25))
     for b in range(2):
         np.testing.assert_allclose(out["logits"][b], single(prompt, views[b]), atol=1e-5)
+    return prompt, out
+
+
+@pytest.mark.slow
+def test_cocoop_tunes_the_generated_context(tiny_clip, tiny_task, setup):
+    base = jp.methods.cocoop(n_ctx=4)
+    prompt, out = _batch_of_2_equals_single_episodes(base, 3, tiny_clip, tiny_task, setup)
     # The tuned pytree is the generated context, started from ctx + meta_net(UN-normalised f0).
-    f0 = jp.encode_image(tiny_clip, views[:, 0])
+    f0 = jp.encode_image(tiny_clip, setup["views"][:2, 0])
     from jaxprompt.methods.cocoop import meta_net
 
     start = prompt["ctx"][None] + meta_net(prompt["meta_net"], f0)[:, None, :]
@@ -484,15 +490,7 @@ def test_cli_adapt_writes_results_side_by_side(tiny_clip_dir, tmp_path):
 def test_vision_prompt_base_batch_equals_single(tiny_clip, tiny_task, setup):
     # A base with vision prompts tunes through base.logits on the views (no sharing).
     base = jp.methods.ivlp(depth=2)
-    tx = setup["tx"]
-    prompt = base.init(jax.random.key(4), tiny_clip, tiny_task)
-    views = setup["views"][:2, :16]
-    out = jax.jit(
-        lambda p, v: episodes(base, tx, p, tiny_clip, tiny_task, v, keep=0.25, details=True)
-    )(prompt, views)
-    single = jax.jit(lambda p, v: episode(base, tx, p, tiny_clip, tiny_task, v, keep=0.25))
-    for b in range(2):
-        np.testing.assert_allclose(out["logits"][b], single(prompt, views[b]), atol=1e-5)
+    prompt, out = _batch_of_2_equals_single_episodes(base, 4, tiny_clip, tiny_task, setup)
     assert out["prompt"]["vision_ctx"].shape == (2,) + prompt["vision_ctx"].shape
     moved = np.abs(np.asarray(out["prompt"]["vision_ctx"][0]) - np.asarray(prompt["vision_ctx"]))
     assert moved.max() > 0.5 * LR
