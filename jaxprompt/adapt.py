@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from jaxprompt import checkpoint as ckpt_lib
 from jaxprompt import clip as clip_lib
@@ -257,9 +258,13 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
     totals = {"tpt": 0, "zero_shot": 0, "count": 0}
     start = 0
     progress = os.path.join(workdir, PROGRESS)
-    if os.path.exists(progress):
-        with open(progress) as f:
-            saved = json.load(f)
+    # Where to resume is process 0's reading of the progress file, the same on every host.
+    saved = shard_lib.decide_once(
+        lambda: (
+            json.loads(epath.Path(progress).read_text()) if epath.Path(progress).exists() else None
+        )
+    )
+    if saved is not None:
         batches.set_state(saved["iterator"])
         totals, start = saved["totals"], int(saved["batches"])
         log.info("resuming at batch %d (%d images done)", start, totals["count"])

@@ -358,7 +358,12 @@ def _quiet() -> Iterator[None]:
 
 
 def _reader(directory: epath.Path) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    # Reading is one host's own business: without save_root_metadata a read-only manager
+    # passes no barrier (orbax's default has one), so a host may read while the others do
+    # something else, e.g. wait in a writer's barrier.
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0, save_root_metadata=False
+    )
     return ocp.CheckpointManager(directory, options=options, item_names=_ITEMS)
 
 
@@ -380,9 +385,10 @@ def latest_step(workdir: str | epath.PathLike) -> int | None:
 
 
 def _restore_raw(
-    workdir: str | epath.PathLike, step: int | None
+    workdir: str | epath.PathLike, step: int | None, max_step: int | None = None
 ) -> tuple[int, dict[str, np.ndarray], dict[str, Any], Any]:
-    """Reads the newest readable checkpoint (or exactly ``step``) without a target structure."""
+    """Reads the newest readable checkpoint (or exactly ``step``; none newer than ``max_step``)
+    without a target structure."""
     directory = checkpoint_dir(workdir)
     if not directory.exists():
         raise FileNotFoundError(f"no checkpoints in {directory}")
@@ -390,7 +396,7 @@ def _restore_raw(
     with _quiet():
         manager = _reader(directory)
         try:
-            found = _first_readable(manager, directory, step, failures)
+            found = _first_readable(manager, directory, step, max_step, failures)
         finally:
             manager.close()
     for msg in failures:
@@ -401,9 +407,15 @@ def _restore_raw(
 
 
 def _first_readable(
-    manager: ocp.CheckpointManager, directory: epath.Path, step: int | None, failures: list[str]
+    manager: ocp.CheckpointManager,
+    directory: epath.Path,
+    step: int | None,
+    max_step: int | None,
+    failures: list[str],
 ) -> tuple[int, dict[str, np.ndarray], dict[str, Any], Any]:
     steps = sorted(manager.all_steps(), reverse=True)
+    if max_step is not None:
+        steps = [s for s in steps if s <= max_step]
     if step is not None:
         if step not in steps:
             raise FileNotFoundError(f"no checkpoint {step} in {directory} (have {steps})")
@@ -509,6 +521,7 @@ def restore(
     like: PyTree,
     *,
     step: int | None = None,
+    max_step: int | None = None,
     extra_like: PyTree = None,
 ) -> tuple[Any, ...]:
     """Restores the newest readable checkpoint into the structure of ``like``.
@@ -519,6 +532,8 @@ def restore(
         initialised TrainState); ``jax.Array`` or ``jax.ShapeDtypeStruct`` leaves with a
         sharding are restored onto that sharding, other leaves as numpy arrays.
       step: a specific checkpoint (default: the newest readable one).
+      max_step: read no checkpoint newer than this (a multi-host job passes the step one
+        host found, so that every host reads the same one; orbax's reads are collective).
       extra_like: structure of the ``extra`` tree saved with the state, if any.
 
     Returns:
@@ -531,7 +546,7 @@ def restore(
         on disk is touched).
       RuntimeError: if no checkpoint is readable.
     """
-    s, flat, meta, data_state = _restore_raw(workdir, step)
+    s, flat, meta, data_state = _restore_raw(workdir, step, max_step)
     where = dict(directory=checkpoint_dir(workdir), step=s, meta=meta)
     state = _fit_to_like(flat, like, "", **where)
     if extra_like is None:

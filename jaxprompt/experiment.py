@@ -150,14 +150,6 @@ def _is_local(workdir: str | os.PathLike) -> bool:
     return "://" not in os.fspath(workdir)
 
 
-def _sync(name: str) -> None:
-    """Waits for all processes (a no-op on one host)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def _apply_protocol(ds, d: Mapping[str, Any], workdir: str) -> tuple[Any, list[str]]:
     """``data.apply_protocol`` with the few-shot record kept in ``workdir/data`` on any host.
 
@@ -174,11 +166,14 @@ def _apply_protocol(ds, d: Mapping[str, Any], workdir: str) -> tuple[Any, list[s
     tmp = tempfile.mkdtemp(prefix="jaxprompt-")
     try:
         local = os.path.join(tmp, "data", name)
-        existed = remote.exists()
+        # Process 0 reads the record and every host uses its copy: a host looking a moment
+        # later could find a half-uploaded record of a new run.
+        text = shard_lib.decide_once(lambda: remote.read_text() if remote.exists() else None)
+        existed = text is not None
         if existed:
             os.makedirs(os.path.dirname(local))
             with open(local, "w") as f:
-                f.write(remote.read_text())
+                f.write(text)
         out = data_lib.apply_protocol(ds, **kw, workdir=tmp)
         if _is_main() and not existed:
             remote.parent.mkdir(parents=True, exist_ok=True)
@@ -325,7 +320,7 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
     }
     if _is_main():
         finish(workdir, record)
-    _sync("jaxprompt:results")  # a sweep moves on only once results.json exists
+    shard_lib.barrier("jaxprompt:results")  # a sweep moves on only once results.json exists
     return record
 
 
@@ -342,32 +337,37 @@ def start_run(workdir: str, cfg: dict[str, Any]) -> dict[str, Any] | None:
     """Opens a run directory: a finished run's ``results.json`` contents (skip it), else None.
 
     Creates ``workdir`` and writes ``config.json``, or checks that a resumed run's config is
-    the one it was started with (every runner: train, TPT, POUF).
+    the one it was started with (every runner: train, TPT, POUF). Process 0 alone looks at
+    the directory and writes; its verdict reaches every host (``sharding.decide_once``), so
+    all hosts skip, refuse or start together whatever their timing.
     """
-    if _is_main():
-        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    done = epath.Path(workdir) / RESULTS
+    outcome = shard_lib.decide_once(lambda: _open_run(workdir, cfg))
+    if outcome.get("error"):
+        raise ConfigError(outcome["error"])
+    if outcome.get("finished") is not None:
+        log.info("%s exists: skipping this run (delete it to run again)", outcome["where"])
+    return outcome.get("finished")
+
+
+def _open_run(workdir: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``start_run``'s look at the directory (process 0): finished, refused, or opened."""
+    wd = epath.Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    done = wd / RESULTS
     if done.exists():
-        log.info("%s exists: skipping this run (delete it to run again)", done)
-        return json.loads(done.read_text())
-    _check_same_run(workdir, cfg)
-    return None
-
-
-def _check_same_run(workdir: str, cfg: dict[str, Any]) -> None:
-    """Writes config.json, or checks a resumed run's config is the one it was started with."""
-    path = epath.Path(workdir) / "config.json"
+        return {"finished": json.loads(done.read_text()), "where": str(done)}
+    path = wd / "config.json"
     if path.exists():
-        old = json.loads(path.read_text())
-        diff = _diff_keys(old, cfg)
+        diff = _diff_keys(json.loads(path.read_text()), cfg)
         if diff:
-            raise ConfigError(
-                f"{workdir} holds a run with a different config ({', '.join(diff[:4])}): "
-                "use a new --workdir, or the original config to resume it"
-            )
-        return
-    if _is_main():
-        _write_json(path, cfg)
+            return {
+                "error": f"{workdir} holds a run with a different config "
+                f"({', '.join(diff[:4])}): use a new --workdir, or the original config to "
+                "resume it"
+            }
+        return {}
+    _write_json(path, cfg)
+    return {}
 
 
 def run_eval(workdir: str, config: Any | None = None) -> dict[str, Any]:

@@ -18,7 +18,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,9 +28,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 __all__ = [
+    "barrier",
     "batch_sharding",
     "clip_shardings",
     "constrain_classes",
+    "decide_once",
     "make_mesh",
     "param_sharding",
     "put_batch",
@@ -247,3 +250,65 @@ def constrain_classes(x: jax.Array, mesh: Mesh | None = None) -> jax.Array:
     if mesh.shape["model"] == 1:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("model")))
+
+
+# ------------------------------------------------------------------------------------------------
+# Several hosts: one decision, one barrier sequence
+# ------------------------------------------------------------------------------------------------
+
+
+def decide_once(fn: Callable[[], Any]) -> Any:
+    """Runs ``fn()`` on process 0 only and returns its (JSON-able) value on every process.
+
+    Decisions that depend on a shared run directory (is there a checkpoint, has the run
+    finished, which few-shot record exists) must be the same on every host, or the hosts take
+    different paths through the collectives and barriers that follow (orbax's barriers are
+    collectives: two hosts at different barriers fail with a name mismatch or hang). A host
+    that looks at the directory a moment later than another can see a file the other has just
+    written; a decision made once and broadcast cannot differ. On one process this is just
+    ``fn()``.
+
+    If ``fn`` raises on process 0, process 0 re-raises it and every other process raises a
+    ``RuntimeError`` with its message, so no host is left waiting.
+
+    Args:
+      fn: a function of no arguments returning a JSON-able value (``None``, numbers, strings,
+        lists, dicts).
+
+    Returns:
+      Process 0's value of ``fn()``, decoded from JSON on the other processes.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    error: BaseException | None = None
+    payload = b""
+    if jax.process_index() == 0:
+        try:
+            payload = json.dumps({"value": fn()}).encode()
+        except Exception as e:  # noqa: BLE001 - sent to the other hosts, then re-raised
+            error = e
+            payload = json.dumps({"error": f"{type(e).__name__}: {e}"}).encode()
+    # Two broadcasts: the length (every host must pass the same shape), then the bytes.
+    n = int(multihost_utils.broadcast_one_to_all(np.int64(len(payload))))
+    buf = np.zeros(n, np.uint8)
+    if jax.process_index() == 0:
+        buf[:] = np.frombuffer(payload, np.uint8)
+    got = json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode())
+    if error is not None:
+        raise error
+    if "error" in got:
+        raise RuntimeError(f"process 0 failed: {got['error']}")
+    return got["value"]
+
+
+def barrier(name: str) -> None:
+    """Waits until every process has reached the barrier ``name`` (a no-op on one process).
+
+    Every process must pass the same barriers in the same order; see :func:`decide_once`.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

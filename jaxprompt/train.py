@@ -407,9 +407,20 @@ def fit(
     run_meta = {**_default_meta(method, clip, task), **dict(meta or {})}
     iterator: Iterator = iter(batches)
     start = 0
-    if workdir is not None and ckpt_lib.latest_step(workdir) is not None:
+    # Whether to resume, and from which step at most, is decided once, by process 0: hosts
+    # looking at the shared directory at different moments could otherwise disagree (one sees
+    # the checkpoint directory another has just created) and then pass different barriers.
+    # Every host then reads (orbax's reads are collective) the newest readable checkpoint up
+    # to that step.
+    found = None
+    if workdir is not None:
+        found = shard_lib.decide_once(lambda: ckpt_lib.latest_step(workdir))
+    if found is not None:
         restored = ckpt_lib.restore(
-            workdir, state, extra_like=agg_state if aggregator is not None else None
+            workdir,
+            state,
+            max_step=found,
+            extra_like=agg_state if aggregator is not None else None,
         )
         state, _, data_state = restored[:3]
         if aggregator is not None:

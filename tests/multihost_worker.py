@@ -1,6 +1,7 @@
 """One process of the multi-host training test (run as a subprocess by tests/test_multihost.py).
 
-``python tests/multihost_worker.py CLIP_DIR WORKDIR OUT PROCESS_ID NUM_PROCESSES PORT DEVICES``
+``python tests/multihost_worker.py CLIP_DIR WORKDIR OUT PROCESS_ID NUM_PROCESSES PORT DEVICES
+[steps=N] [start_delay=S] [checkpointer_delay=S]``
 
 Every process simulates ``DEVICES`` CPU devices. With ``NUM_PROCESSES > 1`` it joins a
 ``jax.distributed`` job on ``localhost:PORT`` (gloo CPU collectives), as a TPU VM worker does
@@ -11,6 +12,12 @@ process would see. :func:`train_and_evaluate` trains CoOp on the tiny CLIP with
 evaluates it with :func:`jaxprompt.evaluate.evaluate` on host-local eval batches; process 0
 writes the final prompt and the accuracy to ``OUT`` (``.npz``). The test also imports
 :func:`train_and_evaluate` to run the one-process reference in its own (8-device) process.
+
+Timing is the multi-host hazard: a host that starts late, or reaches the checkpointer late, sees
+the shared run directory as another host has just changed it. ``start_delay`` sleeps after
+joining the job and before training; ``checkpointer_delay`` sleeps before the checkpointer is
+created. Every barrier a process passes is printed (``barrier NAME``), so a failing test shows
+each host's barrier sequence.
 """
 
 from __future__ import annotations
@@ -61,11 +68,12 @@ class HostBatches:
         self.i = int(state["i"])
 
 
-def train_and_evaluate(clip_dir: str, workdir: str) -> dict:
+def train_and_evaluate(clip_dir: str, workdir: str, steps: int = STEPS) -> dict:
     """Trains CoOp with ``fit`` on this process's rows and evaluates it; returns numpy results.
 
     Runs in whatever jax job the caller set up (one process, or one of several after
-    ``jax.distributed.initialize``); the mesh spans all devices of all processes.
+    ``jax.distributed.initialize``); the mesh spans all devices of all processes. ``steps``
+    below ``STEPS`` stops early on the same schedule (a later call with ``STEPS`` resumes).
     """
     import jax
     import numpy as np
@@ -85,7 +93,7 @@ def train_and_evaluate(clip_dir: str, workdir: str) -> dict:
         clip,
         task,
         HostBatches(pid, nproc),
-        steps=STEPS,
+        steps=steps,
         key=jax.random.key(7),
         mesh=mesh,
         workdir=workdir,
@@ -106,9 +114,34 @@ def train_and_evaluate(clip_dir: str, workdir: str) -> dict:
     return {"ctx": ctx, "top1": np.float64(acc["top1"]), "n": np.int64(acc["n"])}
 
 
+def _inject_delays(start_delay: float, checkpointer_delay: float) -> None:
+    """Sleeps now and before the checkpointer is made; prints every barrier passed."""
+    from jax.experimental import multihost_utils
+
+    from jaxprompt import checkpoint
+
+    sync = multihost_utils.sync_global_devices
+
+    def logged_sync(name: str) -> None:
+        sys.stdout.write(f"barrier {name}\n")
+        sys.stdout.flush()
+        sync(name)
+
+    multihost_utils.sync_global_devices = logged_sync  # orbax calls it through the module
+    init = checkpoint.Checkpointer.__init__
+
+    def late_init(self, *args, **kwargs):
+        time.sleep(checkpointer_delay)
+        init(self, *args, **kwargs)
+
+    checkpoint.Checkpointer.__init__ = late_init
+    time.sleep(start_delay)
+
+
 def main(argv: list[str]) -> None:
     clip_dir, workdir, out = argv[1], argv[2], argv[3]
     pid, nproc, port, devices = (int(a) for a in argv[4:8])
+    opts = dict(a.split("=", 1) for a in argv[8:])
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -129,7 +162,8 @@ def main(argv: list[str]) -> None:
             initialization_timeout=120,
         )
     assert jax.process_count() == nproc and jax.device_count() == nproc * devices
-    res = train_and_evaluate(clip_dir, workdir)
+    _inject_delays(float(opts.get("start_delay", 0)), float(opts.get("checkpointer_delay", 0)))
+    res = train_and_evaluate(clip_dir, workdir, steps=int(opts.get("steps", STEPS)))
     if pid == 0:
         np.savez(out, **res, seconds=np.float64(time.perf_counter() - t0))
     sys.stdout.write(f"process {pid}/{nproc} done in {time.perf_counter() - t0:.1f}s\n")

@@ -11,6 +11,7 @@ Also here: the text tower split over the ``model`` mesh axis on the class axis (
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -34,15 +35,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_processes(clip_dir: str, workdir: str, out: str) -> tuple[list[str], float]:
-    """Starts both processes, waits for them, and returns their output and the wall time."""
+def _run_two_processes(
+    clip_dir: str, workdir: str, out: str, opts: tuple[str, str] = ("", "")
+) -> tuple[list[str], float]:
+    """Starts both processes (``opts[i]``: process i's ``key=value`` options), waits for them,
+    and returns their output and the wall time. A failure shows each host's barrier sequence."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     procs = []
     t0 = time.perf_counter()
     for pid in range(2):
         cmd = [sys.executable, os.path.join(HERE, "multihost_worker.py"), clip_dir, workdir, out]
-        cmd += [str(pid), "2", str(port), "4"]
+        cmd += [str(pid), "2", str(port), "4", *opts[pid].split()]
         procs.append(
             subprocess.Popen(
                 cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -57,42 +61,89 @@ def _run_two_processes(clip_dir: str, workdir: str, out: str) -> tuple[list[str]
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for p, log in zip(procs, logs, strict=True):
-        tail = "\n".join(log.splitlines()[-25:])
-        assert p.returncode == 0, f"worker exited with {p.returncode}:\n{tail}"
+    if any(p.returncode != 0 for p in procs):
+        report = []
+        for pid, (p, log) in enumerate(zip(procs, logs, strict=True)):
+            barriers = [ln[8:] for ln in log.splitlines() if ln.startswith("barrier ")]
+            tail = "\n".join(log.splitlines()[-25:])
+            report.append(
+                f"--- process {pid} ({opts[pid] or 'no delay'}) exited with {p.returncode}; "
+                f"barriers passed: {barriers}\n{tail}"
+            )
+        pytest.fail("\n".join(report), pytrace=False)
     return logs, time.perf_counter() - t0
 
 
-@pytest.mark.slow
-def test_two_processes_train_the_same_prompt_as_one(tiny_clip_dir, tmp_path):
+def _check_shared_run_directory(workdir, prompt) -> None:
+    """Checkpoints written once and readable, one metrics line a step."""
+    from jaxprompt import checkpoint
+
+    assert checkpoint.latest_step(workdir) == worker.STEPS
+    saved, meta = checkpoint.load_prompt(workdir)
+    np.testing.assert_allclose(saved["ctx"], prompt, atol=0)
+    assert meta["method"] == "coop"
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, worker.STEPS + 1))
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_clip_dir, tmp_path_factory):
+    """The reference: the same training in this pytest process on 8 devices."""
     from jaxprompt import checkpoint
 
     assert jax.device_count() == 8 and jax.process_count() == 1
-    out = str(tmp_path / "two.npz")
-    logs, seconds = _run_two_processes(tiny_clip_dir, str(tmp_path / "two"), out)
-    assert "process 0/2 done" in logs[0] and "process 1/2 done" in logs[1]
-    two = np.load(out)
+    workdir = tmp_path_factory.mktemp("one")
+    one = worker.train_and_evaluate(tiny_clip_dir, str(workdir))
+    assert not np.allclose(one["ctx"], checkpoint.load_prompt(workdir, step=2)[0]["ctx"])
+    return one
 
-    one = worker.train_and_evaluate(tiny_clip_dir, str(tmp_path / "one"))
 
+def _assert_same_as_one(two, one) -> float:
     # Same prompt after STEPS steps of data-parallel SGD on the same global batches.
     assert two["ctx"].shape == one["ctx"].shape == (4, 32)
     diff = float(np.max(np.abs(two["ctx"] - one["ctx"])))
     assert diff <= 1e-5, diff
-    assert not np.allclose(one["ctx"], checkpoint.load_prompt(tmp_path / "one", step=2)[0]["ctx"])
     # Evaluation: every host's eval rows were counted exactly once.
     assert int(two["n"]) == int(one["n"]) == worker.EVAL_BATCHES * worker.GLOBAL_BATCH
     assert float(two["top1"]) == pytest.approx(float(one["top1"]))
+    return diff
 
-    # The shared run directory: checkpoints written once and readable, one metrics line a step.
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_prompt_as_one_with_a_late_host(
+    tiny_clip_dir, tmp_path, one_process
+):
+    """Process 1 joins training 3 s late: process 0 has made the checkpoint directory by then
+    (a pod with one slow host); both must still pass the same barriers and agree."""
+    out = str(tmp_path / "two.npz")
     workdir = tmp_path / "two"
-    assert checkpoint.latest_step(workdir) == worker.STEPS
-    saved, meta = checkpoint.load_prompt(workdir)
-    np.testing.assert_allclose(saved["ctx"], two["ctx"], atol=0)
-    assert meta["method"] == "coop"
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == worker.STEPS
+    logs, seconds = _run_two_processes(tiny_clip_dir, str(workdir), out, ("", "start_delay=3"))
+    assert "process 0/2 done" in logs[0] and "process 1/2 done" in logs[1]
+    two = np.load(out)
+    diff = _assert_same_as_one(two, one_process)
+    _check_shared_run_directory(workdir, two["ctx"])
     print(f"two processes: {seconds:.1f}s, max |ctx diff| {diff:.2e}")
+
+
+@pytest.mark.slow
+def test_two_processes_resume_a_shared_run_with_either_host_late(
+    tiny_clip_dir, tmp_path, one_process
+):
+    """Half the steps with process 0 late (at start and at the checkpointer), then the rest,
+    resumed from the shared run directory with process 1 late at the checkpointer: the result
+    equals the uninterrupted one-process run."""
+    from jaxprompt import checkpoint
+
+    out = str(tmp_path / "two.npz")
+    workdir = tmp_path / "two"
+    half = worker.STEPS // 2
+    first = (f"steps={half} start_delay=2 checkpointer_delay=2", f"steps={half}")
+    _run_two_processes(tiny_clip_dir, str(workdir), out, first)
+    assert checkpoint.latest_step(workdir) == half
+    _run_two_processes(tiny_clip_dir, str(workdir), out, ("", "checkpointer_delay=3"))
+    two = np.load(out)
+    _assert_same_as_one(two, one_process)
+    _check_shared_run_directory(workdir, two["ctx"])
 
 
 # ------------------------------------------------------------------------------------------------
