@@ -27,6 +27,7 @@ import numpy as np
 
 import jaxprompt as jp
 from jaxprompt import clip as clip_lib
+from jaxprompt import testing
 
 
 def classnames(n: int) -> list[str]:
@@ -39,7 +40,7 @@ def classnames(n: int) -> list[str]:
 
 def build_clip(directory: str, words: list[str]) -> jp.Clip:
     # Only the text tower is measured: keep the vision tower minimal to save init time.
-    clip_lib.save_random_clip(
+    testing.save_random_clip(
         directory,
         words=words,
         preset="vit-b/16",

@@ -64,7 +64,8 @@ def main() -> None:
     ap.add_argument("--out", default="docs/toy_results.md")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
-    from jaxprompt import evaluate, experiment
+    from jaxprompt import evaluate
+    from jaxprompt.app import experiment
 
     methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -109,7 +110,8 @@ def main() -> None:
 def _adapt_rows(methods: list[str], seeds: list[int], runs: str) -> dict:
     """Label-free adaptation on each shifted style: per method, zero-shot on the same test
     images (the same frozen CLIP and "a photo of a {}." prompt), then the method (seed means)."""
-    from jaxprompt import adapt, evaluate, pouf_runner
+    from jaxprompt import evaluate
+    from jaxprompt.app import runners
 
     rows: dict = {}
     for m in methods:
@@ -122,8 +124,7 @@ def _adapt_rows(methods: list[str], seeds: list[int], runs: str) -> dict:
                 extra = ",every=5" if m == "tpt" else ""
                 cfg = _config("adapt", f"{m},dataset={target},seed={s}{extra}")
                 wd = os.path.join(runs, "adapt", m, target, f"seed{s}")
-                run = pouf_runner.run_pouf if m == "pouf" else adapt.run_adapt
-                per_seed.append(run(cfg, wd)["accuracy"])
+                per_seed.append(runners.run(cfg, wd, command="adapt")["accuracy"])
             stats = evaluate.summarize_seeds(per_seed)
             rows.setdefault(zs_row, {})[target] = stats["zero_shot"]["mean"]
             rows.setdefault(m, {})[target] = stats[m]["mean"]

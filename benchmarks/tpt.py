@@ -42,6 +42,7 @@ import numpy as np
 
 import jaxprompt as jp
 from jaxprompt import clip as clip_lib
+from jaxprompt import testing
 from jaxprompt.methods.tpt import adamw_torch, episodes
 
 
@@ -100,7 +101,7 @@ def main() -> None:
     names = classnames(args.classes)
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        clip_lib.save_random_clip(d, words=names + ["a photo of a"], preset=args.preset)
+        testing.save_random_clip(d, words=names + ["a photo of a"], preset=args.preset)
         clip = jp.load_clip(d)
         build_s = time.perf_counter() - t
     task = jp.make_task(clip, names)

@@ -73,6 +73,7 @@ import numpy as np
 import jaxprompt as jp
 from jaxprompt import clip as clip_lib
 from jaxprompt import templates as templates_lib
+from jaxprompt import testing
 from jaxprompt import train as train_lib
 from jaxprompt.data import augment as augment_lib
 from jaxprompt.methods.promptsrc import TEACHER_KEY, teacher_text_features
@@ -299,7 +300,7 @@ def make_batch(clip: jp.Clip, batch: int, classes: int, augment: bool) -> dict[s
     labels = jnp.asarray(rng.randint(0, classes, batch), jnp.int32)
     if not augment:
         return {"image": jnp.asarray(rng.randn(batch, size, size, 3), jnp.float32), "label": labels}
-    canvas = min(512, max(64, 4 * size))  # what jaxprompt.experiment reads images into
+    canvas = jp.data.canvas_size(size)  # what the runners decode images into
     return {
         "image": jnp.asarray(rng.randint(0, 256, (batch, canvas, canvas, 3)), jnp.uint8),
         "size": jnp.full((batch, 2), canvas, jnp.int32),
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     words += [*templates_lib.PROMPTSRC_60, "a photo of a"]
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        clip_lib.save_random_clip(d, words=words, preset=args.preset)
+        testing.save_random_clip(d, words=words, preset=args.preset)
         clip = jp.load_clip(d)
     log(f"random {args.preset} CLIP built in {time.perf_counter() - t:.1f}s")
 

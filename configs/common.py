@@ -149,6 +149,7 @@ def base(arg) -> ml_collections.ConfigDict:
     preset = METHOD_PRESETS[arg.method]
     toy = arg.dataset in TOY_DATASETS
     c = ml_collections.ConfigDict()
+    c.runner = "train"  # jaxprompt.app.runners: which runner runs this config
     c.protocol = ""
     c.seed = arg.seed
     c.method = ml_collections.ConfigDict({"name": arg.method, "kw": dict(preset["method"])})

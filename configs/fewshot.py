@@ -1,10 +1,13 @@
 """Few-shot classification (CoOp protocol): K shots of all classes, test on the full test split.
 
-    jaxprompt train --config configs/fewshot.py:coop,dataset=toy_textures,shots=4,seed=1 \\
+    jaxprompt train --config fewshot:coop,dataset=toy_textures,shots=4,seed=1 \\
         --workdir runs/fewshot/coop/toy_textures/4s/seed1
 
 PromptSRC's few-shot recipe: 50 epochs, GPA mean 30 / std 30 (45 / 5 for Cars, Flowers,
 Aircraft, DTD, EuroSAT).
+
+Toy-world numbers for this protocol have not been measured yet (``python
+benchmarks/toy_world.py --protocols fewshot`` writes them); none are quoted until they are.
 """
 
 import os

@@ -10,22 +10,13 @@ The public surface (everything else is private and may change without notice)::
     logits = method.logits(prompt, clip, task, images)   # [B, C]
 """
 
-from jaxprompt import methods, templates
-from jaxprompt.clip import (
-    Clip,
-    ClipLoadError,
-    ClipSpec,
-    Task,
-    encode_image,
-    encode_text,
-    load_clip,
-    make_task,
-)
-from jaxprompt.methods import PromptMethod
-
-# The engine (orbax, grain) loads on first use, so research code that only needs the
-# methods does not import the data and checkpoint stack.
+# Everything loads on first use: `import jaxprompt` itself imports neither jax nor
+# transformers (the command answers --help at once), and research code that only needs the
+# methods does not import the data and checkpoint stack (orbax, grain).
 _LAZY = {
+    "methods": "jaxprompt.methods",
+    "templates": "jaxprompt.templates",
+    "testing": "jaxprompt.testing",
     "checkpoint": "jaxprompt.checkpoint",
     "evaluate": "jaxprompt.evaluate",
     "sharding": "jaxprompt.sharding",
@@ -35,6 +26,15 @@ _LAZY = {
     "data": "jaxprompt.data",
 }
 _LAZY_NAMES = {
+    "Clip": "jaxprompt.clip",
+    "ClipLoadError": "jaxprompt.clip",
+    "ClipSpec": "jaxprompt.clip",
+    "Task": "jaxprompt.clip",
+    "encode_image": "jaxprompt.clip",
+    "encode_text": "jaxprompt.clip",
+    "load_clip": "jaxprompt.clip",
+    "make_task": "jaxprompt.clip",
+    "PromptMethod": "jaxprompt.methods",
     "TrainState": "jaxprompt.train",
     "init_train_state": "jaxprompt.train",
     "make_train_step": "jaxprompt.train",
@@ -54,6 +54,7 @@ def __getattr__(name: str):
     if name in _LAZY_NAMES:
         return getattr(importlib.import_module(_LAZY_NAMES[name]), name)
     raise AttributeError(f"module 'jaxprompt' has no attribute {name!r}")
+
 
 __version__ = "0.1.0.dev0"
 

@@ -33,6 +33,7 @@ import base64
 import contextlib
 import io
 import json
+import logging
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -41,7 +42,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
+from absl import logging as absl_logging
 from etils import epath
 
 __all__ = [
@@ -69,6 +70,8 @@ _EXTRA = "extra"  # prefix of the optional extra tree's keys in the flat state
 _EVAL = "eval_prompt"  # prefix of the prompt to evaluate when it differs (an aggregate)
 _SIDE = (_EXTRA, _EVAL)  # prefixes that are not part of the state itself
 _META_KEY = "__meta__"  # entry holding the JSON meta in an exported .npz
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointMismatchError(ValueError):
@@ -273,9 +276,7 @@ class Checkpointer:
         """
         step = int(step)
         if step in self._manager.all_steps():
-            logging.warning(
-                "checkpoint %d already exists in %s; not overwritten", step, self.directory
-            )
+            log.warning("checkpoint %d already exists in %s; not overwritten", step, self.directory)
             return False
         flat = flatten(state)
         if extra is not None:
@@ -348,8 +349,10 @@ def save(
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silences orbax's per-call notices (read-only manager, registry set-up) while reading."""
-    absl_logger = logging.get_absl_logger()
+    absl_logger = absl_logging.get_absl_logger()
     level = absl_logger.level
+    # The standard library's ERROR (40): absl's own constant (absl_logging.ERROR == -2) as a
+    # Python logger level enabled every message, the ~540 lines `jaxprompt eval` printed.
     absl_logger.setLevel(logging.ERROR)
     try:
         yield
@@ -401,7 +404,7 @@ def _restore_raw(
             manager.close()
     for msg in failures:
         # Emitted outside _quiet(): this one the user should see.
-        logging.warning(msg)
+        log.warning(msg)
         warnings.warn(msg, CheckpointFallbackWarning, stacklevel=3)
     return found
 

@@ -1,98 +1,111 @@
-"""The ``jaxprompt`` command.
+"""The ``jaxprompt`` command: parses flags, picks the runner the config names, nothing else.
 
-    jaxprompt train   --config configs/<protocol>.py:<method>,dataset=... --workdir DIR
-                      [--config.<key>=<value> ...]
-    jaxprompt eval    --workdir DIR [--config ...]     (no config needed: it is in the run)
-    jaxprompt adapt   --config configs/adapt.py:<method>,dataset=... --workdir DIR
-    jaxprompt sweep   --config configs/<protocol>.py:<method> --root DIR
-                      [--datasets a,b] [--shots 1,16] [--seeds 1,2,3] [--dry-run]
+    jaxprompt train   --config base2new:promptsrc,dataset=NAME --workdir DIR
+    jaxprompt eval    --workdir DIR [--config xdomain:promptsrc,dataset=NAME]
+    jaxprompt adapt   --config adapt:tpt,dataset=NAME --workdir DIR
+    jaxprompt sweep   --config base2new:coop --root DIR [--datasets a,b --shots 1,16 --seeds 1,2,3]
     jaxprompt prepare --dataset NAME [--data_dir DIR] [--manual_dir DIR]
-    jaxprompt pretrain-toy [--out DIR] [--steps N]
+    jaxprompt pretrain-toy [--out DIR]
 
-Every bad input (unknown method, dataset or config key, missing weights, a checkpoint that does
-not fit the method) ends with a one-line error naming the fix and exit code 2; nothing in the
-run directory is deleted or overwritten.
+Every bad input ends with a one-line error naming the fix and exit code 2, before anything is
+written; nothing in a run directory is deleted or overwritten. jax, transformers and the data
+stack are imported only once a command runs, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 import sys
 
+from jaxprompt.app import console
+from jaxprompt.app import flags as flags_lib
+
 USAGE = __doc__
+
+_RUN_FLAGS = """\
+flags:
+  --config PROTOCOL:PRESET[,key=value,...]
+        a protocol config by name ({protocols}),
+        installed with the package, or a config file: configs/base2new.py:PRESET
+        keys after the preset: dataset=NAME, shots=K, seed=S, runlocal=true (a tiny smoke run)
+  --config.KEY=VALUE
+        override any config key, e.g. --config.optim.lr=0.001 (a misspelt key is an error)
+  --workdir DIR
+        the run directory (local path or gs://); a finished run is skipped, an interrupted one
+        resumes, a different config is refused
+  --verbosity N
+        -1 warnings only, 0 progress (default), 1 debug and third-party info
+"""
+
+HELP = {
+    "train": (
+        "jaxprompt train --config PROTOCOL:PRESET[,key=value] --workdir DIR [--config.KEY=V]",
+        "Trains a prompt under a protocol config, evaluates it, and writes DIR/results.json, "
+        "results.md and results.png (plus config.json, metrics.jsonl, TensorBoard events and "
+        "checkpoints).",
+        ("base2new", "fewshot", "xdomain"),
+        "jaxprompt train --config base2new:promptsrc,dataset=toy_textures --workdir runs/demo",
+    ),
+    "eval": (
+        "jaxprompt eval --workdir DIR [--config PROTOCOL:PRESET,dataset=NAME]",
+        "Evaluates the prompt saved in a run directory (its config is in the run). With "
+        "--config, evaluates on that config's evaluations instead (other datasets or domains). "
+        "Results are kept per evaluation in DIR/evals/ and listed in DIR/results.md.",
+        ("xdomain", "base2new", "fewshot"),
+        "jaxprompt eval --workdir runs/demo --config xdomain:promptsrc,dataset=toy_textures",
+    ),
+    "adapt": (
+        "jaxprompt adapt --config adapt:PRESET[,key=value] --workdir DIR [--config.KEY=V]",
+        "Label-free adaptation on the test data: TPT (one episode per test image) or POUF "
+        "(unsupervised tuning on unlabeled target images, or a masked LM on text).",
+        ("adapt",),
+        "jaxprompt adapt --config adapt:tpt,dataset=toy_textures_sketch,runlocal=true "
+        "--workdir runs/tpt",
+    ),
+}
 
 COMMANDS = ("train", "eval", "adapt", "sweep", "prepare", "pretrain-toy")
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow", "etils", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _version() -> str:
+    from importlib import metadata
 
-
-def _fail(msg: str) -> int:
-    print(f"jaxprompt: error: {msg}", file=sys.stderr)
-    return 2
-
-
-def _one_line(e: BaseException) -> str:
-    """The actionable line of an exception (config errors arrive wrapped in tracebacks)."""
-    text = str(e.args[0]) if isinstance(e, KeyError | AttributeError) and e.args else str(e)
-    text = text.replace("\\n", "\n").replace("\\'", "'").strip("'\"")
-    hint = re.search(r"^'?(\w+)'?\s*\n?Did you mean \"(\w+)\"", text)
-    if hint:
-        return f"unknown config key {hint.group(1)!r} (did you mean {hint.group(2)!r}?)"
-    if isinstance(e, KeyError | AttributeError) and re.fullmatch(r"\w+", text):
-        return f"unknown config key {text!r}: check the spelling against the config file"
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(e).__name__
-    if any(ln.startswith("Traceback") for ln in lines):
-        # The exception raised inside the config file, without its type.
-        return re.sub(r"^\w+(Error|Exception): ", "", lines[-1])
-    m = re.match(r"Unknown command line flag '(config\.)?(.+)'", lines[0])
-    if m:
-        what = "config key" if m.group(1) else "flag"
-        return f"unknown {what} {m.group(2)!r}: check the spelling against the config file"
-    return " ".join(lines) if len(lines) <= 2 else lines[0]
-
-
-def _config_flags(argv: list[str], *, need_config: bool):
-    """Parses --config / --config.key=value / --workdir with ml_collections' config flags."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "protocol config: configs/<protocol>.py:<args>",
-        flag_values=fv,
-        lock_config=True,
-    )
-    flags.DEFINE_string("workdir", None, "run directory (local path or gs://)", flag_values=fv)
-    # ml_collections finds the `--config.<key>` overrides by scanning sys.argv, so parse with
-    # sys.argv set to what we parse (main() may be called in-process with other arguments).
-    saved, sys.argv = sys.argv, list(argv)
     try:
-        rest = fv(argv)
-    finally:
-        sys.argv = saved
-    if len(rest) > 1:
-        raise ValueError(f"unexpected arguments {rest[1:]}")
-    if not fv.workdir:
-        raise ValueError("--workdir is required")
-    if need_config and fv.config is None:
-        raise ValueError("--config is required, e.g. --config configs/base2new.py:coop")
-    return fv.config, fv.workdir
+        return metadata.version("jaxprompt")
+    except metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        from jaxprompt import __version__
+
+        return __version__
+
+
+def command_help(cmd: str) -> str:
+    """The ``--help`` text of ``train``, ``eval`` or ``adapt``: flags and config presets."""
+    usage, what, protocols, example = HELP[cmd]
+    import textwrap
+
+    what = textwrap.fill(what, width=92)
+    lines = [f"usage: {usage}", "", what, "", _RUN_FLAGS.format(protocols=", ".join(protocols))]
+    lines.append("config presets:")
+    for p in protocols:
+        lines.append(f"  {p + ':':10s}{' '.join(flags_lib.presets(p))}")
+        lines.append(f"  {'':10s}({flags_lib.PROTOCOLS[p]})")
+    lines += ["", f"example:\n  {example}"]
+    return "\n".join(lines)
+
+
+def _pop_verbosity(args: list[str]) -> tuple[list[str], int]:
+    out, verbosity, i = [], 0, 0
+    while i < len(args):
+        a = args[i]
+        if a == "--verbosity" and i + 1 < len(args):
+            verbosity, i = int(args[i + 1]), i + 2
+            continue
+        if a.startswith("--verbosity="):
+            verbosity = int(a.split("=", 1)[1])
+        else:
+            out.append(a)
+        i += 1
+    return out, verbosity
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,70 +114,58 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if len(argv) >= 2 else 2
-    cmd, rest = argv[1], [argv[0]] + argv[2:]
+    if argv[1] == "--version":
+        print(f"jaxprompt {_version()}")
+        return 0
+    cmd = argv[1]
     if cmd not in COMMANDS:
-        return _fail(f"unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}")
+        return flags_lib.fail(f"unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}")
+    try:
+        args, verbosity = _pop_verbosity(argv[2:])
+    except ValueError:
+        return flags_lib.fail("--verbosity takes an integer: -1, 0 or 1")
+    if cmd in HELP and any(a in ("-h", "--help", "--helpfull") for a in args):
+        print(command_help(cmd))
+        return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    _setup_logging()
+    console.setup(verbosity)
     if cmd == "prepare":
         from jaxprompt.data import prepare_main
 
-        return int(prepare_main(argv[2:]) or 0)
+        return int(prepare_main(args) or 0)
     if cmd == "pretrain-toy":
-        return _pretrain_toy(argv[2:])
-
-    import jax
-    from absl import flags
-
-    from jaxprompt import checkpoint, clip, experiment
-
-    if os.environ.get("JAXPROMPT_MULTIHOST") == "1":
-        jax.distributed.initialize()
+        return _pretrain_toy(args)
     if cmd == "sweep":
-        from jaxprompt import sweep
+        from jaxprompt.app import sweep
 
-        return sweep.main(argv[2:])
+        return sweep.main(args)
+    return _run(cmd, [argv[0], *args])
+
+
+def _run(cmd: str, argv: list[str]) -> int:
+    """train / eval / adapt: parse, pick the runner the config names, map errors to exit 2."""
     try:
-        config, workdir = _config_flags(rest, need_config=cmd != "eval")
-        if cmd == "train":
-            experiment.run_train(config, workdir)
-        elif cmd == "eval":
-            experiment.run_eval(workdir, config)
-        elif config.method.name in ("pouf", "pouf_mlm"):
-            from jaxprompt import pouf_runner
+        config, workdir = flags_lib.parse_run_flags(argv, need_config=cmd != "eval")
+    except Exception as e:  # noqa: BLE001 - every flag or config-file error is one line
+        return flags_lib.fail(flags_lib.one_line(e))
+    from jaxprompt.app import runners
 
-            pouf_runner.run_pouf(config, workdir)
+    runners.maybe_initialize_distributed()
+    try:
+        if cmd == "eval":
+            runners.evaluate(workdir, config)
         else:
-            from jaxprompt import adapt
-
-            adapt.run_adapt(config, workdir)
-    except (
-        clip.ClipLoadError,
-        _mlm_error(),
-        checkpoint.CheckpointMismatchError,
-        experiment.ConfigError,
-        FileNotFoundError,
-        flags.Error,
-        ValueError,
-        KeyError,
-        AttributeError,
-    ) as e:
-        # absl / ml_collections report unknown flags, config keys and config-file errors as
-        # these; the library raises one-line messages that name the fix.
-        return _fail(_one_line(e))
+            runners.run(config, workdir, command=cmd)
+    except runners.USER_ERRORS as e:
+        # The library and the runners raise one-line messages that name the fix.
+        return flags_lib.fail(flags_lib.one_line(e))
     return 0
-
-
-def _mlm_error() -> type[Exception]:
-    from jaxprompt import mlm
-
-    return mlm.MlmLoadError
 
 
 def _pretrain_toy(args: list[str]) -> int:
     import argparse
 
-    from jaxprompt import toyclip
+    from jaxprompt.side import toyclip
 
     ap = argparse.ArgumentParser(prog="jaxprompt pretrain-toy", description=toyclip.__doc__)
     ap.add_argument("--out", default="toy_clip", help="output directory")

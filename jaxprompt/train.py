@@ -19,6 +19,8 @@ argument of the step, never given to the optimizer and never a closure constant.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -27,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from etils import epath
 
 from jaxprompt import checkpoint as ckpt_lib
@@ -46,6 +47,8 @@ __all__ = [
 
 PyTree = Any
 Augment = Callable[[Batch, jax.Array], Batch]
+
+log = logging.getLogger(__name__)
 
 
 class TrainState(NamedTuple):
@@ -267,31 +270,48 @@ def _format_eta(seconds: float) -> str:
 
 
 class _MetricsWriter:
-    """Appends one JSON line per logged step to ``workdir/metrics.jsonl`` (process 0 only).
+    """Writes each logged step to ``workdir/metrics.jsonl`` and TensorBoard (process 0 only).
 
-    Object stores (``gs://``) cannot append to a file: there the text is kept in memory (read
-    back first when resuming) and the whole file is rewritten at each logged step.
+    ``metrics.jsonl`` gets one JSON line per logged step. Object stores (``gs://``) cannot
+    append to a file: there the text is kept in memory (read back first when resuming) and the
+    whole file is rewritten at each logged step. TensorBoard event files go to
+    ``workdir/tensorboard`` (``tensorboard --logdir WORKDIR``), written by tensorboardX, which
+    needs no TensorFlow; on an object store they are left out (TensorBoard reads the JSON
+    lines' numbers from a local copy just as well).
     """
 
     def __init__(self, workdir: str | epath.PathLike | None):
         self._path = None
         self._text: str | None = None
+        self._tb = None
         if workdir is not None and jax.process_index() == 0:
             self._path = epath.Path(workdir) / "metrics.jsonl"
             self._path.parent.mkdir(parents=True, exist_ok=True)
             if "://" in str(workdir):
                 self._text = self._path.read_text() if self._path.exists() else ""
+            else:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(os.fspath(workdir), "tensorboard"))
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self._path is None:
             return
         line = json.dumps(record, sort_keys=True) + "\n"
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float):
+                    self._tb.add_scalar(k, v, global_step=int(record["step"]))
         if self._text is not None:
             self._text += line
             self._path.write_text(self._text)
             return
         with self._path.open("a") as f:
             f.write(line)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
 
 
 def _default_meta(method: PromptMethod, clip: Any, task: Any) -> dict[str, Any]:
@@ -429,13 +449,13 @@ def fit(
         if hasattr(iterator, "set_state") and data_state is not None:
             iterator.set_state(data_state)
         elif start:
-            logging.warning(
+            log.warning(
                 "resuming at step %d with an iterator that has no set_state(): batches restart "
                 "from the iterator's current position, not where the run stopped",
                 start,
             )
         if is_main:
-            logging.info("resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
+            log.info("resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
 
     # ---------------------------------------------------------------- compile
     state_sh = jax.tree.map(lambda _: rep, state)
@@ -464,7 +484,7 @@ def fit(
     def run_eval(prompt, step):
         results = dict(eval_fn(prompt, step))
         if is_main:
-            logging.info("step %d eval %s", step, json.dumps(results, sort_keys=True))
+            log.info("step %d eval %s", step, json.dumps(results, sort_keys=True))
         writer.write({"step": step, **{f"eval/{k}": _scalar(v) for k, v in results.items()}})
 
     # ---------------------------------------------------------------- loop
@@ -500,7 +520,7 @@ def fit(
                     record["lr"] = float(lr_schedule(done - 1))  # rate used by this step
                 writer.write({"step": done, **record})
                 if not np.isfinite(record.get("loss", 0.0)):
-                    logging.warning("non-finite loss %s at step %d", record["loss"], done)
+                    log.warning("non-finite loss %s at step %d", record["loss"], done)
                 if is_main:
                     eta = (steps - done) / record["steps_per_sec"]
                     terms = " ".join(
@@ -508,7 +528,7 @@ def fit(
                         for k, v in sorted(record.items())
                         if k not in ("steps_per_sec", "examples_per_sec")
                     )
-                    logging.info(
+                    log.info(
                         "step %d/%d %s | %.1f ex/s %.2f it/s eta %s",
                         done,
                         steps,
@@ -552,6 +572,7 @@ def fit(
             )
         state = state._replace(prompt=eval_prompt)
     finally:
+        writer.close()
         if checkpointer is not None:
             checkpointer.close()
     return state

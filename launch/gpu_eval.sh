@@ -8,10 +8,10 @@
 # DEST  where to copy it (default runs/<SRC without gs://bucket/>); re-running copies only
 #       what changed (gcloud storage rsync).
 # After --: arguments of `jaxprompt eval`. Without --config the run's own evaluations are
-#       repeated; with one (e.g. configs/xdomain.py:coop,dataset=imagenet) its evals are run
+#       repeated; with one (e.g. xdomain:coop,dataset=imagenet) its evals are run
 #       instead: other datasets (cross-dataset) and shifted domains (domain generalisation).
 #
-# Results go to DEST/eval_results.json. --dry-run prints the commands and runs nothing.
+# Results go to DEST/evals/<key>.json (listed in DEST/results.md). --dry-run prints the commands and runs nothing.
 # Environment: JAXPROMPT (default: jaxprompt), the command to run. The GPU needs
 # `pip install -e ".[cuda]"`; this script never turns on multi-host mode.
 set -euo pipefail

@@ -28,10 +28,10 @@ NEW_CLASSNAMES = ["tree", "bird", "blue car"]
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A tiny random CLIP saved as Flax weights in Hugging Face format."""
-    from jaxprompt import clip as clip_lib
+    from jaxprompt import testing
 
     d = tmp_path_factory.mktemp("tiny_clip_flax")
-    return clip_lib.save_random_clip(d, words=TINY_WORDS, preset="tiny", seed=0)
+    return testing.save_random_clip(d, words=TINY_WORDS, preset="tiny", seed=0)
 
 
 @pytest.fixture(scope="session")

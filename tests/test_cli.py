@@ -60,7 +60,8 @@ def test_train_writes_the_run_directory(trained):
     assert len(shots["train"]) == 2 * 16
     cfg = json.load(open(os.path.join(trained, "config.json")))
     assert cfg["method"]["kw"]["n_ctx"] == 4
-    assert "| coop |" in open(os.path.join(trained, "results.md")).read()
+    md = open(os.path.join(trained, "results.md")).read()
+    assert md.startswith("**coop (base2new, seed 1)**") and "| toy_textures |" in md, md
 
 
 @pytest.mark.slow
@@ -69,9 +70,25 @@ def test_finished_run_is_skipped_and_eval_needs_no_config(trained, capsys):
     assert cli.main(["jaxprompt", "train", "--config", f"{CONFIG}:coop", "--workdir", trained]) == 0
     assert _snapshot(trained) == before
     assert cli.main(["jaxprompt", "eval", "--workdir", trained]) == 0
-    res = json.load(open(os.path.join(trained, "eval_results.json")))
     first = json.load(open(os.path.join(trained, "results.json")))
+    evals = os.path.join(trained, "evals")
+    assert os.listdir(evals) == ["toy_textures-base-new.json"]
+    res = json.load(open(os.path.join(evals, "toy_textures-base-new.json")))
     assert res["accuracy"] == first["accuracy"]
+    # Another evaluation (a shifted domain) is kept beside the first, not over it, and
+    # results.md lists both under the run's own table.
+    code = cli.main(
+        ["jaxprompt", "eval", "--workdir", trained, "--config",
+         "xdomain:coop,dataset=toy_textures,runlocal=true"]
+    )  # fmt: skip
+    assert code == 0
+    keys = sorted(os.listdir(evals))
+    assert len(keys) == 2 and "toy_textures-toy_textures_sketch" in keys[1], keys
+    assert json.load(open(os.path.join(evals, "toy_textures-base-new.json"))) == res
+    sketch = json.load(open(os.path.join(evals, keys[1])))
+    assert "toy_textures_sketch" in sketch["accuracy"] and "base" not in sketch["accuracy"]
+    md = open(os.path.join(trained, "results.md")).read()
+    assert md.count("| Dataset |") == 3 and "Evaluation `toy_textures-toy_textures_sketch" in md
 
 
 @pytest.mark.slow
@@ -121,7 +138,25 @@ def test_bad_input_is_one_line_exit_2(args, expect, tmp_path, capsys):
     assert code == 2
     assert len(err) >= 1 and err[-1].startswith("jaxprompt: error:")
     assert expect in err[-1]
-    assert not (wd / "results.json").exists()
+    assert not wd.exists()  # bad input writes nothing
+
+
+@pytest.mark.slow
+def test_a_typo_then_the_corrected_command_in_the_same_workdir(tiny_clip_dir, tmp_path, capsys):
+    """Bad input is refused before anything is written, so fixing it just works."""
+    wd = str(tmp_path / "wd")
+    common = [f"--config.clip.name={tiny_clip_dir}", "--config.method.kw.n_ctx=2", "--workdir", wd]
+    bad = ["jaxprompt", "train", "--config", "base2new:coop,runlocal=true,dataset=toy_texturez"]
+    assert cli.main([*bad, *common]) == 2
+    assert "unknown dataset 'toy_texturez'" in capsys.readouterr().err
+    assert not os.path.exists(wd)
+    # A batch larger than the training set (2 shots x 8 base classes) is caught as early.
+    big = ["jaxprompt", "train", "--config", "base2new:coop,runlocal=true"]
+    assert cli.main([*big, "--config.data.batch_size=64", *common]) == 2
+    assert "exceeds the 16 training examples" in capsys.readouterr().err
+    assert not os.path.exists(wd)
+    assert cli.main([*big, *common]) == 0
+    assert os.path.exists(os.path.join(wd, "results.json"))
 
 
 def test_missing_weights_directory(tmp_path, capsys):
@@ -140,6 +175,55 @@ def test_unknown_command_and_help(capsys):
     assert "unknown command" in capsys.readouterr().err
     assert cli.main(["jaxprompt", "--help"]) == 0
     assert "jaxprompt train" in capsys.readouterr().out
+    assert cli.main(["jaxprompt", "--version"]) == 0
+    assert capsys.readouterr().out.startswith("jaxprompt 0.")
+
+
+@pytest.mark.parametrize("cmd", ["train", "eval", "adapt", "sweep", "prepare", "pretrain-toy"])
+def test_every_subcommand_help_exits_0_from_another_directory(cmd, tmp_path):
+    """A new user's first command, as typed, outside the checkout, in a fresh process."""
+    t0 = __import__("time").perf_counter()
+    out = subprocess.run(
+        ["jaxprompt", cmd, "--help"], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage" in out.stdout.lower()
+    if cmd in ("train", "eval", "adapt"):
+        assert "--workdir" in out.stdout and "config presets:" in out.stdout
+        assert ("tpt" if cmd == "adapt" else "promptsrc") in out.stdout
+        # Flags are read before jax or transformers load: help answers at once.
+        assert __import__("time").perf_counter() - t0 < 60
+
+
+def test_python_dash_m_jaxprompt(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxprompt", "--version"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0 and out.stdout.startswith("jaxprompt ")
+
+
+def test_help_imports_neither_jax_nor_transformers():
+    code = (
+        "import sys, io, contextlib; from jaxprompt import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    cli.main(['jaxprompt', 'train', '--help'])\n"
+        "bad = [m for m in ('jax', 'transformers', 'tensorflow_datasets') if m in sys.modules]\n"
+        "sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_config_by_protocol_name_is_the_installed_file():
+    from jaxprompt.app import flags
+
+    path = flags.resolve_config_arg("base2new:promptsrc,dataset=dtd")
+    assert path.endswith(os.path.join("configs", "base2new.py") + ":promptsrc,dataset=dtd")
+    assert os.path.isfile(path.partition(":")[0])
+    assert flags.resolve_config_arg("configs/x.py:coop") == "configs/x.py:coop"
+    with pytest.raises(flags.FlagError, match="unknown protocol 'base2nwe'"):
+        flags.resolve_config_arg("base2nwe:coop")
 
 
 def test_every_config_builds_with_every_method_preset():
@@ -230,3 +314,61 @@ def test_toy_configs_scale_prompt_shapes_to_the_toy_clip():
     assert xdomain.get_config("ivlp,dataset=toy_textures").method.kw["depth"] == 1
     assert base2new.get_config("maple,dataset=toy_textures").method.kw["n_ctx"] == 1
     assert base2new.get_config("maple,dataset=ImageNet").method.kw["n_ctx"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["fewshot", "xdomain"])
+def test_results_table_shows_exactly_what_was_evaluated(protocol, tiny_clip_dir, tmp_path):
+    wd = tmp_path / protocol
+    code = cli.main(
+        ["jaxprompt", "train", "--config", f"{protocol}:coop,runlocal=true",
+         f"--config.clip.name={tiny_clip_dir}", "--config.method.kw.n_ctx=2",
+         "--workdir", str(wd)]
+    )  # fmt: skip
+    assert code == 0
+    acc = json.load(open(wd / "results.json"))["accuracy"]
+    md = (wd / "results.md").read_text()
+    assert "| - |" not in md and " - |" not in md, md
+    assert "Base" not in md and "hm" not in acc
+    for name in acc:  # one column per evaluated split
+        assert f" {name} |" in md.splitlines()[2], md
+
+
+@pytest.mark.slow
+def test_zero_shot_run_can_be_evaluated_again(tiny_clip_dir, tmp_path):
+    wd = str(tmp_path / "zs")
+    args = ["--config.clip.name=" + tiny_clip_dir, "--workdir", wd]
+    zeroshot = ["jaxprompt", "train", "--config", "base2new:zeroshot,runlocal=true"]
+    assert cli.main([*zeroshot, *args]) == 0
+    first = json.load(open(os.path.join(wd, "results.json")))
+    assert first["steps"] == 0
+    assert cli.main(["jaxprompt", "eval", "--workdir", wd]) == 0
+    (key,) = os.listdir(os.path.join(wd, "evals"))
+    again = json.load(open(os.path.join(wd, "evals", key)))
+    assert again["accuracy"] == first["accuracy"] and again["step"] == 0
+
+
+@pytest.mark.slow
+def test_eval_every_epochs_records_base_and_new_per_epoch(tiny_clip_dir, tmp_path):
+    wd = tmp_path / "curve"
+    code = cli.main(
+        ["jaxprompt", "train", "--config", "base2new:coop,runlocal=true",
+         f"--config.clip.name={tiny_clip_dir}", "--config.method.kw.n_ctx=2",
+         "--config.optim.epochs=2", "--config.eval_every_epochs=1", "--workdir", str(wd)]
+    )  # fmt: skip
+    assert code == 0
+    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/base" in r]
+    # Epoch 1 (of 2 steps each: 16 examples, batch 8) and the end of training.
+    assert [r["step"] for r in evals] == [2, 4], rows
+    assert all("eval/new" in r and 0 <= r["eval/new"] <= 100 for r in evals)
+    final = json.load(open(wd / "results.json"))["accuracy"]
+    assert evals[-1]["eval/base"] == final["base"]
+
+
+def test_a_config_runs_only_with_its_command(tmp_path, capsys):
+    wd = tmp_path / "wd"
+    code = cli.main(["jaxprompt", "train", "--config", "adapt:tpt", "--workdir", str(wd)])
+    assert code == 2
+    assert "runs with `jaxprompt adapt`" in capsys.readouterr().err
+    assert not wd.exists()

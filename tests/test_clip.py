@@ -16,6 +16,7 @@ from conftest import CLASSNAMES, TINY_WORDS
 
 import jaxprompt as jp
 from jaxprompt import clip as clip_lib
+from jaxprompt import testing
 
 ATOL = 1e-5
 
@@ -27,7 +28,7 @@ ATOL = 1e-5
 def pt_dir(tmp_path_factory):
     """A 3-layer tiny CLIP saved by PyTorch transformers as safetensors."""
     d = tmp_path_factory.mktemp("tiny_clip_pt")
-    return clip_lib.save_random_clip(
+    return testing.save_random_clip(
         d, words=TINY_WORDS, seed=3, weights="safetensors", text_layers=3, vision_layers=3
     )
 
@@ -167,7 +168,7 @@ def test_no_prompt_encoders_equal_pytorch(pt_clip, pt_dir, images):
 
 
 def test_bin_weights_load_equal_safetensors(tmp_path, pt_clip, images):
-    d = clip_lib.save_random_clip(
+    d = testing.save_random_clip(
         tmp_path, words=TINY_WORDS, seed=3, weights="bin", text_layers=3, vision_layers=3
     )
     clip_bin = jp.load_clip(d)
@@ -318,7 +319,7 @@ def test_nchw_images_are_rejected(tiny_clip, images):
 
 
 def test_directory_without_weights_is_a_one_line_error(tmp_path):
-    clip_lib.save_word_tokenizer(tmp_path, ["cat"])
+    testing.save_word_tokenizer(tmp_path, ["cat"])
     with pytest.raises(jp.ClipLoadError, match="no CLIP weights") as e:
         jp.load_clip(tmp_path)
     assert "\n" not in str(e.value)
@@ -330,6 +331,22 @@ def test_unreachable_hub_id_is_a_one_line_error(monkeypatch, tmp_path):
     with pytest.raises(jp.ClipLoadError, match="local directory") as e:
         jp.load_clip("openai/clip-vit-base-patch16")
     assert "\n" not in str(e.value)
+
+
+def test_unreachable_hub_fails_once_without_retries(monkeypatch, tmp_path, caplog):
+    """No HF_HUB_OFFLINE, but nothing listens at the hub's address: the loader reads the local
+    cache only (the hub client would otherwise retry for most of a minute)."""
+    import logging
+
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(jp.ClipLoadError, match="hub is unreachable") as e:
+        jp.load_clip("openai/clip-vit-base-patch16")
+    assert "\n" not in str(e.value)
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
 
 
 def test_bfloat16_towers_stay_close(tiny_clip_dir, tiny_clip, images):

@@ -14,7 +14,8 @@ import subprocess
 
 import pytest
 
-from jaxprompt import cli, sweep
+from jaxprompt import cli
+from jaxprompt.app import flags, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(ROOT, "launch", "tpu.sh")
@@ -324,14 +325,14 @@ def test_readme_launch_commands_are_accepted(stubs, tmp_path, capsys):
         res = sh(TPU, "--dry-run", *cmd[1:], env=env)
         assert res.returncode == 0, (cmd, res.stderr)
         if cmd[1] == "run":
-            # The jaxprompt part must parse: train through the CLI's config flags, sweep
-            # through its own dry run (into a local root).
-            words = [w.replace("configs/", f"{ROOT}/configs/") for w in cmd[3:]]
-            words = [w.replace("gs://my-bucket", str(tmp_path)) for w in words]
+            # The jaxprompt part must parse as written (configs by protocol name, so no
+            # checkout path is needed on the workers): train through the CLI's config flags,
+            # sweep through its own dry run (into a local root instead of the bucket).
+            words = [w.replace("gs://my-bucket", str(tmp_path)) for w in cmd[3:]]
             if words[0] == "sweep":
                 assert cli.main(["jaxprompt", *words, "--dry-run"]) == 0
             else:
-                config, workdir = cli._config_flags(["jaxprompt", *words[1:]], need_config=True)
+                config, workdir = flags.parse_run_flags(["jaxprompt", *words[1:]], need_config=True)
                 assert config.method.name and workdir.startswith(str(tmp_path))
     gpu = _readme_commands("launch/gpu_eval.sh")
     assert len(gpu) == 2

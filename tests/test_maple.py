@@ -17,6 +17,7 @@ from test_promptsrc import sharpened
 
 import jaxprompt as jp
 from jaxprompt import clip as clip_lib
+from jaxprompt import testing
 from jaxprompt.methods import base
 from jaxprompt.methods.maple import maple_param_count, text_inputs, vision_prompts
 
@@ -28,7 +29,7 @@ def _norm(x):
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_clip_w48")
-    saved = clip_lib.save_random_clip(d, words=TINY_WORDS, preset="tiny", seed=1, vision_width=48)
+    saved = testing.save_random_clip(d, words=TINY_WORDS, preset="tiny", seed=1, vision_width=48)
     return sharpened(jp.load_clip(saved))
 
 

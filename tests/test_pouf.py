@@ -320,7 +320,7 @@ def test_runner_on_an_image_folder(tiny_clip_dir, tmp_path):
 
     from PIL import Image
 
-    from jaxprompt import pouf_runner
+    from jaxprompt.app import pouf as pouf_runner
 
     root = tmp_path / "office_domain"
     r = np.random.RandomState(0)

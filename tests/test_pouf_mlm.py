@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprompt import mlm
+from jaxprompt.side import mlm
 
 WORDS = [
     "terrible", "great", "It", "was", "movie", "film", "fine", "dull", "a", "the", "plot",

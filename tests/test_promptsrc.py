@@ -187,6 +187,28 @@ def test_precomputed_teacher_paths_equal_inline(method, prompt, clip, tiny_task,
     # A batch teacher of the wrong size is a clear error, not a broadcast.
     with pytest.raises(ValueError, match="teacher_text"):
         jax.eval_shape(method.loss, prompt, clip, tiny_task, {**batch, "teacher_text": g[:2]}, key)
+    # The trainer's hook is the same cache: trainers call method.prepare, never with_teacher.
+    prepared = method.prepare(clip, tiny_task)
+    assert prepared.prepare is None and prepared.config == method.config
+    via_hook = jax.jit(prepared.loss)(prompt, clip, tiny_task, batch, key)
+    np.testing.assert_allclose(via_hook[0], result[0], rtol=1e-6)
+
+
+def test_gpa_is_the_methods_aggregator_hook(method):
+    """PromptSRC declares its GPA for trainers; methods without one declare none."""
+    agg, ref = method.aggregator(20), gpa_aggregator(method, num_epochs=20)
+    prompt = {"ctx": jnp.ones((2, 3))}
+    state, state_ref = agg.init(prompt), ref.init(prompt)
+    for epoch in range(1, 21):
+        p = jax.tree.map(lambda x: x * epoch, prompt)  # noqa: B023 - used at once
+        state = agg.update(state, p, jnp.asarray(epoch))
+        state_ref = ref.update(state_ref, p, jnp.asarray(epoch))
+    np.testing.assert_allclose(agg.result(state)["ctx"], ref.result(state_ref)["ctx"])
+    # Gaussian around epoch 15 (std 1): the aggregate is close to 15x the unit prompt.
+    assert 14.0 < float(agg.result(state)["ctx"][0, 0]) < 16.0
+    for other in ("coop", "ivlp", "maple", "cocoop"):
+        m = jp.methods.get(other)
+        assert m.prepare is None and m.aggregator is None
 
 
 @pytest.mark.slow

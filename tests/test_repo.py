@@ -46,3 +46,96 @@ def test_reading_data_does_not_import_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# The import graph: three layers, no cycles
+# ------------------------------------------------------------------------------------------------
+
+PKG = os.path.join(REPO, "jaxprompt")
+
+
+def _module_name(path: str) -> str:
+    rel = os.path.relpath(path, REPO)[: -len(".py")].replace(os.sep, ".")
+    return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every jaxprompt module -> the jaxprompt modules it imports anywhere (functions too)."""
+    import ast
+
+    files = [
+        os.path.join(root, f)
+        for root, _, names in os.walk(PKG)
+        for f in names
+        if f.endswith(".py")
+    ]
+    modules = {_module_name(f): f for f in files}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    parts = parts[: len(parts) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                # `from pkg import sub` imports the submodule pkg.sub when there is one.
+                targets = [
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
+                    for a in node.names
+                ]
+            else:
+                continue
+            edges |= {t for t in targets if t in modules and t != name}
+        graph[name] = edges
+    return graph
+
+
+def _layer(module: str) -> str:
+    if module.startswith("jaxprompt.app") or module in ("jaxprompt.cli", "jaxprompt.__main__"):
+        return "application"
+    if module.startswith("jaxprompt.side"):
+        return "side"
+    return "library"
+
+
+def test_import_graph_has_no_cycle():
+    graph = _import_graph()
+    assert "jaxprompt.app.experiment" in graph and "jaxprompt.clip" in graph
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            assert state.get(n) != 1, "import cycle: " + " -> ".join(path[path.index(n) :] + [n])
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_library_never_imports_the_application_or_side_projects():
+    graph = _import_graph()
+    bad = [
+        f"{m} imports {n}"
+        for m, edges in sorted(graph.items())
+        for n in sorted(edges)
+        if _layer(m) == "library" and _layer(n) != "library"
+        or _layer(m) == "side" and _layer(n) == "application"
+    ]
+    assert not bad, bad
+
+
+def test_the_import_graph_test_sees_imports_inside_functions(tmp_path):
+    """The checker itself: an import inside a function is an edge."""
+    graph = _import_graph()
+    # cli imports the runners only inside a function (so --help stays fast).
+    assert "jaxprompt.app.runners" in graph["jaxprompt.cli"]

@@ -73,7 +73,7 @@ def test_partners_pair_base_with_base_and_new_with_new():
 
 
 def test_pretraining_pool_uses_the_partner_name_at_the_noise_rate():
-    from jaxprompt import toyclip
+    from jaxprompt.side import toyclip
 
     caps = toyworld.caption_set()
     _, targets = toyclip.pretraining_pool(
@@ -94,7 +94,7 @@ def test_pretraining_pool_uses_the_partner_name_at_the_noise_rate():
 
 @pytest.mark.slow
 def test_short_pretraining_lowers_the_loss(tmp_path):
-    from jaxprompt import toyclip
+    from jaxprompt.side import toyclip
 
     rep = toyclip.pretrain(
         str(tmp_path / "toy"), steps=30, batch_size=32, captions_per_step=96, warmup=5, lr=3e-3,
@@ -113,7 +113,7 @@ def test_short_pretraining_lowers_the_loss(tmp_path):
 def test_shipped_toy_clip_matches_its_recorded_zero_shot_accuracy():
     from importlib import resources
 
-    from jaxprompt import toyclip
+    from jaxprompt.side import toyclip
 
     shipped = resources.files("jaxprompt").joinpath("assets/toy_clip")
     assert shipped.joinpath("flax_model.msgpack").is_file(), "toy CLIP weights are not shipped"

@@ -20,7 +20,8 @@ import optax
 import pytest
 
 import jaxprompt as jp
-from jaxprompt import adapt, checkpoint, losses
+from jaxprompt import checkpoint, losses
+from jaxprompt.app import tpt as adapt
 from jaxprompt.methods.tpt import (
     adamw_torch,
     episode,

@@ -363,7 +363,8 @@ def test_fit_on_a_model_sharded_mesh_and_progress_line(caplog):
     kw = dict(steps=3, key=jax.random.key(11), log_every=3)
     clip = {"params": np.arange(8, dtype=np.float32)}
     ref = train.fit(method, tx, clip, FAKE_TASK, Batches(), mesh=sharding.make_mesh(), **kw)
-    caplog.set_level(logging.INFO, logger="absl")
+    caplog.set_level(logging.INFO, logger="jaxprompt")
+    caplog.clear()  # only this fit's lines (CLI tests before may have set INFO already)
     got = train.fit(method, tx, clip, FAKE_TASK, Batches(), mesh=sharding.make_mesh(model=2), **kw)
     np.testing.assert_allclose(got.prompt["w"], ref.prompt["w"], rtol=1e-6, atol=1e-7)
     progress = [r.getMessage() for r in caplog.records if "it/s" in r.getMessage()]

@@ -18,6 +18,7 @@ Custom datasets: ``"folder:/path"`` (class = sub-folder) or ``"csv:/path/file.cs
 plus ``classnames.txt``) work anywhere a dataset name does.
 """
 
+from jaxprompt.data import toyworld
 from jaxprompt.data.augment import (
     augmix,
     normalize_on_device,
@@ -44,6 +45,7 @@ from jaxprompt.data.pipeline import (
     CLIP_MEAN,
     CLIP_STD,
     DataIterator,
+    canvas_size,
     decode_rgb,
     eval_iterator,
     eval_transform,
@@ -69,6 +71,7 @@ from jaxprompt.data.protocol import (
 )
 
 __all__ = [
+    "canvas_size",
     # catalog
     "DATASETS",
     "DatasetSpec",
@@ -119,3 +122,6 @@ __all__ = [
     "prepare",
     "prepare_main",
 ]
+
+# The toy world is part of the catalog (registered here: toyworld builds on the catalog).
+toyworld.register_datasets()

@@ -208,9 +208,15 @@ def _affine_params(op: Array, level: Array, sign: Array, size: int) -> tuple[Arr
     rot_off = jnp.array([center - c * center + s * center, center - s * center - c * center, zero])
     eye = jnp.eye(3)
     mats = jnp.stack([rot, eye.at[1, 0].set(shear), eye.at[0, 1].set(shear), eye, eye])
-    offs = jnp.stack([
-        rot_off, jnp.zeros(3), jnp.zeros(3), jnp.zeros(3).at[1].set(px), jnp.zeros(3).at[0].set(px)
-    ])
+    offs = jnp.stack(
+        [
+            rot_off,
+            jnp.zeros(3),
+            jnp.zeros(3),
+            jnp.zeros(3).at[1].set(px),
+            jnp.zeros(3).at[0].set(px),
+        ]
+    )
     return mats[op], offs[op]
 
 
@@ -257,6 +263,7 @@ def augmix(key: Array, image: Array, *, width: int = 3, max_depth: int = 3) -> A
         op_ids = jax.random.randint(k_ops, (max_depth,), 0, 9)
         levels = jax.random.uniform(k_lvl, (max_depth,), minval=0.1, maxval=1.0)
         signs = jnp.where(jax.random.bernoulli(k_sign, 0.5, (max_depth,)), 1.0, -1.0)
+
         def step(y: Array, d: Array) -> tuple[Array, None]:
             # A scan (not a Python loop) so the 9 op branches are traced and compiled once.
             z = _quantize(_augmix_op(y, op_ids[d], levels[d], signs[d]))

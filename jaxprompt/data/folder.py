@@ -24,7 +24,16 @@ from collections.abc import Sequence
 from jaxprompt.data.protocol import Example, Split, make_random_split, normalize_key
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
 )
 _SPLIT_DIRS = ("train", "val", "test")
 
@@ -47,7 +56,8 @@ def _list_images(folder: str) -> list[str]:
 
 def _class_dirs(folder: str) -> list[str]:
     return sorted(
-        d for d in os.listdir(folder)
+        d
+        for d in os.listdir(folder)
         if not d.startswith(".") and os.path.isdir(os.path.join(folder, d))
     )
 

@@ -151,6 +151,15 @@ class ExampleSource:
         return {"image": self.fetch(x), "label": x.label, "mask": True}
 
 
+def canvas_size(image_size: int) -> int:
+    """The side of the canvas an image is decoded into before on-device random resized crops.
+
+    Four times the crop (the crops sample from the full image, so it keeps detail), between
+    64 and 512 pixels: 512 for ViT-B/16's 224, 128 for the toy CLIP's 32.
+    """
+    return min(512, max(64, 4 * image_size))
+
+
 def _host_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
     if shard is not None:
         return shard

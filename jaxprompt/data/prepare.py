@@ -41,12 +41,14 @@ def _write_examples(
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"jaxprompt image dataset built from {root}",
-            features=tfds.features.FeaturesDict({
-                # Stored as the original encoded bytes; decoding happens at read time with PIL.
-                "image": tfds.features.Image(shape=(None, None, 3)),
-                "label": tfds.features.ClassLabel(names=list(classnames)),
-                "key": tfds.features.Text(),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    # Stored as the original encoded bytes; decoding happens at read time with PIL.
+                    "image": tfds.features.Image(shape=(None, None, 3)),
+                    "label": tfds.features.ClassLabel(names=list(classnames)),
+                    "key": tfds.features.Text(),
+                }
+            ),
         )
 
     def _split_generators(self, dl_manager):

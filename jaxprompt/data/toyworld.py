@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxprompt.data.catalog import DatasetSpec, LoadedDataset, register
+
 CLASSES: tuple[str, ...] = (
     "horizontal stripes",
     "vertical stripes",
@@ -232,7 +234,6 @@ def load(spec, *, style: str, labels: str, seed: int = 0):
       labels: ``"texture"`` (16 classes) or ``"colour"`` (the foreground colour, 8 classes).
       seed: world seed.
     """
-    from jaxprompt.data.catalog import LoadedDataset
     from jaxprompt.data.protocol import Example
 
     colour_names = list(COLOURS)
@@ -333,3 +334,16 @@ def vocabulary() -> list[str]:
     """Every word the captions and class names use (for the toy CLIP's tokenizer)."""
     words = {w for cap in caption_set() for w in cap.replace(".", " ").split()}
     return sorted(words)
+
+
+def register_datasets() -> None:
+    """Adds the toy world's datasets (:data:`VARIANTS`) to the catalog."""
+    for name, style, labels in VARIANTS:
+        register(
+            DatasetSpec(
+                name=name,
+                num_classes=len(CLASSES) if labels == "texture" else len(COLOURS),
+                template="a photo of a {}.",
+                generator=functools.partial(load, style=style, labels=labels),
+            )
+        )

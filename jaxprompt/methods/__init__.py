@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from jaxprompt.methods.base import Batch, Metrics, Prompt, PromptMethod
 from jaxprompt.methods.bayes import bayes
@@ -16,6 +17,7 @@ from jaxprompt.methods.ivlp import ivlp
 from jaxprompt.methods.maple import maple
 from jaxprompt.methods.pouf import pouf
 from jaxprompt.methods.promptsrc import promptsrc
+from jaxprompt.methods.tpt import make_optimizer as tpt_optimizer
 from jaxprompt.methods.tpt import tpt
 from jaxprompt.methods.zeroshot import zeroshot
 
@@ -63,15 +65,54 @@ def register(name: str, constructor: Callable[..., PromptMethod]) -> None:
     _REGISTRY[name] = constructor
 
 
-def get(name: str, **kwargs) -> PromptMethod:
+def _resolve_base(base: Any, base_kwargs: Mapping[str, Any] | None, wrapper: str) -> Any:
+    """A wrapper's base from the forms configs and checkpoint meta give: a method, a name
+    (with ``base_kwargs``), ``{"method": NAME, "method_config": {...}}``, or None."""
+    if isinstance(base, Mapping) and "method" in base:
+        base_kwargs = {**dict(base.get("method_config") or {}), **dict(base_kwargs or {})}
+        base = base["method"]
+    if isinstance(base, str):
+        if base == wrapper:
+            raise ValueError(f"{wrapper} cannot wrap itself")
+        return get(base, **dict(base_kwargs or {}))
+    if base_kwargs:
+        raise ValueError(f"{wrapper}: base_kwargs needs a base given by name (base='coop')")
+    return base
+
+
+# JSON descriptions that become objects before a constructor sees them: {method: {kwarg: decode}}.
+_DECODERS: dict[str, dict[str, Callable[[Any], Any]]] = {"tpt": {"optimizer": tpt_optimizer}}
+
+
+def get(name: str, **kwargs: Any) -> PromptMethod:
     """Builds the method ``name`` with keyword hyperparameters.
+
+    This is where names and JSON forms become objects, once: a wrapper's ``base`` may be a
+    registry name with ``base_kwargs``, or the ``{"method", "method_config"}`` form checkpoint
+    meta stores; TPT's ``optimizer`` may be a JSON description
+    (:func:`jaxprompt.methods.tpt.make_optimizer`), recorded as given in ``method.config``.
+    So ``get(meta["method"], **meta["method_config"])`` rebuilds a saved method.
 
     Raises:
       ValueError: for an unknown name (listing the options) or an unknown keyword.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(names())}")
+    if "base" in kwargs or "base_kwargs" in kwargs:
+        kwargs["base"] = _resolve_base(kwargs.get("base"), kwargs.pop("base_kwargs", None), name)
+    described = {}
+    for key, decode in _DECODERS.get(name, {}).items():
+        if isinstance(kwargs.get(key), Mapping):
+            described[key] = dict(kwargs[key])
+            kwargs[key] = decode(kwargs[key])
+        elif isinstance(kwargs.get(key), str) and kwargs[key] == "custom":
+            # The meta of a method built with an optax object: it cannot be rebuilt from JSON,
+            # so the default is used (the meta says which).
+            kwargs.pop(key)
     try:
-        return _REGISTRY[name](**kwargs)
+        method = _REGISTRY[name](**kwargs)
     except TypeError as e:
         raise ValueError(f"bad arguments for method {name!r}: {e}") from e
+    if described:
+        method = method._replace(config={**dict(method.config), **described})
+    return method

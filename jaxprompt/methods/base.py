@@ -40,6 +40,12 @@ class PromptMethod(NamedTuple):
         text side does not depend on the image; evaluation computes it once per class set.
       classify: optional ``classify(prompt, clip, classes, images) -> [B, C]`` paired with
         ``encode_classes``; ``logits`` equals ``classify(prompt, clip, encode_classes(...), x)``.
+      prepare: optional ``prepare(clip, task) -> PromptMethod``: the same method with work
+        that depends only on the frozen model and the training classes done once, before
+        training (PromptSRC's teacher text features). Trainers call it if present.
+      aggregator: optional ``aggregator(num_epochs) -> (init, update, result)``: how the
+        method combines its per-epoch prompts into the one it reports (PromptSRC's Gaussian
+        prompt aggregation, :mod:`jaxprompt.gpa`). Trainers use it if present.
     """
 
     init: Callable[..., Prompt]
@@ -49,6 +55,8 @@ class PromptMethod(NamedTuple):
     config: Mapping[str, Any] = {}
     encode_classes: Callable[..., Array] | None = None
     classify: Callable[..., Array] | None = None
+    prepare: Callable[..., PromptMethod] | None = None
+    aggregator: Callable[[int], Any] | None = None
 
 
 def cosine_logits(clip: clip_lib.Clip, image_features: Array, text_features: Array) -> Array:
@@ -89,39 +97,14 @@ def word_embeddings(clip: clip_lib.Clip, words: str) -> Array:
     return clip_lib.embed_tokens(clip, jnp.asarray(ids[0, 1 : eot[0]])).astype(jnp.float32)
 
 
-def resolve_base(
-    base: Any,
-    base_kwargs: Mapping[str, Any] | None,
-    *,
-    wrapper: str,
-    default: tuple[str, Mapping[str, Any]],
-) -> PromptMethod:
-    """The base method of a wrapper (TPT, POUF) from any of the forms users and meta give.
-
-    Args:
-      base: a :class:`PromptMethod`, a registry name, the ``{"method", "method_config"}`` form
-        checkpoint meta stores a nested method in, or None for ``default``.
-      base_kwargs: keyword arguments for a base given by name (or overriding the meta form's).
-      wrapper: the wrapper's own name (a wrapper cannot wrap itself).
-      default: ``(name, kwargs)`` of the base used when ``base`` is None.
-
-    Raises:
-      ValueError: a one-line message for a self-wrap, kwargs with a method object, or a base of
-        the wrong type.
-    """
-    if base is None:
-        base, base_kwargs = default[0], {**dict(default[1]), **dict(base_kwargs or {})}
-    if isinstance(base, Mapping) and "method" in base:
-        base_kwargs = {**dict(base.get("method_config") or {}), **dict(base_kwargs or {})}
-        base = base["method"]
-    if isinstance(base, str):
-        if base == wrapper:
-            raise ValueError(f"{wrapper} cannot wrap itself")
-        from jaxprompt import methods  # the registry imports the wrappers: import on use
-
-        return methods.get(base, **dict(base_kwargs or {}))
-    if base_kwargs:
-        raise ValueError("base_kwargs is only for a base given by name")
+def check_base(base: Any, *, wrapper: str) -> PromptMethod:
+    """``base`` if it is a :class:`PromptMethod` a wrapper (TPT, POUF) can take, else a
+    one-line ``ValueError`` (names and dicts are resolved by ``jaxprompt.methods.get``)."""
     if not isinstance(base, PromptMethod):
-        raise ValueError(f"base must be a PromptMethod or a method name, got {type(base)}")
+        raise ValueError(
+            f"{wrapper}: base must be a PromptMethod, got {type(base).__name__}; for a name "
+            f"use jaxprompt.methods.get({wrapper!r}, base=NAME, base_kwargs={{...}})"
+        )
+    if base.name == wrapper:
+        raise ValueError(f"{wrapper} cannot wrap itself")
     return base

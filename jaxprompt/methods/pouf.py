@@ -4,7 +4,7 @@ Tanwisuth, Zhang, Zheng, He, Zhou, "POUF: Prompt-Oriented Unsupervised Fine-tuni
 Pre-trained Models", ICML 2023, arXiv 2305.00350; reference github.com/korawat-tanwisuth/POUF
 @9e12dbb (``pouf_lvm/examples/pouf/image_classification/{pouf,clip_classifier}.py``).
 Spec: ``specs/pouf.md`` sections 1 and 4. The masked-LM half of the paper is
-:mod:`jaxprompt.mlm`.
+:mod:`jaxprompt.side.mlm`.
 
 POUF wraps a base method, as optax wrappers wrap a transformation. On an UNLABELED target batch
 of M images, with s the [M, K] cosine between the image features and the K class features the
@@ -46,7 +46,7 @@ and tllib's inverse decay ``lr_group * (1 + 2e-4 t)^-0.75`` with the EFFECTIVE r
 reference (spec 1.8): ctx 1e-3, ``logit_scale`` 5e-7, CLIP weights 5e-7.
 
 The loss never reads ``batch["label"]`` (a batch without labels works). Model selection is the
-runner's business (:mod:`jaxprompt.pouf_runner`): label-free by default.
+runner's business (:mod:`jaxprompt.app.pouf`): label-free by default.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ CLIP = "clip"
 
 # Default bases (spec 1.2): prompt tuning learns 4 context vectors from "a photo of a" with the
 # class name then "."; model tuning keeps the fixed prompt "a photo of a {c}" without period.
-_PROMPT_BASE = ("coop", {"n_ctx": 4, "init_words": "a photo of a"})
-_FULL_BASE = ("zeroshot", {"templates": ["a photo of a {}"]})
+_PROMPT_BASE = {"n_ctx": 4, "init_words": "a photo of a"}
+_FULL_BASE = {"templates": ["a photo of a {}"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,9 +231,16 @@ def make_optimizer(
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_base(base: Any, base_kwargs: Mapping[str, Any] | None, full_model: bool):
-    default = _FULL_BASE if full_model else _PROMPT_BASE
-    return base_lib.resolve_base(base, base_kwargs, wrapper="pouf", default=default)
+def default_base(full_model: bool = False) -> base_lib.PromptMethod:
+    """POUF's base: the fixed prompt "a photo of a {}" for ``full_model``, else CoOp with 4
+    context vectors from "a photo of a"."""
+    # A wrapper may build its default base from the public constructors.
+    from jaxprompt.methods.coop import coop
+    from jaxprompt.methods.zeroshot import zeroshot
+
+    if full_model:
+        return zeroshot(**_FULL_BASE)
+    return coop(**_PROMPT_BASE)
 
 
 def _split(prompt: Prompt) -> tuple[dict[str, Any], Array | None, Any]:
@@ -271,22 +278,20 @@ def pouf_cosine(
 
 
 def pouf(
-    base: base_lib.PromptMethod | str | Mapping[str, Any] | None = None,
+    base: base_lib.PromptMethod | None = None,
     *,
     w_transport: float = 1.0,
     w_info: float = 0.3,
     train_logit_scale: bool = True,
     full_model: bool = False,
     clip_params: Sequence[str] | None = None,
-    base_kwargs: Mapping[str, Any] | None = None,
 ) -> base_lib.PromptMethod:
     """POUF around a base method (label-free transport + information maximisation).
 
     Args:
-      base: the method producing the class features: a :class:`PromptMethod`, a registry name
-        (with ``base_kwargs``), a ``{"method", "method_config"}`` mapping (checkpoint meta), or
-        ``None``: CoOp with 4 context vectors from "a photo of a" (prompt variant) or the fixed
-        prompt "a photo of a {}" (``full_model``).
+      base: the method producing the class features (``None``: :func:`default_base`). A
+        registry name with ``base_kwargs``, or the ``{"method", "method_config"}`` form of
+        checkpoint meta, goes through ``jp.methods.get("pouf", base=..., base_kwargs=...)``.
       w_transport: weight of the transport term (1.0).
       w_info: weight of the mutual-information term (0.3 for CLIP).
       train_logit_scale: learn ``logit_scale`` as its own prompt group (the reference does).
@@ -294,13 +299,15 @@ def pouf(
         "model tuning"); see the module docstring for how the override works.
       clip_params: with ``full_model``, ``/``-joined ``clip.params`` paths to train (``None``:
         every weight but ``logit_scale``).
-      base_kwargs: keyword arguments of a base given by name.
 
     Returns:
       A :class:`PromptMethod` named ``"pouf"``. ``loss`` ignores ``batch["label"]``; its
       metrics are ``transport``, ``mutual_information`` and ``scale`` (``exp(logit_scale)``).
     """
-    base_m = _resolve_base(base, base_kwargs, full_model)
+    if base is None:
+        base_m = default_base(full_model)
+    else:
+        base_m = base_lib.check_base(base, wrapper="pouf")
     if clip_params is not None and not full_model:
         raise ValueError("clip_params selects CLIP weights to train: it needs full_model=True")
     clip_params = None if clip_params is None else [str(p) for p in clip_params]

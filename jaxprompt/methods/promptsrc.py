@@ -202,7 +202,7 @@ def promptsrc(
             "accuracy": acc,
         }
 
-    return prompted._replace(
+    method = prompted._replace(
         loss=loss,
         name="promptsrc",
         config=dict(
@@ -220,6 +220,11 @@ def promptsrc(
             init_std=init_std,
             remat=remat,
         ),
+    )
+    # The trainer's hooks: the frozen teacher computed once, GPA over the epochs' prompts.
+    return method._replace(
+        prepare=lambda clip, task: with_teacher(method, clip, task),
+        aggregator=lambda num_epochs: gpa_aggregator(method, num_epochs=num_epochs),
     )
 
 
@@ -266,7 +271,8 @@ def with_teacher(
             batch = {**batch, TEACHER_KEY: teacher}
         return inner(prompt, clip_, task_, batch, key)
 
-    return method._replace(loss=loss)
+    # Already prepared: preparing again would only repeat the work.
+    return method._replace(loss=loss, prepare=None)
 
 
 def gpa_aggregator(method: base.PromptMethod, *, num_epochs: int) -> gpa.Aggregator:

@@ -431,9 +431,11 @@ def _shared_text_episodes(base, tx, prompt, clip, task, feats, *, steps, keep):
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_base(base, base_kwargs) -> base_lib.PromptMethod:
-    default = ("coop", {"n_ctx": 4, "init_words": "a photo of a", "remat": True})
-    return base_lib.resolve_base(base, base_kwargs, wrapper="tpt", default=default)
+def default_base() -> base_lib.PromptMethod:
+    """TPT's base: CoOp, 4 context vectors from "a photo of a", rematerialised text blocks."""
+    from jaxprompt.methods.coop import coop  # a wrapper may build its default base
+
+    return coop(n_ctx=4, init_words="a photo of a", remat=True)
 
 
 def _views_from_images(key: Array, images: Array, n_views: int, augmix: bool) -> Array:
@@ -462,28 +464,28 @@ def _views_from_images(key: Array, images: Array, n_views: int, augmix: bool) ->
 
 
 def tpt(
-    base: base_lib.PromptMethod | str | Mapping[str, Any] | None = None,
-    optimizer: optax.GradientTransformation | Mapping[str, Any] | None = None,
+    base: base_lib.PromptMethod | None = None,
+    optimizer: optax.GradientTransformation | None = None,
     *,
     steps: int = 1,
     views: int = 64,
     keep: float = 0.1,
-    base_kwargs: Mapping[str, Any] | None = None,
     augmix: bool = False,
     cocoop_unnormalized: bool = True,
 ) -> base_lib.PromptMethod:
     """TPT as a method transformer: ``logits`` runs one whole episode per sample.
 
+    Names and JSON descriptions (``jp.methods.get("tpt", base="coop", base_kwargs={...},
+    optimizer={"name": "adamw", ...})``) are resolved by the registry, not here.
+
     Args:
-      base: the method whose prompt is tuned: a :class:`PromptMethod`, a registry name (with
-        ``base_kwargs``), or ``None`` for TPT's CoOp prompt initialised from "a photo of a"
-        (4 tokens, class at the end, rematerialised text blocks).
-      optimizer: an optax transformation, a JSON description for :func:`make_optimizer`, or
-        ``None`` for TPT's AdamW (lr 5e-3, weight decay 0.01, PyTorch semantics).
+      base: the method whose prompt is tuned (``None``: :func:`default_base`, TPT's CoOp
+        prompt).
+      optimizer: an optax transformation (``None``: TPT's AdamW, lr 5e-3, weight decay 0.01,
+        PyTorch semantics; :func:`make_optimizer` builds others from a JSON description).
       steps: optimiser steps per image (TPT: 1).
       views: views per image, view 0 included (TPT: 64), when ``logits`` makes the views.
       keep: fraction of views kept for the loss (TPT: 0.1, so 6 of 64).
-      base_kwargs: keyword arguments for a base given by name.
       augmix: AugMix views (TPT's fine-grained datasets) when ``logits`` makes the views.
       cocoop_unnormalized: see :func:`episode`.
 
@@ -495,12 +497,11 @@ def tpt(
       ``fold_in(key, b)`` (``key`` defaults to ``key(0)``). ``loss`` is TPT's step-0 objective
       (mean over samples of the marginal entropy of the confident views), label-free.
     """
-    base_m = _resolve_base(base, base_kwargs)
-    if isinstance(optimizer, optax.GradientTransformation):
-        tx, opt_config = optimizer, "custom"
+    base_m = default_base() if base is None else base_lib.check_base(base, wrapper="tpt")
+    if optimizer is None:
+        tx, opt_config = make_optimizer(DEFAULT_OPTIMIZER), dict(DEFAULT_OPTIMIZER)
     else:
-        opt_config = dict(DEFAULT_OPTIMIZER if optimizer is None else optimizer)
-        tx = make_optimizer(opt_config)
+        tx, opt_config = optimizer, "custom"
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     num_selected(views, keep)

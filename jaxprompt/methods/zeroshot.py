@@ -77,4 +77,3 @@ def zeroshot(
         encode_classes=encode_classes,
         classify=classify,
     )
-

@@ -30,7 +30,7 @@ Model selection (spec 1.10): by default the LAST step, which needs no label. Wit
 the best epoch is reported too (``pouf_best_by_target_labels``, and its prompt exported): the
 reference's protocol, which selects on the test labels (label leakage).
 
-Masked LM (``method.name == "pouf_mlm"``): :func:`jaxprompt.mlm.adapt` on a TFDS GLUE set or a
+Masked LM (``method.name == "pouf_mlm"``): :func:`jaxprompt.side.mlm.adapt` on a TFDS GLUE set or a
 CSV file, same outputs.
 
 Outputs in the run directory: ``config.json``, ``metrics.jsonl``, checkpoints (CLIP),
@@ -41,7 +41,6 @@ percent) and ``results.md``. A run whose ``results.json`` exists is skipped.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -55,9 +54,10 @@ from jaxprompt import checkpoint as ckpt_lib
 from jaxprompt import clip as clip_lib
 from jaxprompt import data as data_lib
 from jaxprompt import evaluate as eval_lib
-from jaxprompt import experiment
 from jaxprompt import methods as methods_lib
 from jaxprompt import train as train_lib
+from jaxprompt.app import experiment
+from jaxprompt.app import rundir as rundir_lib
 
 # (jaxprompt.methods.pouf the attribute is the constructor: import from the module itself)
 from jaxprompt.methods.pouf import inverse_decay
@@ -144,36 +144,36 @@ class _Unlabeled:
         self._it.set_state(state)
 
 
-def _finish(workdir: str, record: dict[str, Any], name: str) -> None:
-    if jax.process_index() == 0:
-        table = eval_lib.markdown_table(
-            {name: record["accuracy"]}, columns=tuple(record["accuracy"]), average=False
-        )
-        with open(os.path.join(workdir, "results.md"), "w") as f:
-            f.write(table + "\n")
-        experiment._write_json(os.path.join(workdir, experiment.RESULTS), record)
-    log.info("results: %s", json.dumps(record["accuracy"]))
-
-
 def run_pouf(config: Any, workdir: str) -> dict[str, Any]:
-    """Runs the configured POUF adaptation (see ``configs/adapt.py`` presets ``pouf*``).
+    """Runs POUF on CLIP (``configs/adapt.py`` presets ``pouf``, ``pouf_full``).
 
     Returns:
       The contents of ``results.json``.
     """
     cfg = experiment.to_dict(config)
-    finished = experiment.start_run(workdir, cfg)
+    run = rundir_lib.RunDir(workdir, cfg)
+    finished = run.check()
     if finished is not None:
         return finished
-    name = cfg["method"]["name"]
-    if name == "pouf_mlm":
-        return _run_mlm(cfg, workdir)
-    if name != "pouf":
-        raise experiment.ConfigError(f"run_pouf runs 'pouf' or 'pouf_mlm', not {name!r}")
-    return _run_clip(cfg, workdir)
+    return _run_clip(cfg, run)
 
 
-def _run_clip(cfg: dict[str, Any], workdir: str) -> dict[str, Any]:
+def run_pouf_mlm(config: Any, workdir: str) -> dict[str, Any]:
+    """Runs POUF on a masked language model (``configs/adapt.py`` preset ``pouf_mlm``).
+
+    Returns:
+      The contents of ``results.json``.
+    """
+    cfg = experiment.to_dict(config)
+    run = rundir_lib.RunDir(workdir, cfg)
+    finished = run.check()
+    if finished is not None:
+        return finished
+    return _run_mlm(cfg, run)
+
+
+def _run_clip(cfg: dict[str, Any], run: rundir_lib.RunDir) -> dict[str, Any]:
+    workdir = run.workdir
     t0 = time.time()
     m, d, o = cfg["method"], cfg["data"], cfg["optim"]
     kw = {k: m[k] for k in ("w_transport", "w_info", "train_logit_scale", "full_model")}
@@ -203,10 +203,8 @@ def _run_clip(cfg: dict[str, Any], workdir: str) -> dict[str, Any]:
     ipe, epochs = int(o["iters_per_epoch"]), int(o["epochs"])
     steps = ipe * epochs
     batch_size = int(d["batch_size"])
-    if len(train_x) < batch_size:
-        raise experiment.ConfigError(
-            f"data.batch_size={batch_size} exceeds the {len(train_x)} target images"
-        )
+    experiment.check_batch(batch_size, len(train_x), "target images")
+    run.open()
     size = clip.spec.image_size
 
     def test_batches():
@@ -228,7 +226,7 @@ def _run_clip(cfg: dict[str, Any], workdir: str) -> dict[str, Any]:
     batches = _Unlabeled(
         data_lib.train_iterator(
             train_x, ds.fetch, batch_size=batch_size, seed=int(cfg["seed"]),
-            canvas=min(512, max(64, 4 * size)),
+            canvas=data_lib.canvas_size(size),
         )
     )  # fmt: skip
     scale = tuple(float(x) for x in d.get("rrc_scale", (0.08, 1.0)))
@@ -285,13 +283,14 @@ def _run_clip(cfg: dict[str, Any], workdir: str) -> dict[str, Any]:
                 {"method": "pouf", "step": best["step"], "label_leakage": True},
             )
     record["wall_time_s"] = round(time.time() - t0, 1)
-    _finish(workdir, record, ds.spec.name)
+    run.write_results(record)
     return record
 
 
-def _run_mlm(cfg: dict[str, Any], workdir: str) -> dict[str, Any]:
-    from jaxprompt import mlm
+def _run_mlm(cfg: dict[str, Any], run: rundir_lib.RunDir) -> dict[str, Any]:
+    from jaxprompt.side import mlm
 
+    workdir = run.workdir
     t0 = time.time()
     m, d, o = cfg["method"], cfg["data"], cfg["optim"]
     data = mlm.load_text_dataset(
@@ -300,6 +299,7 @@ def _run_mlm(cfg: dict[str, Any], workdir: str) -> dict[str, Any]:
     if int(d.get("limit", 0)) > 0:
         data.split["test"] = data.split["test"][: int(d["limit"])]
     model = mlm.load_mlm(cfg["mlm"]["name"])
+    run.open()
     res = mlm.adapt(
         model, data,
         steps=int(o["steps"]), batch_size=int(o["batch_size"]), lr=float(o["lr"]),
@@ -315,5 +315,5 @@ def _run_mlm(cfg: dict[str, Any], workdir: str) -> dict[str, Any]:
         protocol="adapt", method="pouf_mlm", model=cfg["mlm"]["name"], dataset=d["dataset"],
         seed=int(cfg["seed"]), wall_time_s=round(time.time() - t0, 1),
     )  # fmt: skip
-    _finish(workdir, record, data.task.name)
+    run.write_results(record)
     return record

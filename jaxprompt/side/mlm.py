@@ -449,9 +449,7 @@ def _head_pre_decoder(params: PyTree, h: Array, gelu: str, eps: float) -> Array:
     return x * head["layer_norm"]["scale"] + head["layer_norm"]["bias"]
 
 
-def mask_features(
-    model: MaskedLM, params: PyTree, h: Array, *, gelu: str = "tanh"
-) -> Array:
+def mask_features(model: MaskedLM, params: PyTree, h: Array, *, gelu: str = "tanh") -> Array:
     """POUF's target feature ``LayerNorm(GELU(dense(h)))`` at ``<mask>`` -> [B, H].
 
     Args:
@@ -765,4 +763,3 @@ def adapt(
                   n_train=len(train["input_ids"]), n_test=len(test_labels),
                   wall_time_s=round(time.time() - t0, 1), params=params)  # fmt: skip
     return result
-

@@ -1,9 +1,9 @@
 """Sweeps: one command trains every (dataset, shots, seed) of a protocol, one run after another.
 
-    jaxprompt sweep --config configs/fewshot.py:coop --datasets dtd,eurosat --shots 1,4,16 \\
+    jaxprompt sweep --config fewshot:coop --datasets dtd,eurosat --shots 1,4,16 \\
         --seeds 1,2,3 --root gs://BUCKET/jp [--config.optim.lr=0.001 ...] [--dry-run]
 
-(or ``python -m jaxprompt.sweep ...``). Each run gets its own directory
+Each run gets its own directory
 ``ROOT/<protocol>/<method>/<dataset>/<shots>s/seed<n>`` and is an ordinary ``jaxprompt train``
 run: a finished one (with ``results.json``) is skipped, an interrupted one resumes from its
 newest checkpoint. So after a preemption the same command picks up where it stopped. A list
@@ -111,7 +111,9 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         description=__doc__.split("\n\n")[0],
         epilog="Other --config.<key>=<value> flags are passed to every run.",
     )
-    ap.add_argument("--config", required=True, help="configs/<protocol>.py:<method>[,...]")
+    ap.add_argument(
+        "--config", required=True, help="PROTOCOL:PRESET[,...] or configs/<protocol>.py:PRESET"
+    )
     ap.add_argument("--root", required=True, help="root directory of the runs (local or gs://)")
     ap.add_argument("--datasets", help="comma-separated dataset names")
     ap.add_argument("--shots", help="comma-separated shot counts")
@@ -132,7 +134,8 @@ def main(argv: Sequence[str]) -> int:
     run stops the sweep (exit code 1) unless ``--keep-going``, which runs the others and
     reports the failures at the end.
     """
-    from jaxprompt import cli, experiment
+    from jaxprompt.app import experiment
+    from jaxprompt.app import flags as flags_lib
 
     ns, overrides = _parse(argv)
     try:
@@ -145,18 +148,18 @@ def main(argv: Sequence[str]) -> int:
         resolved = []
         for r in runs:
             argv_r = ["jaxprompt", "--config", r.config_arg, *overrides, "--workdir", "-"]
-            config, _ = cli._config_flags(argv_r, need_config=True)
+            config, _ = flags_lib.parse_run_flags(argv_r, need_config=True)
             cfg = experiment.to_dict(config)
             resolved.append(
                 (SweepRun(r.dataset, r.shots, r.seed, r.config_arg, run_dir(ns.root, cfg)), config)
             )
     except Exception as e:  # noqa: BLE001 - the CLI's one-line error for any bad input
-        return cli._fail(cli._one_line(e))
+        return flags_lib.fail(flags_lib.one_line(e))
 
     try:
         done = [(epath.Path(r.workdir) / experiment.RESULTS).exists() for r, _ in resolved]
     except ImportError as e:  # gs:// without gcsfs
-        return cli._fail(f"{e} (pip install gcsfs)")
+        return flags_lib.fail(f"{e} (pip install gcsfs)")
     print(f"sweep: {len(resolved)} runs, {sum(done)} done", flush=True)
     for (r, _), is_done in zip(resolved, done, strict=True):
         state = "done" if is_done else "todo"
@@ -172,7 +175,7 @@ def main(argv: Sequence[str]) -> int:
         except Exception as e:  # noqa: BLE001 - reported, then stop or go on
             if not ns.keep_going:
                 raise
-            log.error("sweep run %s failed: %s", r.workdir, cli._one_line(e))
+            log.error("sweep run %s failed: %s", r.workdir, flags_lib.one_line(e))
             failed.append(r.workdir)
     if records:
         _write_summary(ns.root, records)
@@ -208,7 +211,8 @@ def summarize(records: Sequence[tuple[SweepRun, dict[str, Any]]]) -> dict[str, A
 def _write_summary(root: str, records: Sequence[tuple[SweepRun, dict[str, Any]]]) -> None:
     import jax
 
-    from jaxprompt import evaluate, experiment
+    from jaxprompt import evaluate
+    from jaxprompt.app import rundir
 
     summary = summarize(records)
     groups = summary["by_dataset_shots"]
@@ -221,18 +225,6 @@ def _write_summary(root: str, records: Sequence[tuple[SweepRun, dict[str, Any]]]
     rec = records[0][1]
     where = epath.Path(root) / (rec.get("protocol") or "run") / rec["method"]
     where.mkdir(parents=True, exist_ok=True)
-    experiment._write_json(where / "summary.json", summary)
+    rundir.write_json(where / "summary.json", summary)
     (where / "summary.md").write_text(table + "\n")
     print(f"sweep: summary in {where}/summary.json")
-
-
-def _cli() -> None:
-    import sys
-
-    from jaxprompt import cli
-
-    sys.exit(cli.main(["jaxprompt", "sweep", *sys.argv[1:]]))
-
-
-if __name__ == "__main__":
-    _cli()

@@ -5,10 +5,11 @@ functions: :func:`run_train` and :func:`run_eval` take a config (plain ``ConfigD
 equivalent dict stored in a checkpoint's meta) and a run directory. The CLI is a thin layer over
 them; research code can call them too.
 
-A run directory holds ``config.json`` (resolved config), ``data/`` (the sampled few-shot ids),
-``metrics.jsonl``, orbax checkpoints, and at the end ``results.json``, ``results.md`` and
-``results.png``. A run whose ``results.json`` exists is skipped; an interrupted run resumes from
-its newest checkpoint.
+The run directory (:class:`jaxprompt.app.rundir.RunDir`) holds ``config.json`` (resolved config),
+``data/`` (the sampled few-shot ids), ``metrics.jsonl`` and TensorBoard events, orbax
+checkpoints, and at the end ``results.json``, ``results.md`` and ``results.png``. A run whose
+``results.json`` exists is skipped; an interrupted run resumes from its newest checkpoint. Every
+input is checked before anything is written.
 
 The run directory may be a bucket (``gs://...``): every file goes through ``etils.epath`` and
 the checkpoints through orbax. On several hosts (``jax.distributed``), every process runs the
@@ -18,14 +19,13 @@ alone writes the JSON, markdown and plot files.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -36,10 +36,11 @@ from jaxprompt import checkpoint as ckpt_lib
 from jaxprompt import clip as clip_lib
 from jaxprompt import data as data_lib
 from jaxprompt import evaluate as eval_lib
-from jaxprompt import gpa as gpa_lib
 from jaxprompt import methods as methods_lib
 from jaxprompt import sharding as shard_lib
 from jaxprompt import train as train_lib
+from jaxprompt.app import console
+from jaxprompt.app import rundir as rundir_lib
 from jaxprompt.data import protocol as protocol_lib
 
 log = logging.getLogger("jaxprompt")
@@ -61,7 +62,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 def resolve_clip(name: str, dtype: str = "float32") -> clip_lib.Clip:
     """Loads the configured CLIP; ``"toy"`` is the toy world's shipped (or cached) model."""
     if name == "toy":
-        from jaxprompt import toyclip
+        from jaxprompt.side import toyclip
 
         name = toyclip.toy_clip_dir()
     return clip_lib.load_clip(name, dtype=dtype)
@@ -125,9 +126,12 @@ def evaluate_all(
             split, names = data_lib.apply_protocol(ds, shots=1, seed=1, subset=ev["subset"])
         task = clip_lib.make_task(clip, names)
         key = jax.random.key(int(cfg["seed"]))
-        res = eval_lib.evaluate(
-            method, prompt, clip, task, _eval_batches(split, ds, cfg, clip), mesh=mesh, key=key
+        bar = console.Progress(
+            len(split["test"]), f"eval {ev['name']} ({ds.spec.name})", unit="images"
         )
+        batches = _counted(_eval_batches(split, ds, cfg, clip), bar)
+        res = eval_lib.evaluate(method, prompt, clip, task, batches, mesh=mesh, key=key)
+        bar.close()
         out[ev["name"]] = round(res["top1"], 2)
         log.info(
             "eval %s (%s, %d classes): top-1 %.2f%%",
@@ -141,13 +145,11 @@ def evaluate_all(
     return out
 
 
-def _is_main() -> bool:
-    """Whether this process writes the run's files (process 0 of a multi-host job)."""
-    return jax.process_index() == 0
-
-
-def _is_local(workdir: str | os.PathLike) -> bool:
-    return "://" not in os.fspath(workdir)
+def _counted(batches: Iterator[dict], bar: console.Progress) -> Iterator[dict]:
+    """Passes the batches through, counting this host's real (unpadded) rows on ``bar``."""
+    for b in batches:
+        bar.update(int(np.sum(b["mask"])) if "mask" in b else len(b["label"]))
+        yield b
 
 
 def _apply_protocol(ds, d: Mapping[str, Any], workdir: str) -> tuple[Any, list[str]]:
@@ -159,7 +161,7 @@ def _apply_protocol(ds, d: Mapping[str, Any], workdir: str) -> tuple[Any, list[s
     uploads a new one (the sampling is seeded, so all processes draw the same examples).
     """
     kw = dict(shots=int(d["shots"]), seed=int(d["seed"]), subset=d["subset"])
-    if _is_local(workdir) and jax.process_count() == 1:
+    if rundir_lib.is_local(workdir) and jax.process_count() == 1:
         return data_lib.apply_protocol(ds, **kw, workdir=workdir)
     name = protocol_lib.fewshot_filename(int(d["shots"]), int(d["seed"]))
     remote = epath.Path(workdir) / "data" / name
@@ -175,7 +177,7 @@ def _apply_protocol(ds, d: Mapping[str, Any], workdir: str) -> tuple[Any, list[s
             with open(local, "w") as f:
                 f.write(text)
         out = data_lib.apply_protocol(ds, **kw, workdir=tmp)
-        if _is_main() and not existed:
+        if rundir_lib.is_main() and not existed:
             remote.parent.mkdir(parents=True, exist_ok=True)
             with open(local) as f:
                 remote.write_text(f.read())
@@ -189,14 +191,35 @@ def _mesh(cfg: Mapping[str, Any]) -> jax.sharding.Mesh:
     return shard_lib.make_mesh(data=int(m["data"]), model=int(m["model"]))
 
 
+def check_batch(batch_size: int, n_train: int, what: str = "training examples") -> None:
+    """A one-line ConfigError if the global batch exceeds the data or does not split over the
+    hosts (checked before the run directory is written)."""
+    if n_train < batch_size:
+        raise ConfigError(
+            f"data.batch_size={batch_size} exceeds the {n_train} {what}: lower it with "
+            "--config.data.batch_size"
+        )
+    n_proc = jax.process_count()
+    if batch_size % n_proc:
+        raise ConfigError(
+            f"data.batch_size={batch_size} (the global batch) does not split over {n_proc} "
+            f"hosts: use a multiple of {n_proc}"
+        )
+
+
 def run_train(config: Any, workdir: str) -> dict[str, Any]:
     """Trains the configured method and evaluates it; writes the run directory.
+
+    Order: a finished run is skipped and a different config refused (reading only); then the
+    method, the datasets, the weights and the batch size are checked; only then is the run
+    directory written.
 
     Returns:
       The contents of ``results.json``.
     """
     cfg = to_dict(config)
-    finished = start_run(workdir, cfg)
+    run = rundir_lib.RunDir(workdir, cfg)
+    finished = run.check()
     if finished is not None:
         return finished
     t0 = time.time()
@@ -207,34 +230,34 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
     ds = _load(d["dataset"], cfg, cache)
     for ev in cfg["evals"]:
         _load(ev["dataset"], cfg, cache)
-    clip = resolve_clip(cfg["clip"]["name"], cfg["clip"]["dtype"])
-    mesh = _mesh(cfg)
-    split, names = _apply_protocol(ds, d, workdir)
-    task = clip_lib.make_task(clip, names)
-    if method.name == "promptsrc":
-        from jaxprompt.methods.promptsrc import with_teacher
-
-        # The frozen 60-template teacher is computed once for the training classes.
-        method = with_teacher(method, clip, task)
     o = cfg["optim"]
     epochs = int(o["epochs"])
+    batch_size = int(d["batch_size"])
+    clip = resolve_clip(cfg["clip"]["name"], cfg["clip"]["dtype"])
+    mesh = _mesh(cfg)
+    # The few-shot draw is checked in memory; the record is written once the run is open.
+    split, names = data_lib.apply_protocol(
+        ds, shots=int(d["shots"]), seed=int(d["seed"]), subset=d["subset"]
+    )
+    if epochs > 0:
+        check_batch(batch_size, len(split["train"]))
+    run.open()
+    split, names = _apply_protocol(ds, d, workdir)
+    task = clip_lib.make_task(clip, names)
+    if method.prepare is not None:
+        # Work that depends only on the frozen model and the classes, done once
+        # (PromptSRC's teacher text features).
+        method = method.prepare(clip, task)
     key = jax.random.key(int(cfg["seed"]))
-    state_prompt = None
+    meta = {
+        "config": cfg,
+        "dataset": ds.spec.name,
+        "classnames": list(names),
+        "few_shot_ids": [x.key for x in split["train"]],
+    }
     steps = 0
     if epochs > 0:
-        batch_size = int(d["batch_size"])
         n_train = len(split["train"])
-        if n_train < batch_size:
-            raise ConfigError(
-                f"data.batch_size={batch_size} exceeds the {n_train} training examples: "
-                "lower it with --config.data.batch_size"
-            )
-        n_proc = jax.process_count()
-        if batch_size % n_proc:
-            raise ConfigError(
-                f"data.batch_size={batch_size} (the global batch) does not split over "
-                f"{n_proc} hosts: use a multiple of {n_proc}"
-            )
         iters = n_train // batch_size  # drop_last, as the reference trainers do
         steps = iters * epochs
         schedule = train_lib.make_schedule(
@@ -250,10 +273,9 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
         batches = data_lib.train_iterator(
             split["train"],
             ds.fetch,
-            batch_size=batch_size // n_proc,  # this host's share; the iterator shards by host
+            batch_size=batch_size // jax.process_count(),  # this host's share
             seed=int(d["seed"]),
-            # The canvas holds a decoded image before the on-device random resized crop.
-            canvas=min(512, max(64, 4 * clip.spec.image_size)),
+            canvas=data_lib.canvas_size(clip.spec.image_size),
         )
         size = clip.spec.image_size
         scale = tuple(float(x) for x in d.get("rrc_scale", (0.08, 1.0)))
@@ -261,20 +283,12 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
         def augment(batch, k):
             return data_lib.train_augment(k, batch, out_size=size, scale=scale)
 
-        aggregator = None
-        if "gpa_mean" in method.config:
-            # Gaussian prompt aggregation over per-epoch snapshots (PromptSRC).
-            aggregator = gpa_lib.gaussian_aggregation(
-                mean=float(method.config["gpa_mean"]),
-                std=float(method.config["gpa_std"]),
-                num_epochs=epochs,
-            )
-        meta = {
-            "config": cfg,
-            "dataset": ds.spec.name,
-            "classnames": list(names),
-            "few_shot_ids": [x.key for x in split["train"]],
-        }
+        aggregator = None if method.aggregator is None else method.aggregator(epochs)
+        eval_every = int(cfg.get("eval_every_epochs", 0) or 0)
+
+        def eval_fn(prompt, step):
+            return evaluate_all(method, prompt, clip, cfg, mesh=mesh, cache=cache)
+
         log.info(
             "training %s on %s: %d classes, %d examples, %d epochs x %d steps",
             method.name,
@@ -295,6 +309,8 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
             mesh=mesh,
             workdir=workdir,
             log_every=int(cfg.get("log_every", 50)),
+            eval_fn=eval_fn if eval_every else None,
+            eval_every=iters * eval_every if eval_every else None,
             aggregator=aggregator,
             iters_per_epoch=iters,
             checkpoint_every=iters * max(1, int(cfg["ckpt"]["every_epochs"])),
@@ -303,10 +319,19 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
             lr_schedule=schedule,
             augment=augment,
         )
-        state_prompt = state.prompt
+        prompt = state.prompt
     else:
-        state_prompt = method.init(key, clip, task)
-    results = evaluate_all(method, state_prompt, clip, cfg, mesh=mesh, cache=cache)
+        # Nothing to train (zero-shot, or 0 epochs): the initial prompt is saved as step 0,
+        # so `jaxprompt eval` can evaluate the run again like any other.
+        prompt = method.init(key, clip, task)
+        if shard_lib.decide_once(lambda: ckpt_lib.latest_step(workdir)) is None:
+            ckpt_lib.save(
+                workdir,
+                {"prompt": prompt, "step": 0},
+                meta={**meta, "method": method.name, "method_config": dict(method.config)},
+                step=0,
+            )
+    results = evaluate_all(method, prompt, clip, cfg, mesh=mesh, cache=cache)
     record = {
         "accuracy": results,
         "protocol": cfg.get("protocol", ""),
@@ -318,60 +343,15 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
         "steps": steps,
         "wall_time_s": round(time.time() - t0, 1),
     }
-    if _is_main():
-        finish(workdir, record)
-    shard_lib.barrier("jaxprompt:results")  # a sweep moves on only once results.json exists
+    run.write_results(record)
     return record
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def start_run(workdir: str, cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """Opens a run directory: a finished run's ``results.json`` contents (skip it), else None.
-
-    Creates ``workdir`` and writes ``config.json``, or checks that a resumed run's config is
-    the one it was started with (every runner: train, TPT, POUF). Process 0 alone looks at
-    the directory and writes; its verdict reaches every host (``sharding.decide_once``), so
-    all hosts skip, refuse or start together whatever their timing.
-    """
-    outcome = shard_lib.decide_once(lambda: _open_run(workdir, cfg))
-    if outcome.get("error"):
-        raise ConfigError(outcome["error"])
-    if outcome.get("finished") is not None:
-        log.info("%s exists: skipping this run (delete it to run again)", outcome["where"])
-    return outcome.get("finished")
-
-
-def _open_run(workdir: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """``start_run``'s look at the directory (process 0): finished, refused, or opened."""
-    wd = epath.Path(workdir)
-    wd.mkdir(parents=True, exist_ok=True)
-    done = wd / RESULTS
-    if done.exists():
-        return {"finished": json.loads(done.read_text()), "where": str(done)}
-    path = wd / "config.json"
-    if path.exists():
-        diff = _diff_keys(json.loads(path.read_text()), cfg)
-        if diff:
-            return {
-                "error": f"{workdir} holds a run with a different config "
-                f"({', '.join(diff[:4])}): use a new --workdir, or the original config to "
-                "resume it"
-            }
-        return {}
-    _write_json(path, cfg)
-    return {}
 
 
 def run_eval(workdir: str, config: Any | None = None) -> dict[str, Any]:
     """Evaluates the prompt saved in ``workdir`` (no config needed: it is in the meta).
+
+    The record is kept beside the run's own results (``evals/<key>.json``, listed in
+    ``results.md``): evaluating on other datasets never overwrites an earlier evaluation.
 
     Args:
       workdir: a training run directory (local or copied from a bucket).
@@ -383,75 +363,23 @@ def run_eval(workdir: str, config: Any | None = None) -> dict[str, Any]:
         raise ConfigError(f"{workdir} has no resolved config in its checkpoint meta: pass --config")
     if config is not None:
         cfg = {**cfg, "evals": to_dict(config)["evals"]}
+    cache: dict = {}
+    for ev in cfg["evals"]:
+        _load(ev["dataset"], cfg, cache)  # a typo fails before the weights load
     clip = resolve_clip(cfg["clip"]["name"], cfg["clip"]["dtype"])
     method = build_method(cfg)
-    results = evaluate_all(method, prompt, clip, cfg, mesh=_mesh(cfg))
+    results = evaluate_all(method, prompt, clip, cfg, mesh=_mesh(cfg), cache=cache)
     record = {
         "accuracy": results,
         "method": method.name,
         "model": cfg["clip"]["name"],
-        "evaluated_from": os.path.abspath(workdir) if _is_local(workdir) else str(workdir),
+        "dataset": cfg["data"]["dataset"],
+        "evals": list(cfg["evals"]),
+        "step": meta.get("step"),
+        "evaluated_from": os.path.abspath(workdir)
+        if rundir_lib.is_local(workdir)
+        else str(workdir),
     }
-    if _is_main():
-        _write_json(epath.Path(workdir) / "eval_results.json", record)
+    key = rundir_lib.RunDir(workdir).add_evaluation(record)
+    log.info("evaluation %s: %s (in %s/evals/%s.json)", key, json.dumps(results), workdir, key)
     return record
-
-
-def finish(workdir: str, record: Mapping[str, Any]) -> None:
-    """Writes results.json, a markdown table and a plot of the training curve and accuracies."""
-    acc = record["accuracy"]
-    wd = epath.Path(workdir)
-    (wd / "results.md").write_text(eval_lib.markdown_table({record["method"]: acc}) + "\n")
-    try:
-        _plot(workdir, record)
-    except Exception as e:  # noqa: BLE001 - a plot must never cost the results
-        log.warning("no plot: %s", e)
-    _write_json(wd / RESULTS, record)
-    log.info("results: %s", json.dumps(acc))
-
-
-def _plot(workdir: str, record: Mapping[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    steps, losses = [], []
-    path = epath.Path(workdir) / "metrics.jsonl"
-    if path.exists():
-        rows = {}
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            if "loss" in r:
-                rows[r["step"]] = r["loss"]
-        steps, losses = list(rows), list(rows.values())
-    axes[0].plot(steps, losses)
-    axes[0].set(xlabel="step", ylabel="training loss", title=record["method"])
-    acc = record["accuracy"]
-    axes[1].bar(list(acc), list(acc.values()), color="tab:blue")
-    axes[1].set(ylabel="top-1 %", ylim=(0, 100), title=record.get("dataset", ""))
-    for i, v in enumerate(acc.values()):
-        axes[1].text(i, v + 1, f"{v:.1f}", ha="center")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    (epath.Path(workdir) / "results.png").write_bytes(buf.getvalue())
-
-
-def _write_json(path: str | os.PathLike, obj: Any) -> None:
-    text = json.dumps(obj, indent=1, default=_default)
-    if not _is_local(path):
-        epath.Path(path).write_text(text)  # an object store writes an object whole
-        return
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    return str(x)

@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from jaxprompt import clip as clip_lib
+from jaxprompt import testing
 from jaxprompt.data import toyworld
 
 log = logging.getLogger(__name__)
@@ -213,8 +214,8 @@ def pretrain(
 
     t0 = time.time()
     os.makedirs(out_dir, exist_ok=True)
-    vocab_size = clip_lib.save_word_tokenizer(out_dir, toyworld.vocabulary())
-    config = clip_lib.clip_config(vocab_size, preset="toy", **shape)
+    vocab_size = testing.save_word_tokenizer(out_dir, toyworld.vocabulary())
+    config = testing.clip_config(vocab_size, preset="toy", **shape)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir)
     model = transformers.FlaxCLIPModel(config, _do_init=False)
     params = jax.jit(model.init_weights, static_argnums=1)(jax.random.key(seed), model.input_shape)

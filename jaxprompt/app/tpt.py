@@ -31,10 +31,10 @@ from etils import epath
 from jaxprompt import checkpoint as ckpt_lib
 from jaxprompt import clip as clip_lib
 from jaxprompt import data as data_lib
-from jaxprompt import evaluate as eval_lib
-from jaxprompt import experiment
 from jaxprompt import methods as methods_lib
 from jaxprompt import sharding as shard_lib
+from jaxprompt.app import console, experiment
+from jaxprompt.app import rundir as rundir_lib
 from jaxprompt.data import augment as aug_lib
 from jaxprompt.methods.tpt import episodes, make_optimizer, num_selected
 
@@ -100,10 +100,11 @@ def initial_prompt(
         )
     name = meta.get("method", base_name)
     kwargs = dict(meta.get("method_config") or base_kwargs)
-    if name in ("coop", "cocoop"):
-        # Test-time tuning backpropagates through C text sequences: bound the memory.
-        kwargs["remat"] = True
     base = methods_lib.get(name, **kwargs)
+    if base.config.get("remat") is False:
+        # Test-time tuning backpropagates through C text sequences: bound the memory where
+        # the base offers rematerialisation.
+        base = methods_lib.get(name, **{**kwargs, "remat": True})
     like = jax.eval_shape(lambda k: base.init(k, clip, task), key)
     got = jax.tree.map(np.shape, prompt)
     want = jax.tree.map(lambda x: tuple(x.shape), like)
@@ -198,14 +199,12 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
       percent, plus the dataset, model, seed, steps, views, image count and wall time.
     """
     cfg = experiment.to_dict(config)
-    finished = experiment.start_run(workdir, cfg)
+    run = rundir_lib.RunDir(workdir, cfg)
+    finished = run.check()
     if finished is not None:
         return finished
-    done = os.path.join(workdir, experiment.RESULTS)
     t0 = time.time()
     m, d = cfg["method"], cfg["data"]
-    if m.get("name", "tpt") != "tpt":
-        raise experiment.ConfigError(f"adapt runs 'tpt' only (for now), not {m['name']!r}")
     tx = make_optimizer(m["optimizer"])
     n_views, keep, steps = int(m["views"]), float(m["keep"]), int(m["steps"])
     num_selected(n_views, keep)
@@ -235,6 +234,7 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
             "data-parallel devices"
         )
     size = clip.spec.image_size
+    run.open()
     batches = data_lib.eval_iterator(
         examples,
         ds.fetch,
@@ -242,7 +242,7 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
         image_size=size,
         tpt=True,
         # The RRC crops from the full image: keep up to 512 px of it (4x the crop for toys).
-        canvas=min(512, max(64, 4 * size)),
+        canvas=data_lib.canvas_size(size),
     )
     step = jax.jit(
         make_adapt_step(
@@ -275,8 +275,8 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
         steps, augmix, source,
     )  # fmt: skip
     n_batches = len(batches)
-    t_run = time.time()
-    done_here = 0
+    bar = console.Progress(len(examples), "tpt", unit="images")
+    bar.done = int(totals["count"])
     for j in range(start, n_batches):
         local_batch = dict(next(batches))
         # Global test-split index of each row: host `index` holds padded positions index,
@@ -287,20 +287,19 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
         sums = jax.device_get(sums)
         for k in totals:
             totals[k] += int(sums[k])
-        done_here += batch_size * count
+        n = max(totals["count"], 1)
+        bar.update(
+            int(sums["count"]),
+            note=f"zero-shot {100.0 * totals['zero_shot'] / n:.2f}% "
+            f"TPT {100.0 * totals['tpt'] / n:.2f}%",
+        )
         last = j == n_batches - 1
-        if (j + 1) % int(cfg.get("log_every", 20)) == 0 or last:
-            n = max(totals["count"], 1)
-            log.info(
-                "tpt %d/%d images: zero-shot %.2f%%, TPT %.2f%% (%.2f images/s)",
-                totals["count"], len(examples), 100.0 * totals["zero_shot"] / n,
-                100.0 * totals["tpt"] / n, done_here / max(time.time() - t_run, 1e-9),
-            )  # fmt: skip
         if ((j + 1) % int(cfg.get("save_every", 50)) == 0 and not last) and index == 0:
-            experiment._write_json(
+            rundir_lib.write_json(
                 progress,
                 {"batches": j + 1, "totals": totals, "iterator": batches.get_state()},
             )
+    bar.close()
     n = max(totals["count"], 1)
     accuracy = {
         "zero_shot": round(100.0 * totals["zero_shot"] / n, 2),
@@ -322,14 +321,7 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
         "augmix": augmix,
         "wall_time_s": round(time.time() - t0, 1),
     }
-    if index == 0:
-        table = eval_lib.markdown_table(
-            {ds.spec.name: accuracy}, columns=("zero_shot", "tpt"), average=False
-        )
-        with open(os.path.join(workdir, "results.md"), "w") as f:
-            f.write(table + "\n")
-        experiment._write_json(done, record)
-        if os.path.exists(progress):
-            os.remove(progress)
-    log.info("results: %s", json.dumps(accuracy))
+    run.write_results(record)
+    if index == 0 and epath.Path(progress).exists():
+        epath.Path(progress).unlink()
     return record

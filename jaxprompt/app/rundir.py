@@ -1,0 +1,273 @@
+"""The run directory every runner shares: check, open, results, evaluations.
+
+A runner uses it in this order, so that bad input never writes anything::
+
+    run = RunDir(workdir, cfg)
+    finished = run.check()     # read-only: a finished run's record (skip it), or None;
+                               # a different config in the directory is refused here
+    ...                        # validate everything else: method, datasets, weights, batch size
+    run.open()                 # now the directory and config.json are written
+    ...                        # train / adapt
+    run.write_results(record)  # results.json, results.md, results.png
+
+Files: ``config.json`` (the resolved config), ``results.json`` (the run's record: accuracy per
+evaluated split in percent, method, model, dataset, seed, steps, wall time), ``results.md`` (a
+table of exactly the splits that were evaluated), ``results.png`` (training curve and
+accuracies), and ``evals/<key>.json`` for each later ``jaxprompt eval`` (kept side by side, keyed
+by what was evaluated; ``results.md`` lists them under the run's own table).
+
+On several hosts process 0 alone looks at the directory and writes; its verdicts reach every
+host through :func:`jaxprompt.sharding.decide_once`, so all hosts skip, refuse or start together.
+The directory may be a bucket (``gs://``): every file goes through ``etils.epath``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from jaxprompt import evaluate as eval_lib
+from jaxprompt import sharding as shard_lib
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+CONFIG = "config.json"
+EVALS = "evals"
+
+
+class ConfigError(ValueError):
+    """A config value or run directory that cannot work; the message names the fix."""
+
+
+def is_main() -> bool:
+    """Whether this process writes the run's files (process 0 of a multi-host job)."""
+    return jax.process_index() == 0
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is on this machine's file system (not ``gs://`` and the like)."""
+    return "://" not in os.fspath(path)
+
+
+def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted keys where two nested dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+class RunDir:
+    """One run's directory (see the module docstring for the order of calls).
+
+    Args:
+      workdir: the run directory (local path or ``gs://...``).
+      cfg: the run's resolved config as plain dicts (``None`` for reading an existing run).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, cfg: Mapping[str, Any] | None = None):
+        self.workdir = os.fspath(workdir)
+        self.path = epath.Path(self.workdir)
+        self.cfg = None if cfg is None else dict(cfg)
+
+    def __truediv__(self, name: str) -> epath.Path:
+        return self.path / name
+
+    # ------------------------------------------------------------------------ opening
+    def check(self) -> dict[str, Any] | None:
+        """A finished run's ``results.json`` record (skip the run), else ``None``.
+
+        Reads only. Raises :class:`ConfigError` if the directory holds a run with a different
+        config (nothing is written, so the corrected command then works).
+        """
+        verdict = shard_lib.decide_once(self._look)
+        if verdict.get("error"):
+            raise ConfigError(verdict["error"])
+        if verdict.get("finished") is not None:
+            log.info("%s exists: skipping this run (delete it to run again)", self / RESULTS)
+        return verdict.get("finished")
+
+    def _look(self) -> dict[str, Any]:
+        done = self / RESULTS
+        if done.exists():
+            return {"finished": json.loads(done.read_text())}
+        path = self / CONFIG
+        if path.exists() and self.cfg is not None:
+            diff = diff_keys(json.loads(path.read_text()), self.cfg)
+            if diff:
+                return {
+                    "error": f"{self.workdir} holds a run with a different config "
+                    f"({', '.join(diff[:4])}): use a new --workdir, or the original config "
+                    "to resume it"
+                }
+        return {}
+
+    def open(self) -> None:
+        """Creates the directory and writes ``config.json`` (after every input was checked)."""
+        if is_main():
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not (self / CONFIG).exists():
+                write_json(self / CONFIG, self.cfg)
+        shard_lib.barrier("jaxprompt:run-opened")
+
+    # ------------------------------------------------------------------------ results
+    def write_results(self, record: Mapping[str, Any], *, plot: bool = True) -> None:
+        """Writes ``results.json``, ``results.md`` and (``plot``) ``results.png`` on process 0."""
+        if is_main():
+            if plot:
+                try:
+                    plot_run(self, record)
+                except Exception as e:  # noqa: BLE001 - a plot must never cost the results
+                    log.warning("no plot: %s", e)
+            write_json(self / RESULTS, record)
+            self._write_markdown()
+        log.info("results: %s", json.dumps(record["accuracy"]))
+        shard_lib.barrier("jaxprompt:results")  # a sweep moves on only once the files exist
+
+    def add_evaluation(self, record: Mapping[str, Any]) -> str:
+        """Keeps a later evaluation beside the run's own: ``evals/<key>.json``.
+
+        The key names what was evaluated (``<dataset>-<eval names>``), so evaluating on
+        another dataset adds a file and evaluating the same again replaces only its own.
+        Returns the key.
+        """
+        key = evaluation_key(record)
+        if is_main():
+            (self / EVALS).mkdir(parents=True, exist_ok=True)
+            write_json(self / EVALS / f"{key}.json", record)
+            self._write_markdown()
+        return key
+
+    def evaluations(self) -> dict[str, dict[str, Any]]:
+        """The later evaluations of this run, by key."""
+        where = self / EVALS
+        if not where.exists():
+            return {}
+        return {
+            p.name[: -len(".json")]: json.loads(p.read_text())
+            for p in sorted(where.iterdir())
+            if p.name.endswith(".json")
+        }
+
+    def _write_markdown(self) -> None:
+        parts = []
+        done = self / RESULTS
+        if done.exists():
+            rec = json.loads(done.read_text())
+            parts.append(results_table(rec))
+        for key, rec in self.evaluations().items():
+            parts.append(f"Evaluation `{key}`:\n\n" + results_table(rec))
+        if parts:
+            (self / "results.md").write_text("\n\n".join(parts) + "\n")
+
+
+def results_table(record: Mapping[str, Any]) -> str:
+    """A Markdown table of exactly the splits a record evaluated (no empty cells).
+
+    Base-to-novel records show Base / New / HM; every other record (few-shot, cross-domain,
+    TPT, POUF) shows one column per evaluated split, in the order they were evaluated.
+    """
+    acc = dict(record["accuracy"])
+    columns = list(acc)
+    if {"base", "new"} <= set(acc):
+        columns = ["base", "new", "hm"] + [c for c in acc if c not in ("base", "new", "hm")]
+    details = [str(record["protocol"])] if record.get("protocol") else []
+    if record.get("seed") is not None:
+        details.append(f"seed {record['seed']}")
+    title = str(record.get("method", ""))
+    if details:
+        title += f" ({', '.join(details)})"
+    table = eval_lib.markdown_table(
+        {str(record.get("dataset", "run")): acc}, columns=columns, average=False
+    )
+    return f"**{title}**\n\n{table}" if title else table
+
+
+def evaluation_key(record: Mapping[str, Any]) -> str:
+    """A file-name-safe key for what an evaluation covers: the run's dataset, then the
+    evaluated splits (``toy_textures-base-new``, ``ImageNet-ImageNetV2-ImageNetSketch``)."""
+    parts = [str(record.get("dataset", "eval"))]
+    parts += [k for k in record["accuracy"] if k != "hm" and k not in parts]
+    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+    if len(key) > 100:  # many evaluations: a readable head and a digest of the rest
+        key = key[:80] + "-" + hashlib.sha1(key.encode()).hexdigest()[:12]
+    return key
+
+
+def plot_run(run: RunDir, record: Mapping[str, Any]) -> None:
+    """``results.png``: the training loss (and per-epoch eval curves) and the accuracies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    rows = read_metrics(run)
+    losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    axes[0].plot(list(losses), list(losses.values()), label="training loss")
+    axes[0].set(xlabel="step", ylabel="training loss", title=record.get("method", ""))
+    curves: dict[str, dict[int, float]] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("eval/"):
+                curves.setdefault(k[len("eval/") :], {})[r["step"]] = v
+    if curves:
+        twin = axes[0].twinx()
+        for name, pts in curves.items():
+            twin.plot(list(pts), list(pts.values()), marker="o", label=f"{name} top-1")
+        twin.set(ylabel="top-1 %", ylim=(0, 100))
+        twin.legend(loc="lower right", fontsize="small")
+    acc = record["accuracy"]
+    axes[1].bar(list(acc), list(acc.values()), color="tab:blue")
+    axes[1].set(ylabel="top-1 %", ylim=(0, 100), title=record.get("dataset", ""))
+    for i, v in enumerate(acc.values()):
+        axes[1].text(i, v + 1, f"{v:.1f}", ha="center")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    (run / "results.png").write_bytes(buf.getvalue())
+
+
+def read_metrics(run: RunDir) -> list[dict[str, Any]]:
+    """The lines of ``metrics.jsonl`` (the later of two lines for one step wins)."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    by_step: dict[tuple[int, bool], dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        # Training lines and eval lines of one step are kept apart.
+        by_step[(r["step"], any(k.startswith("eval/") for k in r))] = r
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes JSON atomically (a temporary file renamed; an object store writes whole)."""
+    text = json.dumps(obj, indent=1, default=_default)
+    if not is_local(path):
+        epath.Path(path).write_text(text)
+        return
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    return str(x)
