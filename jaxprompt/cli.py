@@ -179,7 +179,14 @@ def _pretrain_toy(args: list[str]) -> int:
 
 def run() -> None:
     """Console-script wrapper."""
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `jaxprompt train --help | head`: the reader left; no traceback for that.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
 
 
 if __name__ == "__main__":

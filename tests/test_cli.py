@@ -155,6 +155,10 @@ def test_a_typo_then_the_corrected_command_in_the_same_workdir(tiny_clip_dir, tm
     assert cli.main([*big, "--config.data.batch_size=64", *common]) == 2
     assert "exceeds the 16 training examples" in capsys.readouterr().err
     assert not os.path.exists(wd)
+    # So is a batch that does not split over the (8 simulated) data-parallel devices.
+    assert cli.main([*big, "--config.data.batch_size=12", *common]) == 2
+    assert "does not split over the 8 data-parallel devices" in capsys.readouterr().err
+    assert not os.path.exists(wd)
     assert cli.main([*big, *common]) == 0
     assert os.path.exists(os.path.join(wd, "results.json"))
 
@@ -372,3 +376,20 @@ def test_a_config_runs_only_with_its_command(tmp_path, capsys):
     assert code == 2
     assert "runs with `jaxprompt adapt`" in capsys.readouterr().err
     assert not wd.exists()
+
+
+@pytest.mark.slow
+def test_promptsrc_run_uses_its_hooks_teacher_and_gpa(tiny_clip_dir, tmp_path):
+    """The runner asks the method for its preparation and aggregator (no name switch): the
+    saved prompt of a PromptSRC run is the Gaussian aggregate of its epochs."""
+    from jaxprompt import checkpoint
+
+    wd = tmp_path / "psrc"
+    code = cli.main(
+        ["jaxprompt", "train", "--config", "base2new:promptsrc,runlocal=true",
+         f"--config.clip.name={tiny_clip_dir}", "--config.method.kw.depth=1",
+         "--config.optim.epochs=2", "--config.data.batch_size=8", "--workdir", str(wd)]
+    )  # fmt: skip
+    assert code == 0
+    _, meta = checkpoint.load_prompt(wd)
+    assert meta["method"] == "promptsrc" and meta.get("aggregated") is True

@@ -190,6 +190,7 @@ def test_precomputed_teacher_paths_equal_inline(method, prompt, clip, tiny_task,
     # The trainer's hook is the same cache: trainers call method.prepare, never with_teacher.
     prepared = method.prepare(clip, tiny_task)
     assert prepared.prepare is None and prepared.config == method.config
+    assert prepared.aggregator is not None  # preparing keeps GPA
     via_hook = jax.jit(prepared.loss)(prompt, clip, tiny_task, batch, key)
     np.testing.assert_allclose(via_hook[0], result[0], rtol=1e-6)
 

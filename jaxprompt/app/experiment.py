@@ -191,9 +191,16 @@ def _mesh(cfg: Mapping[str, Any]) -> jax.sharding.Mesh:
     return shard_lib.make_mesh(data=int(m["data"]), model=int(m["model"]))
 
 
-def check_batch(batch_size: int, n_train: int, what: str = "training examples") -> None:
-    """A one-line ConfigError if the global batch exceeds the data or does not split over the
-    hosts (checked before the run directory is written)."""
+def check_batch(
+    batch_size: int,
+    n_train: int,
+    what: str = "training examples",
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+) -> None:
+    """A one-line ConfigError if the global batch exceeds the data, or does not split over the
+    hosts and (with ``mesh``) over each host's data-parallel devices; checked before the run
+    directory is written."""
     if n_train < batch_size:
         raise ConfigError(
             f"data.batch_size={batch_size} exceeds the {n_train} {what}: lower it with "
@@ -205,6 +212,13 @@ def check_batch(batch_size: int, n_train: int, what: str = "training examples") 
             f"data.batch_size={batch_size} (the global batch) does not split over {n_proc} "
             f"hosts: use a multiple of {n_proc}"
         )
+    if mesh is not None:
+        devices = mesh.devices.size // mesh.shape["model"]  # data-parallel devices, all hosts
+        if batch_size % devices:
+            raise ConfigError(
+                f"data.batch_size={batch_size} does not split over the {devices} data-parallel "
+                f"devices: use a multiple of {devices} (--config.data.batch_size={devices})"
+            )
 
 
 def run_train(config: Any, workdir: str) -> dict[str, Any]:
@@ -240,7 +254,7 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
         ds, shots=int(d["shots"]), seed=int(d["seed"]), subset=d["subset"]
     )
     if epochs > 0:
-        check_batch(batch_size, len(split["train"]))
+        check_batch(batch_size, len(split["train"]), mesh=mesh)
     run.open()
     split, names = _apply_protocol(ds, d, workdir)
     task = clip_lib.make_task(clip, names)

@@ -203,7 +203,7 @@ def _run_clip(cfg: dict[str, Any], run: rundir_lib.RunDir) -> dict[str, Any]:
     ipe, epochs = int(o["iters_per_epoch"]), int(o["epochs"])
     steps = ipe * epochs
     batch_size = int(d["batch_size"])
-    experiment.check_batch(batch_size, len(train_x), "target images")
+    experiment.check_batch(batch_size, len(train_x), "target images", mesh=mesh)
     run.open()
     size = clip.spec.image_size
 

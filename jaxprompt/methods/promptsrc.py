@@ -222,10 +222,16 @@ def promptsrc(
         ),
     )
     # The trainer's hooks: the frozen teacher computed once, GPA over the epochs' prompts.
-    return method._replace(
-        prepare=lambda clip, task: with_teacher(method, clip, task),
+    # `prepare` caches the teacher in the hooked method itself, so the prepared method keeps
+    # its aggregator.
+    def prepare(clip: clip_lib.Clip, task: clip_lib.Task) -> base.PromptMethod:
+        return with_teacher(hooked, clip, task)
+
+    hooked = method._replace(
+        prepare=prepare,
         aggregator=lambda num_epochs: gpa_aggregator(method, num_epochs=num_epochs),
     )
+    return hooked
 
 
 def with_teacher(
