@@ -24,6 +24,26 @@ Metrics = dict[str, Array]
 Batch = dict[str, Array]  # {"image": [B, H, W, 3] float32 normalised, "label": [B] int32}
 
 
+class FrozenImageSide(NamedTuple):
+    """What a method whose image side is CLIP's frozen image encoder offers test-time tuning.
+
+    Its logits are ``scale * normalize(encode_image(x)) @ normalize(C).T`` with class features
+    ``C = class_features(tuned(prompt, f), clip, task)``, where ``f`` is the image's feature:
+    so TPT encodes every view once and tunes only the text side.
+
+    Attributes:
+      tuned: ``tuned(prompt, feature [E]) -> pytree``: what the class features of one image
+        depend on (the prompt itself for CoOp; CoCoOp's ``ctx + meta_net(feature)``).
+      class_features: ``class_features(tuned, clip, task) -> [C, E]`` (not normalised).
+      per_image: whether ``tuned`` depends on the image (then no text work is shared between
+        the images of a batch).
+    """
+
+    tuned: Callable[[Prompt, Array], Any]
+    class_features: Callable[..., Array]
+    per_image: bool = False
+
+
 class PromptMethod(NamedTuple):
     """A prompt-learning method.
 
@@ -46,6 +66,8 @@ class PromptMethod(NamedTuple):
       aggregator: optional ``aggregator(num_epochs) -> (init, update, result)``: how the
         method combines its per-epoch prompts into the one it reports (PromptSRC's Gaussian
         prompt aggregation, :mod:`jaxprompt.gpa`). Trainers use it if present.
+      frozen_image: optional :class:`FrozenImageSide` for methods whose image features do not
+        depend on the prompt (CoOp, CoCoOp, zero-shot); TPT takes its fast path from it.
     """
 
     init: Callable[..., Prompt]
@@ -57,6 +79,7 @@ class PromptMethod(NamedTuple):
     classify: Callable[..., Array] | None = None
     prepare: Callable[..., PromptMethod] | None = None
     aggregator: Callable[[int], Any] | None = None
+    frozen_image: FrozenImageSide | None = None
 
 
 def cosine_logits(clip: clip_lib.Clip, image_features: Array, text_features: Array) -> Array:

@@ -124,11 +124,22 @@ def cocoop(
         # size, and under a data-sharded batch each device runs its own images' B/n x C texts.
         return jax.vmap(one_image)(shift, img)  # [B, C]
 
+    def tuned(prompt, feature):
+        # [n, D]: one image's generated context (the shift is the same on every vector).
+        return {"ctx": prompt["ctx"] + meta_net(prompt["meta_net"], feature)[None, :]}
+
+    def class_features(tuned_prompt, clip, task):
+        embeds, eot = clip_lib.prompted_text_inputs(clip, task, tuned_prompt["ctx"])
+        return clip_lib.encode_text(clip, embeds, eot, remat=remat)
+
     return base.PromptMethod(
         init=init,
         logits=logits,
         loss=base.supervised_loss(logits),
         name="cocoop",
+        frozen_image=base.FrozenImageSide(
+            tuned=tuned, class_features=class_features, per_image=True
+        ),
         config=dict(
             n_ctx=n_ctx,
             init_words=init_words,

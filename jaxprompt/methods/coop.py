@@ -91,5 +91,7 @@ def coop(
             remat=remat,
         ),
         encode_classes=encode_classes,
+        # No image prompt: the image side is CLIP's frozen encoder.
+        frozen_image=base.FrozenImageSide(tuned=lambda p, f: p, class_features=encode_classes),
         classify=classify,
     )

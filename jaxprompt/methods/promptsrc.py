@@ -221,6 +221,7 @@ def promptsrc(
             remat=remat,
         ),
     )
+
     # The trainer's hooks: the frozen teacher computed once, GPA over the epochs' prompts.
     # `prepare` caches the teacher in the hooked method itself, so the prepared method keeps
     # its aggregator.

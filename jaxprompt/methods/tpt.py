@@ -33,16 +33,20 @@ once what the reference repeats per image:
   mask, see :mod:`jaxprompt.clip`), and its blocks are rematerialised (the default base sets
   ``remat=True``) so 1000 classes fit.
 
-Bases. ``tpt`` wraps a method as optax wrappers wrap a transformation:
+Bases. ``tpt`` wraps a method as optax wrappers wrap a transformation, and picks its path from
+what the base offers (``base.frozen_image``, a :class:`~jaxprompt.methods.base.FrozenImageSide`),
+never from its name:
 
-* CoOp-style bases whose image side has no prompt (``coop``, ``zeroshot``): the whole prompt is
-  tuned, with the shared-forward batching above. This is TPT ("a photo of a") and TPT + CoOp
+* bases whose image side has no prompt and whose tuned pytree is the prompt itself (``coop``,
+  ``zeroshot``): the whole prompt is tuned, with the shared-forward batching above. This is
+  TPT ("a photo of a") and TPT + CoOp
   (the initial ``ctx`` loaded from a trained CoOp run).
-* ``cocoop``: TPT + CoCoOp tunes only the generated context ``ctx + meta_net(f_0)`` of each image
-  (its CoCoOp ``ctx`` and meta-net stay fixed). As in the reference's ``gen_ctx``, the meta-net
+* bases whose tuned pytree depends on the image (``cocoop``): TPT + CoCoOp tunes only the
+  generated context ``ctx + meta_net(f_0)`` of each image (its CoCoOp ``ctx`` and meta-net stay
+  fixed). As in the reference's ``gen_ctx``, the meta-net
   sees view 0's *un-normalised* feature (``cocoop_unnormalized=True``), unlike CoCoOp itself.
-* any other method (vision prompts): the whole prompt is tuned through ``base.logits`` on the
-  views, per image. Correct, but none of the sharing above applies.
+* any other method (no ``frozen_image``: vision prompts): the whole prompt is tuned through
+  ``base.logits`` on the views, per image. Correct, but none of the sharing above applies.
 """
 
 from __future__ import annotations
@@ -57,7 +61,6 @@ import optax
 from jaxprompt import clip as clip_lib
 from jaxprompt import losses
 from jaxprompt.methods import base as base_lib
-from jaxprompt.methods.cocoop import meta_net
 
 Array = jax.Array
 Prompt = base_lib.Prompt
@@ -66,7 +69,6 @@ __all__ = ["adamw_torch", "episode", "episodes", "make_optimizer", "num_selected
 
 # Bases whose image features do not depend on the prompt: the views are encoded once, without
 # gradient, and only the text side is tuned.
-_FROZEN_IMAGE_BASES = ("coop", "zeroshot")
 
 # TPT's optimiser: torch.optim.AdamW(lr=5e-3) with PyTorch's defaults (spec section 2.5).
 DEFAULT_OPTIMIZER: dict[str, Any] = {
@@ -172,11 +174,14 @@ def num_selected(num_views: int, keep: float) -> int:
 
 
 def _kind(base: base_lib.PromptMethod) -> str:
-    if base.name == "cocoop":
-        return "cocoop"
-    if base.name in _FROZEN_IMAGE_BASES and base.encode_classes is not None:
-        return "text"
-    return "generic"
+    """The episode's path, from what the base offers (``base.frozen_image``), not its name:
+    ``"shared"`` (views encoded once, the initial text pass shared by a batch: CoOp,
+    zero-shot), ``"per_image"`` (views encoded once, text per image: CoCoOp) or
+    ``"generic"`` (the base's own logits on every view: IVLP, MaPLe, ...)."""
+    side = base.frozen_image
+    if side is None:
+        return "generic"
+    return "per_image" if side.per_image else "shared"
 
 
 def _optimise(
@@ -200,27 +205,16 @@ def _optimise(
     return prompt, state
 
 
-def _cocoop_text(clip: clip_lib.Clip, task: clip_lib.Task, ctx: Array, remat: bool) -> Array:
-    """CoCoOp's text features for one (generated) context [n, D] -> [C, E], not normalised."""
-    embeds, eot = clip_lib.prompted_text_inputs(clip, task, ctx)
-    return clip_lib.encode_text(clip, embeds, eot, remat=remat)
+def _text_fn(base, clip, task):
+    """``text(p) -> [C, E]`` normalised class features of the tuned pytree."""
+    return lambda p: clip_lib.normalize(base.frozen_image.class_features(p, clip, task))
 
 
-def _text_fn(base, prompt_kind, clip, task):
-    """``text(p) -> [C, E]`` normalised class features of the tuned pytree, per base kind."""
-    if prompt_kind == "cocoop":
-        remat = bool(base.config.get("remat", True))
-        return lambda p: clip_lib.normalize(_cocoop_text(clip, task, p["ctx"], remat))
-    return lambda p: clip_lib.normalize(base.encode_classes(p, clip, task))
-
-
-def _initial_tuned(base, kind, prompt, feats0, cocoop_unnormalized):
+def _initial_tuned(base, prompt, feats0, cocoop_unnormalized):
     """The pytree the episode tunes, from the method's prompt and view 0's raw feature."""
-    if kind != "cocoop":
-        return prompt
+    # The reference's TPT + CoCoOp feeds the un-normalised feature to the meta-net.
     x = feats0 if cocoop_unnormalized else clip_lib.normalize(feats0)
-    # [n, D]: the per-image generated context is the only thing TPT + CoCoOp tunes.
-    return {"ctx": prompt["ctx"] + meta_net(prompt["meta_net"], x)[None, :]}
+    return base.frozen_image.tuned(prompt, x)
 
 
 def _episode_core(
@@ -241,8 +235,8 @@ def _episode_core(
         if feats is None:
             feats = jax.lax.stop_gradient(clip_lib.encode_image(clip, views))  # [V, E]
         img = clip_lib.normalize(feats)
-        tuned0 = _initial_tuned(base, kind, prompt, feats[0], cocoop_unnormalized)
-        text = _text_fn(base, kind, clip, task)
+        tuned0 = _initial_tuned(base, prompt, feats[0], cocoop_unnormalized)
+        text = _text_fn(base, clip, task)
 
         def logits_at(p, idx):
             return scale * img[idx] @ text(p).T
@@ -366,7 +360,7 @@ def episodes(
     flat = views.reshape((n_img * n_views,) + views.shape[2:])
     feats = jax.lax.stop_gradient(clip_lib.encode_image(clip, flat))
     feats = feats.reshape(n_img, n_views, -1)  # [B, V, E]
-    if kind == "cocoop":
+    if kind == "per_image":
         # The tuned context starts from a different point per image: nothing to share on the
         # text side.
         out = jax.vmap(lambda f: _episode_core(base, tx, prompt, clip, task, None, f, **opts))(
@@ -382,7 +376,7 @@ def _shared_text_episodes(base, tx, prompt, clip, task, feats, *, steps, keep):
     """Episodes for a CoOp-style base: the initial prompt's text pass is done once per batch."""
     scale = clip_lib.logit_scale(clip)
     img = clip_lib.normalize(feats)  # [B, V, E]
-    text = _text_fn(base, "text", clip, task)
+    text = _text_fn(base, clip, task)
     # Forward of the text tower at the shared initial prompt, once; vjp_text maps a cotangent
     # on the [C, E] features to one on the prompt (the backward pass), per image below.
     txt0, vjp_text = jax.vjp(text, prompt)  # [C, E]
@@ -533,7 +527,7 @@ def tpt(
             out = _episode_core(base_m, tx, p, clip, task, vb, None, **{**opts, "steps": 0})
             return out["loss"]
 
-        if kind == "cocoop" or kind == "generic":
+        if kind != "shared":
             ent = jax.vmap(one, in_axes=(None, 0))(prompt, v)
         else:
             ent = _frozen_image_loss(base_m, prompt, clip, task, v, keep)
@@ -563,7 +557,7 @@ def _frozen_image_loss(base, prompt, clip, task, views, keep) -> Array:
     flat = views.reshape((n_img * n_views,) + views.shape[2:])
     img = clip_lib.normalize(jax.lax.stop_gradient(clip_lib.encode_image(clip, flat)))
     img = img.reshape(n_img, n_views, -1)
-    txt = _text_fn(base, "text", clip, task)(prompt)
+    txt = _text_fn(base, clip, task)(prompt)
     z = clip_lib.logit_scale(clip) * jnp.einsum("bve,ce->bvc", img, txt)
     selected = jax.vmap(lambda zb: losses.confident_indices(jax.lax.stop_gradient(zb), keep))(z)
     zs = jnp.take_along_axis(z, selected[:, :, None], axis=1)
