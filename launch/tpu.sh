@@ -108,8 +108,10 @@ cmd_run() {
   local args
   args="$(quote "$@")"
   # nohup + background: the job survives the ssh session; each worker logs to its own disk.
+  # Only the job goes to the background, with every stream redirected: a backgrounded
+  # `mkdir && nohup ...` list would keep ssh's stdout open and hold the session until the end.
   run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${flags[@]}" --worker=all \
-    --command="mkdir -p ~/jaxprompt-logs && nohup bash $remote_repo/launch/host.sh $args > $remote_log 2>&1 &"
+    --command="mkdir -p ~/jaxprompt-logs; nohup bash $remote_repo/launch/host.sh $args > $remote_log 2>&1 < /dev/null &"
 }
 
 cmd_logs() {

@@ -6,11 +6,14 @@ commands a dry run prints with the ones a real run executes, and fail if a dry r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
 import shutil
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -101,8 +104,9 @@ def test_tpu_dry_run_prints_the_gcloud_commands(stubs):
     assert run[:-1] == SSH_ALL
     remote = run[-1].removeprefix("--command=")
     # The remote line: logs on the worker's disk, host.sh in the background with the CLI words.
-    assert remote.startswith("mkdir -p ~/jaxprompt-logs && nohup bash ~/jaxprompt/launch/host.sh ")
-    assert remote.endswith(" > ~/jaxprompt-logs/run.log 2>&1 &")
+    assert remote.startswith("mkdir -p ~/jaxprompt-logs; nohup bash ~/jaxprompt/launch/host.sh ")
+    # Only the job in the background, every stream redirected (else ssh waits for the run).
+    assert remote.endswith(" > ~/jaxprompt-logs/run.log 2>&1 < /dev/null &")
     words = shlex.split(remote.split("host.sh ", 1)[1].split(" > ", 1)[0])
     assert words == train
 
@@ -340,3 +344,73 @@ def test_readme_launch_commands_are_accepted(stubs, tmp_path, capsys):
         res = sh(GPU, "--dry-run", *cmd[1:], env=env)
         assert res.returncode == 0, (cmd, res.stderr)
     assert calls(tmp, "gcloud") == []
+
+
+# ------------------------------------------------------------------------------------------------
+# A simulated worker: what tpu.sh sends is run as a TPU VM host would run it
+# ------------------------------------------------------------------------------------------------
+
+
+def _worker_home(tmp_path) -> tuple[str, dict[str, str]]:
+    """A fresh HOME holding the checkout where `tpu.sh setup` puts it (~/jaxprompt) and an
+    installed venv (~/jaxprompt-venv, stamped as host.sh stamps it, its jaxprompt this test
+    environment's), and the environment a one-process worker runs with."""
+    home = tmp_path / "worker"
+    shutil.copytree(
+        ROOT,
+        home / "jaxprompt",
+        ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", "*.egg-info", ".venv"),
+    )
+    venv_bin = home / "jaxprompt-venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    script = os.path.join(os.path.dirname(sys.executable), "jaxprompt")  # this env's command
+    (venv_bin / "jaxprompt").write_text(f'#!/bin/sh\nexec "{script}" "$@"\n')
+    (venv_bin / "jaxprompt").chmod(0o755)
+    pyproject = (home / "jaxprompt" / "pyproject.toml").read_bytes()
+    stamp = hashlib.sha256(pyproject + b"tpu\n").hexdigest()  # host.sh: pyproject + extras
+    (home / "jaxprompt-venv" / ".jaxprompt-install").write_text(stamp + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+    env.update(HOME=str(home), JAXPROMPT_MULTIHOST="0", HF_HUB_OFFLINE="1")
+    return str(home), env
+
+
+@pytest.mark.slow
+def test_simulated_worker_runs_the_readme_train_command(stubs, tmp_path):
+    """The README's `launch/tpu.sh run -- train ...` line, on the toy world at runlocal: the
+    exact --command string the dry run prints runs with `bash -c` from a fresh HOME (as ssh
+    runs it on every worker) and ends with results.json. The config is given by protocol name
+    as the README writes it, so nothing depends on the login directory. The workdir is local:
+    orbax writes a gs:// one through tensorstore's GCS driver, which no test here can serve."""
+    env, tmp = stubs
+    [line] = [c for c in _readme_commands("launch/tpu.sh") if c[1:4] == ["run", "--", "train"]]
+    args = line[1:]
+    i = args.index("--config")
+    assert args[i + 1].startswith("base2new:")  # by name, as written
+    args[i + 1] = args[i + 1].replace("dataset=dtd", "dataset=toy_textures,runlocal=true")
+    workdir = str(tmp / "run")
+    args[args.index("--workdir") + 1] = workdir
+    dry = sh(TPU, "--dry-run", *args, env=env)
+    assert dry.returncode == 0, dry.stderr
+    [ssh] = printed(dry.stdout)
+    [command] = [w[len("--command=") :] for w in ssh if w.startswith("--command=")]
+
+    home, worker_env = _worker_home(tmp)
+    started = subprocess.run(
+        ["bash", "-c", command], cwd=home, env=worker_env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    log = os.path.join(home, "jaxprompt-logs", "run.log")
+    results = os.path.join(workdir, "results.json")
+    try:
+        deadline = time.time() + 900
+        while not os.path.exists(results) and time.time() < deadline:
+            text = open(log).read() if os.path.exists(log) else ""
+            assert "jaxprompt: error" not in text and "Traceback" not in text, text[-3000:]
+            time.sleep(2)
+    finally:
+        subprocess.run(["pkill", "-f", workdir], check=False)
+    assert os.path.exists(results), open(log).read()[-3000:]
+    res = json.load(open(results))
+    assert set(res["accuracy"]) == {"base", "new", "hm"} and res["method"] == "promptsrc"
+    assert "JAXPROMPT_MULTIHOST=0" in open(log).read()
