@@ -110,6 +110,11 @@ def get_config(arg=None):
         }
     )
     c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    # jax_default_matmul_precision: "auto" keeps the platform's default (exact float32 on CPU,
+    # TF32 on recent NVIDIA GPUs, bfloat16 passes on TPU: fast, but numbers differ across
+    # hardware); "highest" makes float32 matmuls exact everywhere (the PyTorch references'
+    # numerics; several times slower on TPU). Recorded in results.json.
+    c.matmul_precision = "auto"
     c.log_every = 20  # batches
     c.save_every = 50  # batches between progress files (an interrupted run resumes there)
     if arg.runlocal:
@@ -141,6 +146,11 @@ def pouf_config(preset, arg=""):
     c.seed = arg.seed
     c.select_with_target_labels = arg.select_with_target_labels
     c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    # jax_default_matmul_precision: "auto" keeps the platform's default (exact float32 on CPU,
+    # TF32 on recent NVIDIA GPUs, bfloat16 passes on TPU: fast, but numbers differ across
+    # hardware); "highest" makes float32 matmuls exact everywhere (the PyTorch references'
+    # numerics; several times slower on TPU). Recorded in results.json.
+    c.matmul_precision = "auto"
     if mlm:
         # spec 2.2-2.3: CT at t = 10 on tanh-GELU mask features vs label-word decoder rows,
         # 0.6 IM on the label-word logits; AdamW 1e-5, linear decay over 1000 steps, batch 2.

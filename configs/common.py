@@ -182,6 +182,11 @@ def base(arg) -> ml_collections.ConfigDict:
         }
     )
     c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    # jax_default_matmul_precision: "auto" keeps the platform's default (exact float32 on CPU,
+    # TF32 on recent NVIDIA GPUs, bfloat16 passes on TPU: fast, but numbers differ across
+    # hardware); "highest" makes float32 matmuls exact everywhere (the PyTorch references'
+    # numerics; several times slower on TPU). Recorded in results.json.
+    c.matmul_precision = "auto"
     c.ckpt = ml_collections.ConfigDict({"every_epochs": 1, "keep": 3})
     c.log_every = 50
     c.eval_every_epochs = 0

@@ -393,3 +393,20 @@ def test_promptsrc_run_uses_its_hooks_teacher_and_gpa(tiny_clip_dir, tmp_path):
     assert code == 0
     _, meta = checkpoint.load_prompt(wd)
     assert meta["method"] == "promptsrc" and meta.get("aggregated") is True
+
+
+def test_matmul_precision_is_checked_first_and_recorded(tiny_clip_dir, tmp_path, capsys):
+    wd = tmp_path / "prec"
+    base = ["jaxprompt", "train", "--config", "base2new:zeroshot,runlocal=true",
+            f"--config.clip.name={tiny_clip_dir}", "--workdir", str(wd)]  # fmt: skip
+    import jax
+
+    before = jax.config.jax_default_matmul_precision
+    assert cli.main([*base, "--config.matmul_precision=fastest"]) == 2
+    assert "choose one of auto, default" in capsys.readouterr().err
+    assert not wd.exists()
+    assert cli.main([*base, "--config.matmul_precision=bfloat16"]) == 0
+    res = json.load(open(wd / "results.json"))
+    assert res["matmul_precision"] == "bfloat16" and res["platform"] == "cpu"
+    # A context, not a global setting: the caller's precision is back afterwards.
+    assert jax.config.jax_default_matmul_precision == before != "bfloat16"

@@ -19,6 +19,7 @@ alone writes the JSON, markdown and plot files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -50,6 +51,31 @@ RESULTS = "results.json"
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
+
+
+# Values of config.matmul_precision: "auto" (the platform's default) or jax's own names.
+MATMUL_PRECISIONS = ("auto", "default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+
+
+@contextlib.contextmanager
+def matmul_precision(cfg: Mapping[str, Any]) -> Iterator[None]:
+    """Runs the block under the config's ``matmul_precision`` (see configs/common.py).
+
+    A context, not a global setting: research code calling a runner keeps its own precision.
+
+    Raises:
+      ConfigError: for an unknown value (before anything is written).
+    """
+    value = str(cfg.get("matmul_precision", "auto"))
+    if value not in MATMUL_PRECISIONS:
+        raise ConfigError(
+            f"config.matmul_precision={value!r}: choose one of {', '.join(MATMUL_PRECISIONS)}"
+        )
+    if value == "auto":
+        yield
+        return
+    with jax.default_matmul_precision(value):
+        yield
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -360,8 +386,7 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
         "steps": steps,
         "wall_time_s": round(time.time() - t0, 1),
     }
-    run.write_results(record)
-    return record
+    return run.write_results(record)
 
 
 def run_eval(workdir: str, config: Any | None = None) -> dict[str, Any]:
@@ -385,7 +410,8 @@ def run_eval(workdir: str, config: Any | None = None) -> dict[str, Any]:
         _load(ev["dataset"], cfg, cache)  # a typo fails before the weights load
     clip = resolve_clip(cfg["clip"]["name"], cfg["clip"]["dtype"])
     method = build_method(cfg)
-    results = evaluate_all(method, prompt, clip, cfg, mesh=_mesh(cfg), cache=cache)
+    with matmul_precision(cfg):
+        results = evaluate_all(method, prompt, clip, cfg, mesh=_mesh(cfg), cache=cache)
     record = {
         "accuracy": results,
         "method": method.name,
@@ -393,6 +419,7 @@ def run_eval(workdir: str, config: Any | None = None) -> dict[str, Any]:
         "dataset": cfg["data"]["dataset"],
         "evals": list(cfg["evals"]),
         "step": meta.get("step"),
+        **rundir_lib.numerics(),
         "evaluated_from": os.path.abspath(workdir)
         if rundir_lib.is_local(workdir)
         else str(workdir),

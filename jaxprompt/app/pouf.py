@@ -283,8 +283,7 @@ def _run_clip(cfg: dict[str, Any], run: rundir_lib.RunDir) -> dict[str, Any]:
                 {"method": "pouf", "step": best["step"], "label_leakage": True},
             )
     record["wall_time_s"] = round(time.time() - t0, 1)
-    run.write_results(record)
-    return record
+    return run.write_results(record)
 
 
 def _run_mlm(cfg: dict[str, Any], run: rundir_lib.RunDir) -> dict[str, Any]:
@@ -315,5 +314,4 @@ def _run_mlm(cfg: dict[str, Any], run: rundir_lib.RunDir) -> dict[str, Any]:
         protocol="adapt", method="pouf_mlm", model=cfg["mlm"]["name"], dataset=d["dataset"],
         seed=int(cfg["seed"]), wall_time_s=round(time.time() - t0, 1),
     )  # fmt: skip
-    run.write_results(record)
-    return record
+    return run.write_results(record)

@@ -124,8 +124,13 @@ class RunDir:
         shard_lib.barrier("jaxprompt:run-opened")
 
     # ------------------------------------------------------------------------ results
-    def write_results(self, record: Mapping[str, Any], *, plot: bool = True) -> None:
-        """Writes ``results.json``, ``results.md`` and (``plot``) ``results.png`` on process 0."""
+    def write_results(self, record: Mapping[str, Any], *, plot: bool = True) -> dict[str, Any]:
+        """Writes ``results.json``, ``results.md`` and (``plot``) ``results.png`` on process 0.
+
+        The record gains the platform and matmul precision it was computed with
+        (:func:`numerics`); that full record is returned.
+        """
+        record = {**record, **numerics()}
         if is_main():
             if plot:
                 try:
@@ -136,6 +141,7 @@ class RunDir:
             self._write_markdown()
         log.info("results: %s", json.dumps(record["accuracy"]))
         shard_lib.barrier("jaxprompt:results")  # a sweep moves on only once the files exist
+        return record
 
     def add_evaluation(self, record: Mapping[str, Any]) -> str:
         """Keeps a later evaluation beside the run's own: ``evals/<key>.json``.
@@ -172,6 +178,15 @@ class RunDir:
             parts.append(f"Evaluation `{key}`:\n\n" + results_table(rec))
         if parts:
             (self / "results.md").write_text("\n\n".join(parts) + "\n")
+
+
+def numerics() -> dict[str, str]:
+    """What the numbers depend on beyond the config: the platform and the matmul precision in
+    force (``"auto"``: the platform's default)."""
+    return {
+        "platform": jax.default_backend(),
+        "matmul_precision": str(jax.config.jax_default_matmul_precision or "auto"),
+    }
 
 
 def results_table(record: Mapping[str, Any]) -> str:

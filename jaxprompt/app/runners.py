@@ -70,7 +70,8 @@ def run(config: Any, workdir: str, *, command: str) -> dict[str, Any]:
         raise experiment.ConfigError(
             f"this config runs with `jaxprompt {COMMAND[name]}`, not `jaxprompt {command}`"
         )
-    return _runner(name)(config, workdir)
+    with experiment.matmul_precision(experiment.to_dict(config)):
+        return _runner(name)(config, workdir)
 
 
 def evaluate(workdir: str, config: Any | None) -> dict[str, Any]:

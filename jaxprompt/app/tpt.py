@@ -321,7 +321,7 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
         "augmix": augmix,
         "wall_time_s": round(time.time() - t0, 1),
     }
-    run.write_results(record)
+    record = run.write_results(record)
     if index == 0 and epath.Path(progress).exists():
         epath.Path(progress).unlink()
     return record
