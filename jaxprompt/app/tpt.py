@@ -90,9 +90,10 @@ def initial_prompt(
     if not init_from:
         base = methods_lib.get(base_name, **dict(base_kwargs))
         return base, base.init(key, clip, task), "init"
-    if os.path.isdir(init_from):
+    source = epath.Path(init_from)  # local or gs://
+    if source.is_dir():
         prompt, meta = ckpt_lib.load_prompt(init_from)
-    elif os.path.isfile(init_from):
+    elif source.is_file():
         prompt, meta = ckpt_lib.load_exported(init_from)
     else:
         raise experiment.ConfigError(
@@ -113,7 +114,7 @@ def initial_prompt(
             f"the prompt in {init_from} ({got}) does not fit {name} on this task ({want})"
         )
     prompt = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), prompt)
-    return base, prompt, os.path.abspath(init_from)
+    return base, prompt, os.path.abspath(init_from) if rundir_lib.is_local(init_from) else init_from
 
 
 def _sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
