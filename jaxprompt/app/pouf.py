@@ -150,12 +150,7 @@ def run_pouf(config: Any, workdir: str) -> dict[str, Any]:
     Returns:
       The contents of ``results.json``.
     """
-    cfg = experiment.to_dict(config)
-    run = rundir_lib.RunDir(workdir, cfg)
-    finished = run.check()
-    if finished is not None:
-        return finished
-    return _run_clip(cfg, run)
+    return _unless_finished(config, workdir, _run_clip)
 
 
 def run_pouf_mlm(config: Any, workdir: str) -> dict[str, Any]:
@@ -164,12 +159,14 @@ def run_pouf_mlm(config: Any, workdir: str) -> dict[str, Any]:
     Returns:
       The contents of ``results.json``.
     """
+    return _unless_finished(config, workdir, _run_mlm)
+
+
+def _unless_finished(config: Any, workdir: str, body: Any) -> dict[str, Any]:
     cfg = experiment.to_dict(config)
     run = rundir_lib.RunDir(workdir, cfg)
     finished = run.check()
-    if finished is not None:
-        return finished
-    return _run_mlm(cfg, run)
+    return finished if finished is not None else body(cfg, run)
 
 
 def _run_clip(cfg: dict[str, Any], run: rundir_lib.RunDir) -> dict[str, Any]:
