@@ -495,3 +495,103 @@ def test_vision_prompt_base_batch_equals_single(tiny_clip, tiny_task, setup):
     assert out["prompt"]["vision_ctx"].shape == (2,) + prompt["vision_ctx"].shape
     moved = np.abs(np.asarray(out["prompt"]["vision_ctx"][0]) - np.asarray(prompt["vision_ctx"]))
     assert moved.max() > 0.5 * LR
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    """gs:// served from a local directory through fsspec (what etils.epath uses for gs://):
+    the runners' own file code runs unchanged, with no network."""
+    import importlib
+
+    import fsspec
+    from etils.epath import backend
+    from fsspec.implementations.local import LocalFileSystem
+
+    root = str(tmp_path / "gcs")
+    os.makedirs(root)
+
+    class FakeGCS(LocalFileSystem):
+        protocol = ("gs", "gcs")
+
+        def __init__(self, *args, finalize_on_close=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            path = str(path)
+            for prefix in ("gs://", "gcs://"):
+                if path.startswith(prefix):
+                    path = os.path.join(root, path[len(prefix) :])
+            return super()._strip_protocol(path)
+
+    for name in FakeGCS.protocol:
+        fsspec.register_implementation(name, FakeGCS, clobber=True)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    yield root
+    registry = importlib.import_module("fsspec.registry")._registry
+    for name in FakeGCS.protocol:  # back to fsspec's own (gcsfs, when installed)
+        registry.pop(name, None)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+@pytest.mark.slow
+def test_tpt_on_a_bucket_resumes_after_an_interruption(tiny_clip_dir, fake_gcs, monkeypatch):
+    """TPT with a gs:// run directory: progress and results go through the bucket, and a run
+    stopped after its first batch resumes there and ends as an uninterrupted run does."""
+    from jaxprompt import cli
+    from jaxprompt import data as data_lib
+
+    args = [
+        "jaxprompt", "adapt", "--config", "adapt:tpt,dataset=toy_textures,runlocal=true",
+        f"--config.clip.name={tiny_clip_dir}", "--config.data.limit=0",
+        "--config.data.every=50", "--config.save_every=1",  # 16 images: 2 batches of 8
+    ]  # fmt: skip
+    assert cli.main([*args, "--workdir", "gs://bucket/whole"]) == 0
+    whole = json.load(open(os.path.join(fake_gcs, "bucket", "whole", "results.json")))
+    assert whole["n"] == 16 and os.path.exists(
+        os.path.join(fake_gcs, "bucket", "whole", "results.md")
+    )
+
+    real = data_lib.eval_iterator
+
+    class Preempted(Exception):
+        pass
+
+    def stops_after_one_batch(*a, **k):
+        it = real(*a, **k)
+
+        class Once:
+            def __init__(self):
+                self.n = 0
+
+            def __len__(self):
+                return len(it)
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                self.n += 1
+                if self.n > 1:
+                    raise Preempted
+                return next(it)
+
+            def get_state(self):
+                return it.get_state()
+
+            def set_state(self, s):
+                it.set_state(s)
+
+        return Once()
+
+    monkeypatch.setattr(data_lib, "eval_iterator", stops_after_one_batch)
+    with pytest.raises(Preempted):
+        cli.main([*args, "--workdir", "gs://bucket/cut"])
+    cut = os.path.join(fake_gcs, "bucket", "cut")
+    progress = json.load(open(os.path.join(cut, "progress.json")))
+    assert progress["batches"] == 1 and not os.path.exists(os.path.join(cut, "results.json"))
+    monkeypatch.setattr(data_lib, "eval_iterator", real)
+    assert cli.main([*args, "--workdir", "gs://bucket/cut"]) == 0
+    resumed = json.load(open(os.path.join(cut, "results.json")))
+    assert resumed["n"] == 16 and resumed["accuracy"] == whole["accuracy"]
+    assert not os.path.exists(os.path.join(cut, "progress.json"))  # removed when done
