@@ -80,10 +80,10 @@ class Progress:
 
     Example::
 
-        bar = Progress(len(batches), "eval base", unit="images")
+        bar = Progress(n_images, "eval base", unit="images")
         for b in batches:
-            ...
-            bar.update(len(b), note="top-1 81.2%")
+            correct += evaluate(b)
+            bar.update(len(b["label"]), note=f"top-1 {100 * correct / bar.done:.1f}%")
         bar.close()
 
     Args:
