@@ -12,7 +12,6 @@ intervals in a log file or CI, both with the rate and the time left.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from typing import TextIO
@@ -62,9 +61,6 @@ def setup(verbosity: int = 0, stream: TextIO | None = None) -> None:
         absl_logging.get_absl_handler().setLevel(theirs)
     except ImportError:
         pass
-    # The hub client retries an unreachable host with warnings; offline, fail at once.
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "3")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
 
 
 def format_seconds(seconds: float) -> str:

@@ -299,6 +299,8 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
         "few_shot_ids": [x.key for x in split["train"]],
     }
     steps = 0
+    # Per-epoch evaluations by step; fit's last one is of the final (aggregated) prompt.
+    evaluated: dict[int, dict[str, float]] = {}
     if epochs > 0:
         n_train = len(split["train"])
         iters = n_train // batch_size  # drop_last, as the reference trainers do
@@ -330,7 +332,8 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
         eval_every = int(cfg.get("eval_every_epochs", 0) or 0)
 
         def eval_fn(prompt, step):
-            return evaluate_all(method, prompt, clip, cfg, mesh=mesh, cache=cache)
+            evaluated[step] = evaluate_all(method, prompt, clip, cfg, mesh=mesh, cache=cache)
+            return evaluated[step]
 
         log.info(
             "training %s on %s: %d classes, %d examples, %d epochs x %d steps",
@@ -374,7 +377,10 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
                 meta={**meta, "method": method.name, "method_config": dict(method.config)},
                 step=0,
             )
-    results = evaluate_all(method, prompt, clip, cfg, mesh=mesh, cache=cache)
+    # With eval_every_epochs, fit has just evaluated the final prompt: not a second time.
+    results = evaluated.get(steps) or evaluate_all(
+        method, prompt, clip, cfg, mesh=mesh, cache=cache
+    )
     record = {
         "accuracy": results,
         "protocol": cfg.get("protocol", ""),
