@@ -121,6 +121,7 @@ def get_config(arg=None):
         c.method.views = 16
         c.data.limit = arg.limit or 16
         c.log_every = 1
+        c.save_every = 1  # a smoke run exercises the resume point too
     return c
 
 

@@ -64,3 +64,13 @@ def images():
 @pytest.fixture(scope="session")
 def batch(images):
     return {"image": images, "label": np.array([0, 1, 2, 4], np.int32)}
+
+
+@pytest.fixture
+def gcs():
+    """A fake Cloud Storage (tests/fakegcs.py) with buckets ``bucket`` and ``my-bucket`` (the
+    README's); its ``env`` points gcsfs and tensorstore in a child process at it."""
+    from fakegcs import FakeGCS
+
+    with FakeGCS(buckets=("bucket", "my-bucket")) as server:
+        yield server

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -374,43 +375,190 @@ def _worker_home(tmp_path) -> tuple[str, dict[str, str]]:
     return str(home), env
 
 
+def _wait_for(gcs, path: str, log: str, timeout: float = 900) -> None:
+    """Waits until ``path`` is in the fake bucket, failing early on an error in the log."""
+    deadline = time.time() + timeout
+    while not gcs.exists(path) and time.time() < deadline:
+        text = open(log).read() if os.path.exists(log) else ""
+        assert "jaxprompt: error" not in text and "Traceback" not in text, text[-3000:]
+        time.sleep(1)
+    assert gcs.exists(path), (open(log).read() if os.path.exists(log) else "no log")[-3000:]
+
+
+def _wait_exit(pattern: str, timeout: float = 120) -> None:
+    """Waits until no process's command line matches ``pattern``; then kills any left."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode != 0:
+            return
+        time.sleep(0.5)
+    subprocess.run(["pkill", "-f", pattern], check=False)
+
+
+def _ssh_command(env: dict[str, str], args: list[str]) -> str:
+    """The --command string `tpu.sh --dry-run` prints for ``args`` (as ssh would send it)."""
+    dry = sh(TPU, "--dry-run", *args, env=env)
+    assert dry.returncode == 0, dry.stderr
+    [ssh] = printed(dry.stdout)
+    [command] = [w[len("--command=") :] for w in ssh if w.startswith("--command=")]
+    return command
+
+
 @pytest.mark.slow
-def test_simulated_worker_runs_the_readme_train_command(stubs, tmp_path):
+def test_simulated_worker_runs_the_readme_train_command(stubs, tmp_path, gcs):
     """The README's `launch/tpu.sh run -- train ...` line, on the toy world at runlocal: the
     exact --command string the dry run prints runs with `bash -c` from a fresh HOME (as ssh
-    runs it on every worker) and ends with results.json. The config is given by protocol name
-    as the README writes it, so nothing depends on the login directory. The workdir is local:
-    orbax writes a gs:// one through tensorstore's GCS driver, which no test here can serve."""
+    runs it on every worker) and ends with results.json in the bucket. The config is given by
+    protocol name as the README writes it, so nothing depends on the login directory; the
+    run directory is the README's own gs:// path, on a fake GCS that gcsfs (run files) and
+    tensorstore (orbax's checkpoints) reach through their emulator settings."""
     env, tmp = stubs
     [line] = [c for c in _readme_commands("launch/tpu.sh") if c[1:4] == ["run", "--", "train"]]
     args = line[1:]
     i = args.index("--config")
     assert args[i + 1].startswith("base2new:")  # by name, as written
     args[i + 1] = args[i + 1].replace("dataset=dtd", "dataset=toy_textures,runlocal=true")
-    workdir = str(tmp / "run")
-    args[args.index("--workdir") + 1] = workdir
-    dry = sh(TPU, "--dry-run", *args, env=env)
-    assert dry.returncode == 0, dry.stderr
-    [ssh] = printed(dry.stdout)
-    [command] = [w[len("--command=") :] for w in ssh if w.startswith("--command=")]
+    workdir = args[args.index("--workdir") + 1]
+    assert workdir.startswith("gs://my-bucket/")  # the README's, as written
+    command = _ssh_command(env, args)
 
     home, worker_env = _worker_home(tmp)
+    worker_env.update(gcs.env)
     started = subprocess.run(
         ["bash", "-c", command], cwd=home, env=worker_env, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     log = os.path.join(home, "jaxprompt-logs", "run.log")
-    results = os.path.join(workdir, "results.json")
     try:
-        deadline = time.time() + 900
-        while not os.path.exists(results) and time.time() < deadline:
-            text = open(log).read() if os.path.exists(log) else ""
-            assert "jaxprompt: error" not in text and "Traceback" not in text, text[-3000:]
-            time.sleep(2)
+        _wait_for(gcs, f"{workdir}/results.json", log)
     finally:
-        subprocess.run(["pkill", "-f", workdir], check=False)
-    assert os.path.exists(results), open(log).read()[-3000:]
-    res = json.load(open(results))
+        _wait_exit(workdir)
+    res = json.loads(gcs.read(f"{workdir}/results.json"))
     assert set(res["accuracy"]) == {"base", "new", "hm"} and res["method"] == "promptsrc"
     assert "JAXPROMPT_MULTIHOST=0" in open(log).read()
+    names = gcs.names(workdir + "/")
+    for made in ("config.json", "results.md", "metrics.jsonl", "results.png"):
+        assert f"{workdir}/{made}" in names, names
+    assert any("/checkpoints/" in n and n.endswith("commit_success.txt") for n in names), names
+
+
+def _start(command: str, home: str, env: dict[str, str]) -> None:
+    """Runs what ssh runs on a worker; the job itself goes to the background (nohup)."""
+    started = subprocess.run(
+        ["bash", "-c", command], cwd=home, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert started.returncode == 0, started.stderr
+
+
+def _preempt_when_paused(gcs, workdir: str, log: str, timeout: float = 900) -> str:
+    """Waits for the bucket's pause (``gcs.pause_after``), then kills the worker's job as a
+    preemption would (SIGKILL, nothing flushed) and lets the bucket serve again. Returns the
+    log of the killed job."""
+    deadline = time.time() + timeout
+    while not gcs.paused.wait(1) and time.time() < deadline:
+        text = open(log).read() if os.path.exists(log) else ""
+        assert "jaxprompt: error" not in text and "Traceback" not in text, text[-3000:]
+    assert gcs.paused.is_set(), (open(log).read() if os.path.exists(log) else "no log")[-3000:]
+    subprocess.run(["pkill", "-9", "-f", workdir], check=False)
+    _wait_exit(workdir)
+    gcs.resume()
+    return open(log).read()
+
+
+def _readme_run_line(command: str, config_word: str) -> list[str]:
+    """The README's `launch/tpu.sh run -- <command>` line whose --config starts with
+    ``config_word`` (the words after `launch/tpu.sh`)."""
+    lines = [c for c in _readme_commands("launch/tpu.sh") if c[1:4] == ["run", "--", command]]
+    [line] = [c for c in lines if c[c.index("--config") + 1].startswith(config_word)]
+    return line[1:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "preset, snapshot, resumed",
+    [
+        ("tpt", r"/progress\.json$", "resuming at batch 1"),
+        ("pouf", r"/checkpoints/\d+/commit_success\.txt$", "resumed from"),
+    ],
+)
+def test_simulated_worker_adapts_on_a_bucket_and_resumes_after_a_preemption(
+    stubs, tmp_path, gcs, preset, snapshot, resumed
+):
+    """The README's `launch/tpu.sh run -- adapt ...` lines (TPT, POUF) on a simulated worker,
+    run directory on the README's gs:// path (fake GCS): the job is killed right after its
+    first snapshot reaches the bucket (progress file / checkpoint), and the same command, sent
+    again, resumes from the bucket and writes the results there."""
+    env, tmp = stubs
+    args = _readme_run_line("adapt", f"adapt:{preset},")
+    i = args.index("--config")
+    args[i + 1] = re.sub(r"dataset=\w+", "dataset=toy_textures,runlocal=true", args[i + 1])
+    workdir = args[args.index("--workdir") + 1]
+    assert workdir.startswith("gs://my-bucket/")
+    command = _ssh_command(env, args)
+    home, worker_env = _worker_home(tmp)
+    worker_env.update(gcs.env)
+    log = os.path.join(home, "jaxprompt-logs", "run.log")
+    results = f"{workdir}/results.json"
+
+    gcs.pause_after(re.escape(workdir) + snapshot)
+    _start(command, home, worker_env)
+    first = _preempt_when_paused(gcs, workdir, log)
+    assert not gcs.exists(results) and resumed not in first
+    _start(command, home, worker_env)
+    try:
+        _wait_for(gcs, results, log)
+    finally:
+        _wait_exit(workdir)
+    assert resumed in open(log).read()
+    res = json.loads(gcs.read(results))
+    assert res["method"] == preset and res["accuracy"]["zero_shot"] >= 0
+    assert preset in res["accuracy"]
+    assert gcs.exists(f"{workdir}/results.md") and gcs.exists(f"{workdir}/config.json")
+    if preset == "tpt":
+        assert res["n"] == 16 and not gcs.exists(f"{workdir}/progress.json")
+    else:
+        assert gcs.exists(f"{workdir}/metrics.jsonl")
+
+
+def _readme_sweep_on_toy(env: dict[str, str]) -> tuple[list[str], str]:
+    """The README's sweep line on the toy world: two seeds of one toy dataset at one shot."""
+    args = _readme_run_line("sweep", "fewshot:")
+    for flag, value in (("--datasets", "toy_textures"), ("--shots", "1"), ("--seeds", "1,2")):
+        args[args.index(flag) + 1] = value
+    i = args.index("--config")
+    args[i + 1] += ",runlocal=true"
+    root = args[args.index("--root") + 1]
+    assert root.startswith("gs://my-bucket/")
+    return args, root
+
+
+@pytest.mark.slow
+def test_simulated_worker_sweeps_on_a_bucket_and_resumes_after_a_preemption(
+    stubs, tmp_path, gcs
+):
+    """The README's sweep line on a simulated worker, runs in the bucket: killed once the
+    second run's first checkpoint is in the bucket, the same command skips the finished run,
+    resumes the second from its checkpoint and writes the summary of both."""
+    env, tmp = stubs
+    args, root = _readme_sweep_on_toy(env)
+    command = _ssh_command(env, args)
+    home, worker_env = _worker_home(tmp)
+    worker_env.update(gcs.env)
+    log = os.path.join(home, "jaxprompt-logs", "run.log")
+    summary = f"{root}/fewshot/coop/summary.json"
+
+    gcs.pause_after(r"/seed2/checkpoints/\d+/commit_success\.txt$")
+    _start(command, home, worker_env)
+    _preempt_when_paused(gcs, root, log)
+    assert gcs.exists(f"{root}/fewshot/coop/toy_textures/1s/seed1/results.json")
+    assert not gcs.exists(f"{root}/fewshot/coop/toy_textures/1s/seed2/results.json")
+    _start(command, home, worker_env)
+    try:
+        _wait_for(gcs, summary, log)
+    finally:
+        _wait_exit(root)
+    text = open(log).read()
+    assert "sweep: 2 runs, 1 done" in text and "resumed from" in text
+    runs = json.loads(gcs.read(summary))["runs"]
+    assert sorted(r["seed"] for r in runs) == [1, 2]

@@ -137,8 +137,10 @@ class RunDir:
                     plot_run(self, record)
                 except Exception as e:  # noqa: BLE001 - a plot must never cost the results
                     log.warning("no plot: %s", e)
+            # results.json is the run's "finished" mark (a re-run skips it): written last, so
+            # a run stopped in between is re-run rather than left without results.md.
+            self._write_markdown(record)
             write_json(self / RESULTS, record)
-            self._write_markdown()
         log.info("results: %s", json.dumps(record["accuracy"]))
         shard_lib.barrier("jaxprompt:results")  # a sweep moves on only once the files exist
         return record
@@ -168,12 +170,13 @@ class RunDir:
             if p.name.endswith(".json")
         }
 
-    def _write_markdown(self) -> None:
+    def _write_markdown(self, record: Mapping[str, Any] | None = None) -> None:
         parts = []
         done = self / RESULTS
-        if done.exists():
-            rec = json.loads(done.read_text())
-            parts.append(results_table(rec))
+        if record is None and done.exists():
+            record = json.loads(done.read_text())
+        if record is not None:
+            parts.append(results_table(record))
         for key, rec in self.evaluations().items():
             parts.append(f"Evaluation `{key}`:\n\n" + results_table(rec))
         if parts:
