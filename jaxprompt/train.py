@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -276,22 +278,31 @@ class _MetricsWriter:
     append to a file: there the text is kept in memory (read back first when resuming) and the
     whole file is rewritten at each logged step. TensorBoard event files go to
     ``workdir/tensorboard`` (``tensorboard --logdir WORKDIR``), written by tensorboardX, which
-    needs no TensorFlow; on an object store they are left out (TensorBoard reads the JSON
-    lines' numbers from a local copy just as well).
+    needs no TensorFlow; on an object store they are written to a local temporary directory
+    and copied up whole, at most every ``TB_UPLOAD_S`` seconds and at the end (a resumed run
+    adds an event file; TensorBoard joins them).
     """
+
+    TB_UPLOAD_S = 30.0
 
     def __init__(self, workdir: str | epath.PathLike | None):
         self._path = None
         self._text: str | None = None
         self._tb = None
+        self._tb_local: str | None = None
+        self._tb_remote: epath.Path | None = None
+        self._uploaded = 0.0
         if workdir is not None and jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
             self._path = epath.Path(workdir) / "metrics.jsonl"
             self._path.parent.mkdir(parents=True, exist_ok=True)
             if "://" in str(workdir):
                 self._text = self._path.read_text() if self._path.exists() else ""
+                self._tb_local = tempfile.mkdtemp(prefix="jaxprompt-tb-")
+                self._tb_remote = epath.Path(workdir) / "tensorboard"
+                self._tb = SummaryWriter(self._tb_local)
             else:
-                from tensorboardX import SummaryWriter
-
                 self._tb = SummaryWriter(os.path.join(os.fspath(workdir), "tensorboard"))
 
     def write(self, record: Mapping[str, Any]) -> None:
@@ -305,13 +316,28 @@ class _MetricsWriter:
         if self._text is not None:
             self._text += line
             self._path.write_text(self._text)
+            if time.time() - self._uploaded >= self.TB_UPLOAD_S:
+                self._upload_tb()
             return
         with self._path.open("a") as f:
             f.write(line)
 
+    def _upload_tb(self) -> None:
+        if self._tb_local is None or self._tb_remote is None or self._tb is None:
+            return
+        self._tb.flush()
+        self._tb_remote.mkdir(parents=True, exist_ok=True)
+        for name in sorted(os.listdir(self._tb_local)):
+            with open(os.path.join(self._tb_local, name), "rb") as f:
+                (self._tb_remote / name).write_bytes(f.read())
+        self._uploaded = time.time()
+
     def close(self) -> None:
         if self._tb is not None:
+            self._upload_tb()
             self._tb.close()
+        if self._tb_local is not None:
+            shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
 def _default_meta(method: PromptMethod, clip: Any, task: Any) -> dict[str, Any]:

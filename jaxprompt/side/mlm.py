@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import struct
 
 from jaxprompt import losses
@@ -732,26 +733,26 @@ def adapt(
     opt_state = tx.init(params)
     key = jax.random.key(seed)
     best = (-math.inf, 0, None)
-    writer = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115
-    try:
-        batches = _batches(len(train["input_ids"]), batch_size, seed)
-        for t, idx in zip(range(steps), batches, strict=False):
-            # The batch holds the template inputs only: no label reaches the step.
-            batch = {k: v[idx] for k, v in train.items()}
-            params, opt_state, m = step(params, opt_state, batch, jax.random.fold_in(key, t))
-            done = t + 1
-            if done % log_every == 0 or done == steps:
-                rec = {"step": done, **{k: float(v) for k, v in m.items()}}
-                log.info("pouf_mlm step %d/%d %s", done, steps, json.dumps(rec))
-                if writer:
-                    writer.write(json.dumps(rec) + "\n")
-            if select_with_target_labels and (done % eval_every == 0 or done == steps):
-                acc = accuracy(params)
-                if acc > best[0]:
-                    best = (acc, done, jax.device_get(params))
-    finally:
-        if writer:
-            writer.close()
+    # Through epath, rewritten whole at each logged step: an object store (gs://) cannot
+    # append, and the file is small (one line per logged step).
+    metrics = epath.Path(metrics_path) if metrics_path else None
+    logged = [metrics.read_text()] if metrics is not None and metrics.exists() else []
+    batches = _batches(len(train["input_ids"]), batch_size, seed)
+    for t, idx in zip(range(steps), batches, strict=False):
+        # The batch holds the template inputs only: no label reaches the step.
+        batch = {k: v[idx] for k, v in train.items()}
+        params, opt_state, m = step(params, opt_state, batch, jax.random.fold_in(key, t))
+        done = t + 1
+        if done % log_every == 0 or done == steps:
+            rec = {"step": done, **{k: float(v) for k, v in m.items()}}
+            log.info("pouf_mlm step %d/%d %s", done, steps, json.dumps(rec))
+            if metrics is not None and jax.process_index() == 0:
+                logged.append(json.dumps(rec) + "\n")
+                metrics.write_text("".join(logged))
+        if select_with_target_labels and (done % eval_every == 0 or done == steps):
+            acc = accuracy(params)
+            if acc > best[0]:
+                best = (acc, done, jax.device_get(params))
     result: dict[str, Any] = {"accuracy": {"zero_shot": zero_shot, "pouf": accuracy(params)}}
     result["selection"] = "last step (label-free)"
     if select_with_target_labels:
