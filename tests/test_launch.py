@@ -454,6 +454,21 @@ def test_simulated_worker_runs_the_readme_train_command(stubs, tmp_path, gcs):
     # TensorBoard's event file, written locally and copied up (an object store cannot append)
     assert any(n.startswith(f"{workdir}/tensorboard/events.out.tfevents") for n in names), names
 
+    # Evaluating the run in the bucket, on the worker: the prompt is read from the bucket's
+    # checkpoint and the evaluation lands beside the run's results.
+    _start(_ssh_command(env, ["run", "--", "eval", "--workdir", workdir]), home, worker_env)
+    try:
+        deadline = time.time() + 600
+        while not gcs.names(f"{workdir}/evals/") and time.time() < deadline:
+            assert "Traceback" not in open(log).read(), open(log).read()[-3000:]
+            time.sleep(1)
+    finally:
+        _wait_exit(workdir)
+    [evaluation] = gcs.names(f"{workdir}/evals/")
+    again = json.loads(gcs.read(evaluation))
+    assert again["accuracy"] == res["accuracy"] and again["evaluated_from"] == workdir
+    assert "Evaluation `" in gcs.read(f"{workdir}/results.md").decode()
+
 
 def _start(command: str, home: str, env: dict[str, str]) -> None:
     """Runs what ssh runs on a worker; the job itself goes to the background (nohup)."""
