@@ -60,10 +60,15 @@ def get_config(arg=None):
         presets = sorted([*PRESETS, *POUF_PRESETS])
         raise ValueError(f"unknown adapt preset {preset!r}; presets: {', '.join(presets)}")
     arg = common.parse_arg(
-        ",".join(parts), dataset="toy_textures", seed=0, runlocal=False, batch_size=8, limit=0,
+        ",".join(parts),
+        dataset="toy_textures",
+        seed=0,
+        runlocal=False,
+        batch_size=8,
+        limit=0,
         every=1,
     )
-    toy = arg.dataset in common.TOY_DATASETS
+    toy = common.is_toy(arg.dataset)
     p = PRESETS[preset]
     c = ml_collections.ConfigDict()
     c.runner = "tpt"  # jaxprompt.app.runners
@@ -134,6 +139,14 @@ def pouf_config(preset, arg=""):
     (``pouf,full=true`` is ``pouf_full``), ``select_with_target_labels`` (report the best epoch
     by target TEST accuracy too: the reference's selection, label leakage; default off, the
     last step is the result).
+
+    ``pouf_mlm`` follows LM-BFF's protocol (spec 2.3): it runs every seed of ``seeds`` (13,
+    21, 42, 87, 100; ``seed`` only when ``--config.seeds='()'``, and alone with ``runlocal``),
+    each adapting on that seed's ``data.k_shot`` = 16 per class train split, selecting on its
+    16 per class dev split (``select_on_dev``; reported as ``pouf_best_by_dev`` beside the last
+    step ``pouf``), and reporting the task's metric on the original evaluation split, per seed
+    and as mean / std. There ``select_with_target_labels`` is label leakage (an oracle kept for
+    comparison), never the result.
     """
     mlm = preset == "pouf_mlm"
     arg = common.parse_arg(
@@ -160,19 +173,34 @@ def pouf_config(preset, arg=""):
             "feature_gelu": "tanh", "dropout": True,
         })  # fmt: skip
         c.mlm = ml_collections.ConfigDict({"name": "roberta-large"})
-        c.data = ml_collections.ConfigDict(
-            {"dataset": arg.dataset, "task": arg.task, "data_dir": "", "limit": arg.limit}
-        )
+        # spec 2.3 (LM-BFF's protocol): per seed, adapt on the k-shot train split (k_shot per
+        # class of the full train set, labels dropped), select on the k-shot dev split (the
+        # next k_shot per class), test on the original evaluation split (GLUE's dev set).
+        # k_shot=0: adapt on the whole train split, the last step is the result.
+        c.data = ml_collections.ConfigDict({
+            "dataset": arg.dataset, "task": arg.task, "data_dir": "", "limit": arg.limit,
+            "k_shot": 16,
+        })  # fmt: skip
+        # The five LM-BFF split seeds, each also that split's training seed (the reference's
+        # split 16-42 trains with seed 42); results.json: per seed, and mean / std. `seed`
+        # is used only when this is empty (--config.seeds='()').
+        c.seeds = (13, 21, 42, 87, 100)
+        # Selection on the labeled k-shot dev split, every eval_every steps (the reference's);
+        # the last step is reported too. select_with_target_labels (off) would select on the
+        # TEST labels: label leakage, for comparison only.
+        c.select_on_dev = True
         c.optim = ml_collections.ConfigDict({"lr": 1e-5, "steps": 1000, "batch_size": 2})
         c.eval_every = 100
+        c.eval_batch_size = 32
         c.log_every = 50
         if arg.runlocal:
+            c.seeds = (arg.seed,)
             c.optim.steps = 10
             c.eval_every = 5
             c.log_every = 1
         return c
     full = preset == "pouf_full" or arg.full
-    toy = arg.dataset in common.TOY_DATASETS
+    toy = common.is_toy(arg.dataset)
     if full:
         base, base_kwargs = "zeroshot", {"templates": ["a photo of a {}"]}
     else:
@@ -196,6 +224,9 @@ def pouf_config(preset, arg=""):
         # "auto": a folder domain (Office) adapts and tests on all its images (the reference's
         # transductive protocol); other datasets adapt on train and test on test.
         "adapt_split": "auto", "test_split": "auto",
+        # spec 1.1 / pitfall 10: square resize to 256 (scaled as 256/224 of the model's image
+        # size: 37 px for the toy CLIP's 32), bilinear RandomResizedCrop, flip.
+        "augment": "pouf",
         "rrc_scale": (0.5, 1.0) if toy else (0.08, 1.0),
         "limit": arg.limit, "data_dir": "", "manual_dir": "", "split_file": "",
     })  # fmt: skip

@@ -1,7 +1,11 @@
 """Shared pieces of the protocol configs: argument parsing, defaults and method presets.
 
-Configs import only ml_collections and this file (never jax or jaxprompt), so each builds in
-well under a second and ``--config.<key>=<value>`` overrides are checked against these keys.
+Configs import only ml_collections, this file and jaxprompt's dataset catalog (numpy only, no
+jax), so each builds in well under a second and ``--config.<key>=<value>`` overrides are checked
+against these keys. Every per-dataset setting (PromptSRC's few-shot GPA, Bayesian prompts' L and
+epochs, the toy world's CLIP, the zero-shot template) is keyed by the catalog's name, reached
+from any alias through :func:`catalog_name`: ``dataset=dtd``, ``DTD`` and
+``DescribableTextures`` get the same recipe.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 # The published recipes (promptsrc.md sections 2, 6, 7 and 12; CoOp/CoCoOp configs). Each entry:
 # method keyword arguments and the optimisation of the base-to-novel protocol.
 METHOD_PRESETS = {
-    "zeroshot": dict(method=dict(), optim=dict(epochs=0, lr=0.0, batch_size=32)),
+    # CLIP's row of the papers' tables: CoOp's hand-crafted template of the dataset each task
+    # comes from (protocol.md 1.2; templates="dataset" reads it from the task), so evaluations
+    # on other datasets use theirs. --config.method.kw.templates=imagenet_80 for CLIP's ensemble.
+    "zeroshot": dict(method=dict(templates="dataset"), optim=dict(epochs=0, lr=0.0, batch_size=32)),
     # CoOp as the CoCoOp/PromptSRC papers ran it in base-to-novel: 16 tokens, random init.
     "coop": dict(method=dict(n_ctx=16), optim=dict(epochs=200, lr=0.002, batch_size=32)),
     "cocoop": dict(
@@ -75,30 +82,6 @@ BAYES_PER_DATASET = {
     "ImageNet": (10, 10),
 }
 
-# Other spellings of those datasets (the catalog's aliases), matched case- and
-# punctuation-insensitively.
-BAYES_ALIASES = {
-    "imagenet1k": "ImageNet",
-    "imagenet2012": "ImageNet",
-    "ilsvrc2012": "ImageNet",
-    "caltech": "Caltech101",
-    "oxfordiiitpet": "OxfordPets",
-    "pets": "OxfordPets",
-    "cars": "StanfordCars",
-    "cars196": "StanfordCars",
-    "flowers": "OxfordFlowers",
-    "flowers102": "OxfordFlowers",
-    "oxfordflowers102": "OxfordFlowers",
-    "food": "Food101",
-    "aircraft": "FGVCAircraft",
-    "fgvc": "FGVCAircraft",
-    "sun": "SUN397",
-    "dtd": "DescribableTextures",
-    "textures": "DescribableTextures",
-    "eurosatrgb": "EuroSAT",
-    "ucf": "UCF101",
-}
-
 # The toy CLIP has 4 layers per tower where ViT-B/16 has 12: prompt depths scale by 4/12. Its
 # ViT sees 16 patches where ViT-B/16 sees 196: 4 appended vision prompts would be a fifth of
 # its sequence and take a fifth of every attention (measured: IVLP's training accuracy fell
@@ -144,10 +127,30 @@ def parse_arg(arg: str | None, **defaults):
     return ml_collections.ConfigDict(out)
 
 
+def catalog_name(dataset: str) -> str | None:
+    """The catalog's name for ``dataset`` (``"dtd"`` -> ``"DescribableTextures"``); None for a
+    ``folder:``/``csv:`` dataset.
+
+    Raises:
+      ValueError: an unknown dataset (one line listing the valid names).
+    """
+    from jaxprompt.data import catalog
+
+    try:
+        return catalog.canonical_name(dataset)
+    except KeyError as e:
+        raise ValueError(str(e).strip("'\"")) from None
+
+
+def is_toy(dataset: str) -> bool:
+    """Whether ``dataset`` is one of the toy world's (which run on the shipped toy CLIP)."""
+    return catalog_name(dataset) in TOY_DATASETS
+
+
 def base(arg) -> ml_collections.ConfigDict:
     """The keys every protocol shares, filled from the parsed argument and the method preset."""
     preset = METHOD_PRESETS[arg.method]
-    toy = arg.dataset in TOY_DATASETS
+    toy = is_toy(arg.dataset)
     c = ml_collections.ConfigDict()
     c.runner = "train"  # jaxprompt.app.runners: which runner runs this config
     c.protocol = ""
@@ -201,20 +204,14 @@ def base(arg) -> ml_collections.ConfigDict:
     return c
 
 
-def _slug(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalnum())
-
-
 def apply_bayes_per_dataset(c, arg) -> None:
     """Sets Bayesian prompts' L (``method.kw.mc_samples``) and epochs for ``arg.dataset``.
 
     Datasets outside :data:`BAYES_PER_DATASET` (the toy world, folders) keep the preset; a
     ``runlocal`` config keeps its single epoch.
     """
-    slugs = {_slug(k): k for k in BAYES_PER_DATASET}
-    slugs.update({_slug(k): v for k, v in BAYES_ALIASES.items()})
-    name = slugs.get(_slug(arg.dataset))
-    if name is None:
+    name = catalog_name(arg.dataset)
+    if name not in BAYES_PER_DATASET:
         return
     samples, epochs = BAYES_PER_DATASET[name]
     c.method.kw["mc_samples"] = samples

@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 
+# promptsrc.md 5: the few-shot GPA is mean 45 / std 5 for these (catalog names), 30 / 30 else.
 SHARP_GPA = ("StanfordCars", "OxfordFlowers", "FGVCAircraft", "DescribableTextures", "EuroSAT")
 
 
@@ -32,7 +33,7 @@ def get_config(arg=None):
     c.data.subset = "all"
     if arg.method == "promptsrc" and not arg.runlocal:
         c.optim.epochs = 50
-        sharp = arg.dataset in SHARP_GPA
+        sharp = common.catalog_name(arg.dataset) in SHARP_GPA  # any alias: dtd, DTD, ...
         c.method.kw["gpa_mean"], c.method.kw["gpa_std"] = (45.0, 5.0) if sharp else (30.0, 30.0)
     if arg.method == "coop" and not arg.runlocal:
         # CoOp's few-shot epochs by shots (its configs): 1-2 shots 50, 4-8 shots 100, 16 shots 200.

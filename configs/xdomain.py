@@ -65,7 +65,7 @@ def get_config(arg=None):
         c.optim.lr, c.optim.epochs = 0.0026, 2
     if arg.method == "bayes":  # the source's L and epochs (ImageNet: L 10, 10 epochs)
         common.apply_bayes_per_dataset(c, arg)
-    targets = TOY_TARGETS if arg.dataset in common.TOY_DATASETS else IMAGENET_TARGETS
+    targets = TOY_TARGETS if common.is_toy(arg.dataset) else IMAGENET_TARGETS
     c.evals = [{"name": arg.dataset, "dataset": arg.dataset, "subset": "all"}] + [
         {"name": t, "dataset": t, "subset": "all"} for t in targets
     ]

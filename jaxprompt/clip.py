@@ -118,12 +118,15 @@ class Task:
       name_len: [C] int32 number of class-name tokens (before the "."), for CoOp's
         ``class_position="middle"`` / ``"front"``.
       names: the class names as given (static; templates and teachers re-tokenize them).
+      template: the dataset's hand-crafted template (CoOp's, e.g. ``"{} texture."``), or None;
+        used by methods told to use the dataset's template (``zeroshot(templates="dataset")``).
     """
 
     token_ids: Array
     eot: Array
     name_len: Array
     names: tuple[str, ...] = struct.field(pytree_node=False)
+    template: str | None = struct.field(pytree_node=False, default=None)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -360,7 +363,7 @@ def _pad_rows(clip: Clip, rows, texts, pad_to):
     return ids, eot
 
 
-def make_task(clip: Clip, classnames: Sequence[str]) -> Task:
+def make_task(clip: Clip, classnames: Sequence[str], *, template: str | None = None) -> Task:
     """Tokenizes a class set once.
 
     Underscores in names become spaces (as CoOp does at prompt time); the stored ``names`` keep
@@ -369,6 +372,8 @@ def make_task(clip: Clip, classnames: Sequence[str]) -> Task:
     Args:
       clip: the model whose tokenizer to use.
       classnames: the class names in label order.
+      template: the dataset's hand-crafted template with ``{}`` for the class name (the
+        catalog's ``DatasetSpec.template``), kept on the task for methods that use it.
 
     Returns:
       A :class:`Task` whose ``token_ids`` are padded to its longest class.
@@ -379,6 +384,8 @@ def make_task(clip: Clip, classnames: Sequence[str]) -> Task:
     names = tuple(str(n) for n in classnames)
     if not names:
         raise ValueError("make_task needs at least one class name")
+    if template is not None and "{}" not in template:
+        raise ValueError(f"template {template!r} has no '{{}}' for the class name")
     clean = [n.replace("_", " ") for n in names]
     tok = clip.tokenizer
     full = tok([f"{n}." for n in clean], add_special_tokens=True)["input_ids"]
@@ -403,6 +410,7 @@ def make_task(clip: Clip, classnames: Sequence[str]) -> Task:
         eot=jnp.asarray(eot),
         name_len=jnp.asarray(name_len),
         names=names,
+        template=template,
     )
 
 

@@ -20,7 +20,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxprompt import data
-from jaxprompt.data import catalog, protocol
+from jaxprompt.data import augment as augment_lib
+from jaxprompt.data import catalog, pipeline, protocol
 from jaxprompt.data.protocol import Example
 
 CLASSES = ("cat", "dog", "eel")
@@ -335,7 +336,7 @@ def test_eval_preprocessing_matches_pil(shape, mode):
 def test_train_iterator_resume_and_sharding(folder, tmp_path):
     ds = data.load_dataset(f"folder:{folder}", data_dir=str(tmp_path))
     train = ds.split["train"]
-    kw = dict(batch_size=4, seed=5, canvas=64, num_threads=2)
+    kw = dict(batch_size=4, seed=5, image_size=64, num_threads=2)
     it = data.train_iterator(train, ds.fetch, shard=(0, 1), **kw)
     first = [next(it) for _ in range(3)]
     state = it.get_state()
@@ -346,7 +347,7 @@ def test_train_iterator_resume_and_sharding(folder, tmp_path):
     for a, b in zip(after, [next(it2) for _ in range(4)], strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
-    assert first[0]["image"].shape == (4, 64, 64, 3) and first[0]["size"].shape == (4, 2)
+    assert first[0]["image"].shape == (4, 64, 64, 3) and first[0]["image"].dtype == np.uint8
     # Two hosts with half the batch see, together, exactly the one-host global batch.
     h0 = data.train_iterator(train, ds.fetch, shard=(0, 2), **{**kw, "batch_size": 2})
     h1 = data.train_iterator(train, ds.fetch, shard=(1, 2), **{**kw, "batch_size": 2})
@@ -372,6 +373,263 @@ def test_eval_iterator_pads_and_shards(folder, tmp_path):
             seen += b["label"][b["mask"]].tolist()
             assert (b["label"][~b["mask"]] == -1).all()
     assert sorted(seen) == sorted(x.label for x in test)
+
+
+# ------------------------------------------------------------------------------------------------
+# Train crops from the full-resolution image (issue 15) and Dassl's epochs
+# ------------------------------------------------------------------------------------------------
+
+
+def _rrc_box_reference(rng, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params as its documentation describes it, written
+    independently: same draws in the same order (area, log-ratio; then top, left)."""
+    for _ in range(10):
+        frac = rng.uniform(scale[0], scale[1])
+        log_r = rng.uniform(np.log(ratio[0]), np.log(ratio[1]))
+        w = round(float(np.sqrt(height * width * frac * np.exp(log_r))))
+        h = round(float(np.sqrt(height * width * frac / np.exp(log_r))))
+        if 1 <= w <= width and 1 <= h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    aspect = width / height
+    w, h = width, height
+    if aspect < ratio[0]:
+        h = round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w = round(height * ratio[1])
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _fine_image(height: int = 900, width: int = 1200) -> Image.Image:
+    """High-resolution synthetic image with detail at the pixel scale (a 512 canvas blurs it)."""
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[0:height, 0:width]
+    arr = np.stack(
+        [
+            (np.sin(xx * 1.3) + np.cos(yy * 0.7)) * 60 + 128,
+            ((xx // 3 + yy // 2) % 2) * 255,
+            rng.integers(0, 256, (height, width)),
+        ],
+        axis=-1,
+    )
+    return Image.fromarray(arr.astype(np.uint8))
+
+
+def _reference_view(img, rng, size, method, pre=None, scale=(0.08, 1.0)):
+    """The reference train transform with PIL calls only: optional square resize (tllib
+    ResizeImage, PIL's default bicubic), crop then resize (torchvision resized_crop on PIL),
+    flip with p = 0.5."""
+    if pre is not None:
+        img = img.resize((pre, pre), Image.BICUBIC)
+    top, left, h, w = _rrc_box_reference(rng, img.height, img.width, scale)
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[method]
+    out = np.asarray(img.crop((left, top, left + w, top + h)).resize((size, size), resample))
+    return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def _torchvision_functional():
+    try:  # a CUDA-only torchvision wheel next to a CPU torch raises RuntimeError on import
+        import torchvision.transforms.functional as tvf
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"torchvision not usable: {e}")
+    return tvf
+
+
+@pytest.mark.parametrize("shape", [(900, 1200), (375, 500), (64, 40), (1000, 10), (10, 1000)])
+def test_crop_box_sampler_replays_reference_and_constraints(shape):
+    height, width = shape
+    for seed in range(300):
+        box = pipeline.sample_crop_box(np.random.default_rng(seed), height=height, width=width)
+        assert box == _rrc_box_reference(np.random.default_rng(seed), height, width)
+        top, left, h, w = box
+        assert 0 <= top <= height - h and 0 <= left <= width - w and h > 0 and w > 0
+        # Area >= 8 % (but for the fallback of the extreme shapes) and ratio in [3/4, 4/3], up
+        # to the rounding of the sides to pixels.
+        assert (h + 0.5) * (w + 0.5) >= 0.08 * height * width or min(shape) == 10
+        assert (w + 0.5) / (h - 0.5) >= 3 / 4 and (w - 0.5) / (h + 0.5) <= 4 / 3
+    if min(shape) == 10:  # no attempt ever fits: the centred crop with the ratio clamped
+        side = round(10 / 0.75)
+        expect = (493, 0, side, 10) if height > width else (0, 493, 10, side)
+        box = pipeline.sample_crop_box(np.random.default_rng(0), height=height, width=width)
+        assert box == expect
+
+
+def test_crop_box_sampler_distribution():
+    """Area fraction ~ U(0.08, 1) and log-ratio ~ U(log 3/4, log 4/3) where every attempt fits
+    (a large square image, fractions below 0.56), corners uniform."""
+    rng = np.random.default_rng(0)
+    boxes = np.asarray(
+        [pipeline.sample_crop_box(rng, height=4000, width=4000, scale=(0.08, 0.5))
+         for _ in range(4000)]
+    )  # fmt: skip
+    top, left, h, w = boxes.T
+    frac = h * w / 4000**2
+    log_r = np.log(w / h)
+    # Kolmogorov-Smirnov distance to the uniform laws (critical value at 4000 draws ~ 0.026).
+    for x, lo, hi in ((frac, 0.08, 0.5), (log_r, np.log(3 / 4), np.log(4 / 3))):
+        u = np.sort((x - lo) / (hi - lo))
+        assert np.max(np.abs(u - (np.arange(1, u.size + 1) - 0.5) / u.size)) < 0.03
+    u = np.sort(top / (4000 - h))  # uniform over the free range
+    assert np.max(np.abs(u - (np.arange(1, u.size + 1) - 0.5) / u.size)) < 0.03
+
+
+def test_crop_box_sampler_matches_torchvision_distribution():
+    _torchvision_functional()  # skips without a usable torchvision
+    import torch
+    from torchvision.transforms import RandomResizedCrop
+
+    img = _fine_image(300, 400)
+    torch.manual_seed(0)
+    ref = np.asarray([RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+                      for _ in range(4000)])  # fmt: skip
+    rng = np.random.default_rng(0)
+    ours = np.asarray([pipeline.sample_crop_box(rng, height=300, width=400)
+                       for _ in range(4000)])  # fmt: skip
+    for col in range(4):
+        assert abs(np.mean(ours[:, col]) - np.mean(ref[:, col])) < 0.05 * np.mean(ref[:, col])
+
+
+@pytest.mark.parametrize("method", ["bicubic", "bilinear"])
+def test_resized_crop_of_full_image_matches_pil_reference(method):
+    img = _fine_image()
+    rng = np.random.default_rng(1)
+    worst = 0
+    for _ in range(8):
+        top, left, h, w = box = _rrc_box_reference(rng, img.height, img.width)
+        ours = np.asarray(pipeline.resized_crop(img, box=box, size=224, method=method))
+        resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[method]
+        ref = np.asarray(img.crop((left, top, left + w, top + h)).resize((224, 224), resample))
+        worst = max(worst, int(np.abs(ours.astype(int) - ref).max()))
+    assert worst <= 1  # within 1/255 (measured: 0, PIL does the same work)
+    # The previous pipeline (512 canvas, crop on device) is far off on such an image.
+    canvas, _ = data.to_canvas(img, 512)
+    s = 512 / img.width
+    old = np.asarray(augment_lib.crop_and_resize(
+        canvas, np.asarray([top * s, left * s, h * s, w * s], np.float32), 224, method
+    ))  # fmt: skip
+    assert np.abs(old - ref).mean() > 2.0
+
+
+@pytest.mark.parametrize("method", ["bicubic", "bilinear"])
+def test_resized_crop_matches_torchvision(method):
+    tvf = _torchvision_functional()
+    from torchvision.transforms import InterpolationMode
+
+    img = _fine_image()
+    mode = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}[method]
+    for box in ((17, 33, 97, 131), (0, 0, 900, 1200), (400, 611, 300, 211)):
+        ours = np.asarray(pipeline.resized_crop(img, box=box, size=224, method=method))
+        ref = np.asarray(tvf.resized_crop(img, *box, [224, 224], interpolation=mode))
+        assert np.abs(ours.astype(int) - ref).max() <= 1
+
+
+@pytest.mark.parametrize("augment,size", [("coop", 224), ("pouf", 224), ("pouf", 32)])
+def test_train_view_is_the_reference_transform(augment, size):
+    img = _fine_image(450, 600)
+    for seed in range(6):
+        ours = pipeline.train_view(
+            img, np.random.default_rng(seed), size=size, augment=augment
+        )
+        if augment == "pouf":  # tllib: ResizeImage(256) then RandomResizedCrop(224) bilinear
+            pre, method = {224: 256, 32: 37}[size], "bilinear"
+        else:
+            pre, method = None, "bicubic"
+        ref = _reference_view(img, np.random.default_rng(seed), size, method, pre)
+        assert ours.shape == (size, size, 3) and ours.dtype == np.uint8
+        assert np.abs(ours.astype(int) - ref).max() <= 1
+
+
+def _indexed(n: int):
+    """n examples whose label is their index, and a fetch that draws a distinct 600x450 PNG."""
+    examples = [Example(f"x/{i:03d}.png", i, "c") for i in range(n)]
+
+    def fetch(x):
+        arr = np.asarray(_fine_image(60, 80)).copy()
+        arr[..., 0] = arr[..., 0] // 2 + x.label  # per-example content
+        return np.asarray(Image.fromarray(arr).resize((600, 450), Image.NEAREST))
+
+    return examples, fetch
+
+
+def test_train_iterator_crops_are_the_reference_on_the_full_image():
+    examples, fetch = _indexed(6)
+    it = data.train_iterator(examples, fetch, batch_size=3, seed=4, image_size=48,
+                             shard=(0, 1), num_threads=2)  # fmt: skip
+    for step in range(4):  # two epochs of two batches
+        b = next(it)
+        for img, j in zip(b["image"], b["label"], strict=True):
+            epoch = step // 2
+            rng = pipeline.example_rng(4, stream=pipeline._CROP_STREAM, epoch=epoch, index=int(j))
+            ref = _reference_view(Image.fromarray(fetch(examples[j])), rng, 48, "bicubic")
+            assert np.abs(img.astype(int) - ref).max() <= 1
+
+
+def test_train_iterator_has_dassl_epochs():
+    n, batch = 14, 4  # 3 full batches an epoch, 2 examples dropped
+    examples, fetch = _indexed(n)
+    kw = dict(batch_size=batch, seed=9, image_size=16, num_threads=2)
+    it = data.train_iterator(examples, fetch, shard=(0, 1), **kw)
+    assert it.batches_per_epoch == n // batch == 3
+    epochs = [[next(it)["label"].tolist() for _ in range(3)] for _ in range(4)]
+    orders = [sum(e, []) for e in epochs]
+    for order in orders:  # a permutation prefix: 12 distinct examples, none from the next epoch
+        assert len(set(order)) == 12 and set(order) <= set(range(n))
+    assert len({tuple(o) for o in orders}) == 4  # a fresh shuffle every epoch
+    assert len({frozenset(range(n)) - set(o) for o in orders}) > 1  # different ones dropped
+    # Resume mid-epoch: the same batches follow, pixels included.
+    it = data.train_iterator(examples, fetch, shard=(0, 1), **kw)
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    want = [next(it) for _ in range(5)]
+    it2 = data.train_iterator(examples, fetch, shard=(0, 1), **kw)
+    it2.set_state(state)
+    for a, b in zip(want, [next(it2) for _ in range(5)], strict=True):
+        np.testing.assert_array_equal(a["label"], b["label"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert [w["label"].tolist() for w in want] == sum(epochs, [])[5:10]
+    # Two hosts: host i takes its share of each global batch, the same epochs.
+    hosts = [data.train_iterator(examples, fetch, shard=(i, 2), **{**kw, "batch_size": 2})
+             for i in range(2)]  # fmt: skip
+    assert hosts[0].batches_per_epoch == 3
+    for step in range(6):
+        parts = [next(h) for h in hosts]
+        # Host i holds elements i, i + 2 of the global batch.
+        joined = {k: np.stack([p[k] for p in parts], axis=1) for k in ("label", "image")}
+        assert joined["label"].ravel().tolist() == epochs[step // 3][step % 3]
+    np.testing.assert_array_equal(joined["image"].reshape(want[0]["image"].shape),
+                                  want[0]["image"])  # step 5, pixels too
+
+
+def test_train_iterator_rejects_unknown_augment_and_short_data():
+    examples, fetch = _indexed(3)
+    with pytest.raises(ValueError, match="augmentation"):
+        data.train_iterator(examples, fetch, batch_size=2, seed=0, augment="simclr", shard=(0, 1))
+    with pytest.raises(ValueError, match="no full global batch"):
+        data.train_iterator(examples, fetch, batch_size=2, seed=0, shard=(0, 2))
+
+
+def test_eval_iterator_tpt_views_from_full_image():
+    examples, fetch = _indexed(5)
+    kw = dict(batch_size=2, image_size=32, views=3, seed=2, num_threads=2)
+    seen = {}
+    for host in range(2):
+        for b in data.eval_iterator(examples, fetch, shard=(host, 2), **kw):
+            assert b["views"].shape == (2, 3, 32, 32, 3) and b["views"].dtype == np.uint8
+            for v, j, m in zip(b["views"], b["label"], b["mask"], strict=True):
+                if m:
+                    seen[int(j)] = v
+    assert sorted(seen) == list(range(5))
+    for j, v in seen.items():  # bilinear RRC + flip of the full image, keyed by (seed, index)
+        rng = pipeline.example_rng(2, stream=pipeline._VIEW_STREAM, epoch=0, index=j)
+        img = Image.fromarray(fetch(examples[j]))
+        ref = np.stack([_reference_view(img, rng, 32, "bilinear") for _ in range(3)])
+        assert np.abs(v.astype(int) - ref).max() <= 1
+    view0 = np.zeros((32, 32, 3), np.float32)
+    out = jax.jit(lambda k: augment_lib.tpt_views_from_crops(k, view0, seen[0]))(
+        jax.random.key(0)
+    )
+    assert out.shape == (4, 32, 32, 3)
+    np.testing.assert_allclose(out[1:], augment_lib.normalize_on_device(seen[0]), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -450,7 +708,8 @@ from jaxprompt import data
 ds = data.load_dataset('folder:{folder}', data_dir='{data_dir}')
 assert ds.source.startswith('{data_dir}'), ds.source
 split, names = data.apply_protocol(ds, shots=2, seed=1, subset='base', workdir='{tmp_path}/run')
-it = data.train_iterator(split['train'], ds.fetch, batch_size=2, seed=0, shard=(0, 1), canvas=64)
+it = data.train_iterator(split['train'], ds.fetch, batch_size=2, seed=0, shard=(0, 1),
+                          image_size=64)
 b = next(it)
 ev = next(data.eval_iterator(split['test'], ds.fetch, batch_size=2, shard=(0, 1)))
 assert 'tensorflow' not in sys.modules

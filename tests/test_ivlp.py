@@ -56,16 +56,74 @@ def test_init_shapes_and_values(clip, tiny_task):
     assert 9 * (4 * 512 + 4 * 768) == 46_080
 
 
-def test_init_words_of_another_length_give_random_context(clip, tiny_task):
-    p = jp.methods.get("ivlp", depth=1, n_ctx_text=2).init(jax.random.key(0), clip, tiny_task)
-    assert p["ctx"].shape == (2, clip.spec.text_width)
-    assert p["deep_text"].shape == (0, 2, clip.spec.text_width)
-    assert 0.01 < float(jnp.std(p["ctx"])) < 0.03  # not the word embeddings
+def _text_tower_inputs(monkeypatch, method, prompt, clip, task):
+    """The (embeds, eot) that ``method.encode_classes`` hands to the text tower."""
+    seen = {}
+    real = clip_lib.encode_text
+
+    def spy(clip_, embeds, eot, **kwargs):
+        seen["embeds"], seen["eot"] = np.asarray(embeds), np.asarray(eot)
+        return real(clip_, embeds, eot, **kwargs)
+
+    monkeypatch.setattr(clip_lib, "encode_text", spy)
+    method.encode_classes(prompt, clip, task)
+    return seen["embeds"], seen["eot"]
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_logits_and_loss_equal_numpy_reference(clip, tiny_task, batch, depth):
-    method = jp.methods.get("ivlp", depth=depth)
+def _reference_inputs(clip, texts, ctx):
+    """Independent construction: the tokenizer's ids of the full sentences, looked up in CLIP's
+    token table, with ``ctx`` written over positions 1..n (right after the start token)."""
+    rows = clip.tokenizer(texts)["input_ids"]
+    ids = np.full((len(rows), max(map(len, rows))), clip.spec.eot_id)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    table = np.asarray(clip.params["text_model"]["embeddings"]["token_embedding"]["embedding"])
+    want = table[ids]
+    want[:, 1 : 1 + len(ctx)] = ctx
+    return want, np.array([len(r) - 1 for r in rows])
+
+
+def test_fewer_ctx_than_init_words_keep_the_rest_as_fixed_words(clip, tiny_task, monkeypatch):
+    # The reference (spec 12; IVLP's prompt learner does the same) with n_t = 2 and
+    # "a photo of a": the context starts at "a photo", and "of a" stay as fixed tokens, so the
+    # text tower still reads "a photo of a <name>." with positions 1..2 learnable.
+    method = jp.methods.get("ivlp", depth=2, n_ctx_text=2)
+    p = method.init(jax.random.key(0), clip, tiny_task)
+    dt = clip.spec.text_width
+    assert p["ctx"].shape == (2, dt) and p["deep_text"].shape == (1, 2, dt)
+    words = clip.tokenizer(["a photo of a"])["input_ids"][0][1:-1]
+    assert len(words) == 4
+    table = np.asarray(clip.params["text_model"]["embeddings"]["token_embedding"]["embedding"])
+    np.testing.assert_array_equal(p["ctx"], table[words[:2]])
+
+    prompt = _moved(p)
+    embeds, eot = _text_tower_inputs(monkeypatch, method, prompt, clip, tiny_task)
+    want, want_eot = _reference_inputs(
+        clip, [f"a photo of a {c}." for c in CLASSNAMES], np.asarray(prompt["ctx"])
+    )
+    np.testing.assert_array_equal(embeds, want)
+    np.testing.assert_array_equal(eot, want_eot)
+
+
+def test_more_ctx_than_init_words_is_random_without_fixed_words(clip, tiny_task, monkeypatch):
+    # 6 slots, 4 init tokens: the reference draws N(0, 0.02^2) behind "X X X X X X <name>.".
+    method = jp.methods.get("ivlp", depth=1, n_ctx_text=6)
+    p = method.init(jax.random.key(0), clip, tiny_task)
+    assert p["ctx"].shape == (6, clip.spec.text_width)
+    assert 0.015 < float(jnp.std(p["ctx"])) < 0.025  # not the word embeddings
+    embeds, eot = _text_tower_inputs(monkeypatch, method, p, clip, tiny_task)
+    want, want_eot = _reference_inputs(
+        clip, [f"X X X X X X {c}." for c in CLASSNAMES], np.asarray(p["ctx"])
+    )
+    np.testing.assert_array_equal(embeds, want)
+    np.testing.assert_array_equal(eot, want_eot)
+
+
+@pytest.mark.parametrize("depth, n_ctx_text", [(1, 4), (2, 4), (2, 2)])
+def test_logits_and_loss_equal_numpy_reference(clip, tiny_task, batch, depth, n_ctx_text):
+    # With n_ctx_text=2 the NumPy reference tokenizes the same full sentence and replaces
+    # positions 1..2 only, so "of a" must reach the tower as fixed words.
+    method = jp.methods.get("ivlp", depth=depth, n_ctx_text=n_ctx_text)
     prompt = _moved(method.init(jax.random.key(0), clip, tiny_task))
     logits = jax.jit(method.logits)(prompt, clip, tiny_task, batch["image"])
     loss, metrics = jax.jit(method.loss)(prompt, clip, tiny_task, batch, jax.random.key(0))

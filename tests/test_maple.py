@@ -83,6 +83,36 @@ def test_init_values(method, clip, task):
     assert 0.01 < float(jnp.std(p["deep_text"])) < 0.03
 
 
+@pytest.fixture(scope="module")
+def clip3(tmp_path_factory):
+    """Three layers per tower: depth 3 has two deep projections to compare."""
+    d = tmp_path_factory.mktemp("tiny_clip_3_layers")
+    saved = testing.save_random_clip(
+        d, words=TINY_WORDS, preset="tiny", seed=2, vision_width=48, text_layers=3, vision_layers=3
+    )
+    return jp.load_clip(saved)
+
+
+def test_deep_projections_start_as_copies_of_one_linear(clip3):
+    # The reference builds the input-level projection as its own nn.Linear and the deep ones
+    # as deep copies of ONE further nn.Linear: proj[1] and proj[2] equal bit for bit, proj[0]
+    # an independent draw; all with nn.Linear's U(-1/sqrt(in), 1/sqrt(in)).
+    task3 = jp.make_task(clip3, CLASSNAMES)
+    p = jp.methods.get("maple", depth=3).init(jax.random.key(0), clip3, task3)
+    k, b = np.asarray(p["proj"]["kernel"]), np.asarray(p["proj"]["bias"])
+    assert k.shape == (3, 32, 48) and b.shape == (3, 48)
+    np.testing.assert_array_equal(k[1], k[2])
+    np.testing.assert_array_equal(b[1], b[2])
+    bound = 1 / np.sqrt(32)
+    assert np.abs(k[0] - k[1]).max() > bound and np.abs(b[0] - b[1]).max() > 0.5 * bound
+    for x in (k[0], k[1], b[0], b[1]):
+        assert np.abs(x).max() <= bound
+        assert abs(x.std() - bound / np.sqrt(3)) < 0.15 * bound  # the uniform's std
+    # The copies are a fresh draw per key, not a constant.
+    q = jp.methods.get("maple", depth=3).init(jax.random.key(1), clip3, task3)
+    assert np.abs(np.asarray(q["proj"]["kernel"][1]) - k[1]).max() > bound
+
+
 def test_fixed_words_and_eot(prompt, clip, task):
     embeds, eot = text_inputs(prompt, clip, task)
     ids, ref_eot = clip_lib.tokenize(clip, [f"a photo of a {c}." for c in CLASSNAMES])

@@ -149,6 +149,28 @@ def test_init_float32_documented_shapes(variant, initial, tiny_clip, tiny_task):
     assert isinstance(checkpoint._jsonable(dict(method.config)), dict)
 
 
+def test_coop_class_specific_random_context_is_drawn_per_class(tiny_clip, tiny_task):
+    # CoOp's CSC draws a [n_cls, n_ctx, D] tensor from N(0, 0.02^2): every class its own
+    # context, not one draw repeated over the classes.
+    method = jp.methods.get("coop", n_ctx=4, class_specific=True)
+    ctx = np.asarray(method.init(jax.random.key(0), tiny_clip, tiny_task)["ctx"], np.float64)
+    n_cls, dt = len(tiny_task), tiny_clip.spec.text_width
+    assert ctx.shape == (n_cls, 4, dt)
+    assert abs(ctx.std() - 0.02) < 0.002 and abs(ctx.mean()) < 0.003
+    for c in range(n_cls):
+        assert abs(ctx[c].std() - 0.02) < 0.004
+    # Independent draws: near-zero correlation between any two classes' contexts (128 values
+    # each, so |r| > 0.4 would be a 4.5-sigma event); copies would correlate at exactly 1.
+    r = np.corrcoef(ctx.reshape(n_cls, -1))
+    assert np.abs(r[~np.eye(n_cls, dtype=bool)]).max() < 0.4
+    # With init words every class starts at those words (the reference's ctx_init path).
+    words = jp.methods.get("coop", init_words="a photo of a", class_specific=True)
+    w = words.init(jax.random.key(0), tiny_clip, tiny_task)["ctx"]
+    np.testing.assert_array_equal(
+        w, np.broadcast_to(base.word_embeddings(tiny_clip, "a photo of a"), (n_cls, 4, dt))
+    )
+
+
 @pytest.mark.slow
 def test_loss_finite_and_gradient(variant, initial, tiny_clip, tiny_task):
     name, _, method = variant

@@ -97,9 +97,7 @@ def test_features_prototypes_logits_loss_vs_numpy(model, model_dir, saved):
     label_ids = mlm.label_word_ids(tok, SST2.words)
     # Hidden state at <mask> from Hugging Face's own wrapper (its own position ids).
     hf = transformers.FlaxRobertaForMaskedLM.from_pretrained(model_dir)
-    out = hf(
-        batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
-    )
+    out = hf(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
     rows = np.arange(len(RECORDS))
     h_hf = np.asarray(out.hidden_states[-1])[rows, batch["mask_pos"]]
     h = np.asarray(mlm.mask_hidden(model, model.params, batch))
@@ -166,13 +164,17 @@ def test_csv_dataset_and_adapt(model, tmp_path):
         mlm.load_text_dataset(f"csv:{path}", task="nope")
     with pytest.raises(FileNotFoundError, match="tfds build glue/sst2"):
         mlm.load_text_dataset("glue/sst2", data_dir=str(tmp_path / "no_tfds"))
+    # Dev selection is the default: without a dev split it says how to get one.
+    with pytest.raises(ValueError, match="select_on_dev=False"):
+        mlm.adapt(model, data, steps=1)
     res = mlm.adapt(
-        model, data, steps=3, lr=1e-3, eval_every=1, log_every=1,
+        model, data, steps=3, lr=1e-3, eval_every=1, log_every=1, select_on_dev=False,
         select_with_target_labels=True, metrics_path=str(tmp_path / "m.jsonl"),
     )  # fmt: skip
-    acc = res["accuracy"]
-    assert set(acc) == {"zero_shot", "pouf", "pouf_best_by_target_labels"}
-    assert all(0 <= v <= 100 for v in acc.values())
+    assert res["metric"] == "acc"
+    assert set(res["metrics"]) == {"zero_shot", "pouf", "pouf_best_by_target_labels"}
+    assert all(0 <= v["acc"] <= 100 for v in res["metrics"].values())
+    assert "label leakage" in res["selection"] and "best_step_by_dev" not in res
     assert res["n_train"] == 8 and res["steps"] == 3
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), res["params"], model.params)
     assert max(jax.tree.leaves(moved)) > 0
@@ -191,3 +193,238 @@ def test_optimizer_is_clipped_linear_adamw():
         u, s = tx.update(g, s, p)
     u, s = tx.update(g, s, p)  # past the end: the rate is 0
     np.testing.assert_allclose(u["w"], 0.0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The LM-BFF protocol: k-shot splits, task metrics, dev selection, runs over seeds
+# --------------------------------------------------------------------------------------------
+
+
+def _pool(counts, seed=0):
+    """A synthetic full training set: ``counts[c]`` records of class c, interleaved."""
+    rng = np.random.RandomState(seed)
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
+    rng.shuffle(labels)
+    return [{"sentence": f"s{i}", "label": int(y)} for i, y in enumerate(labels)]
+
+
+def _lmbff_reference(records, k, seed):
+    """LM-BFF's sampler as its script does it: global seed, in-place list shuffle, dict of
+    label lists in order of first appearance, [:k] to train and [k:2k] to dev."""
+    lines = list(records)
+    np.random.seed(seed)
+    np.random.shuffle(lines)
+    by_label = {}
+    for line in lines:
+        by_label.setdefault(line["label"], []).append(line)
+    train = [x for g in by_label.values() for x in g[:k]]
+    dev = [x for g in by_label.values() for x in g[k : 2 * k]]
+    return train, dev
+
+
+def test_kshot_splits_follow_lmbff():
+    pool = _pool([40, 75, 33])
+    frozen = [dict(r) for r in pool]
+    splits = {}
+    for seed in mlm.KSHOT_SEEDS:
+        train, dev = mlm.kshot_splits(pool, k=16, seed=seed)
+        for part in (train, dev):
+            assert np.bincount([r["label"] for r in part]).tolist() == [16, 16, 16]
+        ids_t, ids_d = {r["sentence"] for r in train}, {r["sentence"] for r in dev}
+        assert len(ids_t) == len(ids_d) == 48 and not ids_t & ids_d
+        assert (ids_t | ids_d) <= {r["sentence"] for r in pool}
+        assert (train, dev) == mlm.kshot_splits(pool, k=16, seed=seed)  # deterministic
+        assert (train, dev) == _lmbff_reference(pool, 16, seed)  # LM-BFF's own procedure
+        splits[seed] = frozenset(ids_t)
+    assert pool == frozen  # the pool is not shuffled in place
+    assert len(set(splits.values())) == len(mlm.KSHOT_SEEDS)  # each seed its own split
+    # LM-BFF permutes the file's lines: the pool's order is part of the input, by design.
+    reordered = pool[::-1]
+    assert mlm.kshot_splits(reordered, k=16, seed=42) == _lmbff_reference(reordered, 16, 42)
+    assert mlm.kshot_splits(reordered, k=16, seed=42) != mlm.kshot_splits(pool, k=16, seed=42)
+
+
+def test_kshot_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"classes \[2\] have \[31\].*lower data.k_shot"):
+        mlm.kshot_splits(_pool([40, 40, 31]), k=16, seed=13)
+    with pytest.raises(ValueError, match="labeled training pool.*data.k_shot=0"):
+        mlm.kshot_splits([*_pool([40, 40]), {"sentence": "x", "label": -1}], k=16, seed=13)
+    with pytest.raises(ValueError, match="k >= 1"):
+        mlm.kshot_splits(_pool([4, 4]), k=0, seed=13)
+    # A csv without test rows tests on its train pool: no held-out split for the protocol.
+    path = tmp_path / "pool.csv"
+    path.write_text("sentence,label\n" + "".join(f"s{i},{i % 2}\n" for i in range(40)))
+    with pytest.raises(ValueError, match="no held-out test rows.*data.k_shot=0"):
+        mlm.kshot_dataset(mlm.load_text_dataset(f"csv:{path}", task="sst2"), k=4, seed=13)
+    path.write_text(
+        "sentence,label,split\n" + "".join(f"s{i},0,train\n" for i in range(20)) + "t,1,test\n"
+    )
+    with pytest.raises(ValueError, match=r"\['positive'\] never occur"):
+        mlm.kshot_dataset(mlm.load_text_dataset(f"csv:{path}", task="sst2"), k=4, seed=13)
+
+
+# scikit-learn warns on one-class inputs (the degenerate cases compared on purpose).
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_metrics_match_scikit_learn_and_scipy():
+    sk = pytest.importorskip("sklearn.metrics")
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.RandomState(0)
+    for trial in range(200):
+        n, k = int(rng.randint(1, 60)), [2, 2, 3, 5][trial % 4]
+        y, p = rng.randint(0, k, n), rng.randint(0, k, n)
+        if trial % 10 == 0:
+            p = np.full(n, rng.randint(0, k))  # one predicted class: MCC's 0/0 case
+        assert mlm.accuracy(y, p) == pytest.approx(sk.accuracy_score(y, p), abs=1e-12)
+        want_mcc = sk.matthews_corrcoef(y, p)
+        assert mlm.matthews_corrcoef(y, p) == pytest.approx(want_mcc, abs=1e-9)
+        if k == 2:
+            want = sk.f1_score(y, p, pos_label=1, average="binary", zero_division=0)
+            assert mlm.f1_score(y, p) == pytest.approx(want, abs=1e-12)
+        x, z = rng.randn(n + 2), rng.randn(n + 2)
+        if trial % 2:  # ties: integer scores, as STS-B's rounded ones
+            x, z = rng.randint(0, 6, n + 2).astype(float), rng.randint(0, 6, n + 2).astype(float)
+        if np.ptp(x) > 0 and np.ptp(z) > 0:
+            assert mlm.pearson_corr(x, z) == pytest.approx(stats.pearsonr(x, z)[0], abs=1e-9)
+            assert mlm.spearman_corr(x, z) == pytest.approx(stats.spearmanr(x, z)[0], abs=1e-9)
+    assert np.isnan(mlm.pearson_corr([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        mlm.accuracy([1, 0], [1])
+    # Per task: LM-BFF's metric set, in percent.
+    y, p = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]
+    assert mlm.task_metrics("mrpc", y, p) == {"acc": 60.0, "f1": 66.67}
+    assert mlm.task_metrics("qqp", y, p).keys() == {"acc", "f1"}
+    assert mlm.task_metrics("cola", y, p) == {
+        "acc": 60.0, "mcc": round(100 * sk.matthews_corrcoef(y, p), 2)
+    }  # fmt: skip
+    assert mlm.task_metrics("sst2", y, p) == {"acc": 60.0}
+    assert mlm.task_metrics("stsb", [0.5, 2.0, 4.5], [1.0, 3.0, 2.0]).keys() == {
+        "pearson", "spearman"
+    }  # fmt: skip
+    assert [mlm.main_metric(t) for t in ("mrpc", "qqp", "cola", "mnli", "sst2")] == [
+        "f1", "f1", "mcc", "acc", "acc"
+    ]  # fmt: skip
+
+
+SENTS = ["a great movie", "the plot was dull", "a fine film", "bad", "a dull film",
+         "the movie was great", "good", "the film was bad", "a good plot", "okay"]  # fmt: skip
+
+
+def _csv(path, n_train=12, flip_test=False):
+    """Two classes, ``n_train`` train rows each (a "full" pool), 6 labeled test rows."""
+    rows = ["sentence,label,split"]
+    for i in range(2 * n_train):
+        rows.append(f"{SENTS[i % len(SENTS)]} {WORDS[i % len(WORDS)]},{i % 2},train")
+    for i in range(6):
+        y = (i % 2) ^ int(flip_test)
+        rows.append(f"{SENTS[(3 * i + 1) % len(SENTS)]},{y},test")
+    path.write_text("\n".join(rows) + "\n")
+    return f"csv:{path}"
+
+
+def test_dev_selection_never_reads_test_labels(model, tmp_path):
+    runs = {}
+    for flip in (False, True):
+        data = mlm.load_text_dataset(_csv(tmp_path / f"d{flip}.csv", flip_test=flip), task="sst2")
+        kshot = mlm.kshot_dataset(data, k=4, seed=21)
+        assert [len(kshot.split[s]) for s in ("train", "dev", "test")] == [8, 8, 6]
+        runs[flip] = mlm.adapt(model, kshot, steps=4, lr=3e-3, eval_every=1, seed=21)
+    a, b = runs[False], runs[True]
+    assert a["dev_curve"] == b["dev_curve"] and len(a["dev_curve"]) == 4
+    assert a["best_step_by_dev"] == b["best_step_by_dev"]
+    # The earliest step with the best dev score, and its parameters kept.
+    scores = [r["acc"] for r in a["dev_curve"]]
+    assert a["best_step_by_dev"] == 1 + scores.index(max(scores))
+    best_a, best_b = (jax.tree.leaves(r["best_params_by_dev"]) for r in (a, b))
+    for x, y in zip(best_a, best_b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    # Flipped test labels flip the binary test accuracy and nothing else.
+    for col in ("zero_shot", "pouf", "pouf_best_by_dev"):
+        assert a["metrics"][col]["acc"] + b["metrics"][col]["acc"] == pytest.approx(100.0)
+    assert a["n_dev"] == 8 and "dev split" in a["selection"]
+
+
+def _pouf_mlm_config(model_dir, dataset, *extra):
+    """``adapt:pouf_mlm`` through the CLI's own flag parsing, small enough for the tiny LM."""
+    from jaxprompt.app import flags
+
+    argv = [
+        "jaxprompt", "--config", f"adapt:pouf_mlm,dataset={dataset},task=sst2",
+        "--workdir", "unused", f"--config.mlm.name={model_dir}", "--config.data.k_shot=4",
+        "--config.optim.steps=2", "--config.eval_every=1", "--config.log_every=1", *extra,
+    ]  # fmt: skip
+    return flags.parse_run_flags(argv, need_config=True)[0]
+
+
+TWO_SEEDS = "--config.seeds=(13,21)"
+
+
+def test_runner_writes_per_seed_and_mean_std(model_dir, tmp_path):
+    import json
+
+    from jaxprompt.app import experiment, pouf, rundir
+
+    dataset = _csv(tmp_path / "pool.csv")
+    default = _pouf_mlm_config(model_dir, dataset)
+    assert list(default.seeds) == [13, 21, 42, 87, 100] and default.select_on_dev
+    assert not default.select_with_target_labels
+    bad = _pouf_mlm_config(model_dir, dataset, TWO_SEEDS, "--config.data.k_shot=0")
+    with pytest.raises(experiment.ConfigError, match="select_on_dev=False"):
+        pouf.run_pouf_mlm(bad, str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+    work = tmp_path / "run"
+    rec = pouf.run_pouf_mlm(_pouf_mlm_config(model_dir, dataset, TWO_SEEDS), str(work))
+    saved = json.loads((work / "results.json").read_text())
+    assert saved["per_seed"] == rec["per_seed"] and saved["seeds"] == [13, 21]
+    assert [r["seed"] for r in saved["per_seed"]] == [13, 21] and saved["metric"] == "acc"
+    for r in saved["per_seed"]:
+        assert set(r["metrics"]) == {"zero_shot", "pouf", "pouf_best_by_dev"}
+        assert r["n_train"] == r["n_dev"] == 8 and r["best_step_by_dev"] in (1, 2)
+        assert json.loads((work / "seeds" / f"{r['seed']}.json").read_text()) == r
+    for col in ("zero_shot", "pouf", "pouf_best_by_dev"):
+        per = [r["metrics"][col]["acc"] for r in saved["per_seed"]]
+        assert saved["accuracy"][col] == pytest.approx(np.mean(per), abs=0.006)
+        assert saved["std"][col] == pytest.approx(np.std(per), abs=0.006)
+        assert saved["summary"][col]["acc"]["n"] == 2
+    assert saved["per_seed"][0]["metrics"]["zero_shot"] == saved["per_seed"][1]["metrics"][
+        "zero_shot"
+    ]  # fmt: skip
+    assert "seed" not in saved  # a mean over seeds, not one seed's run
+    # results.md: the run directory's table of the means, one column per selection.
+    assert rundir.results_table(saved) in (work / "results.md").read_text()
+    assert "pouf_best_by_dev" in (work / "results.md").read_text()
+    logged = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert {x["seed"] for x in logged} == {13, 21}
+    assert any("eval/dev_acc" in x for x in logged)
+
+    # Stopped after seed 13: the rerun keeps it and runs 21 alone.
+    kept = (work / "seeds" / "13.json").read_text()
+    (work / "results.json").unlink()
+    (work / "seeds" / "21.json").unlink()
+    again = pouf.run_pouf_mlm(_pouf_mlm_config(model_dir, dataset, TWO_SEEDS), str(work))
+    assert (work / "seeds" / "13.json").read_text() == kept
+    assert again["per_seed"][1]["metrics"] == saved["per_seed"][1]["metrics"]
+
+
+def test_tfds_glue_pool_is_in_file_order(monkeypatch):
+    """TFDS stores GLUE shuffled; the pool comes back in GLUE's file order (``idx``), the order
+    LM-BFF's sampler permutes."""
+    import types
+
+    import tensorflow_datasets as tfds
+
+    file_order = [{"idx": i, "sentence": f"s{i}", "label": i % 2} for i in range(40)]
+    stored = [file_order[i] for i in np.random.RandomState(1).permutation(40)]
+    builder = types.SimpleNamespace(
+        info=types.SimpleNamespace(
+            features={"label": types.SimpleNamespace(names=["negative", "positive"])}
+        ),
+        as_data_source=lambda split: stored if split == "train" else stored[:4],
+    )
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: builder)
+    data = mlm.load_text_dataset("glue/sst2")
+    assert [r["sentence"] for r in data.split["train"]] == [r["sentence"] for r in file_order]
+    want = _lmbff_reference(
+        [{"sentence": r["sentence"], "label": r["label"]} for r in file_order], 4, 13
+    )
+    assert mlm.kshot_splits(data.split["train"], k=4, seed=13) == want

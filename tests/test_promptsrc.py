@@ -237,6 +237,24 @@ def test_base_to_new(method, prompt, clip, new_task, images):
     assert logits.shape == (4, len(new_task)) and np.all(np.isfinite(logits))
 
 
+def test_short_text_context_keeps_the_rest_of_the_init_words(clip, tiny_task):
+    # n_ctx_text=2 with "a photo of a" (spec 12, as in the reference's prompt learner): the
+    # context starts at the embeddings of "a photo" and the prompted text tower (what the CE,
+    # KL and text L1 terms all use) reads "a photo of a <name>." with positions 1..2 learned.
+    method = jp.methods.get("promptsrc", depth=2, n_ctx_text=2)
+    p = method.init(jax.random.key(0), clip, tiny_task)
+    table = np.asarray(clip.params["text_model"]["embeddings"]["token_embedding"]["embedding"])
+    words = clip.tokenizer(["a photo of a"])["input_ids"][0][1:-1]
+    np.testing.assert_array_equal(p["ctx"], table[words[:2]])
+    keys = iter(jax.random.split(jax.random.key(3), 4))
+    moved = jax.tree.map(lambda v: v + 0.3 * jax.random.normal(next(keys), v.shape), p)
+    got = jax.jit(method.encode_classes)(moved, clip, tiny_task)
+    q = jax.tree.map(lambda a: np.asarray(a, np.float64), moved)
+    ids, _ = clip_lib.tokenize(clip, [f"a photo of a {c}." for c in CLASSNAMES])
+    want = np_text(clip, ids, ctx=q["ctx"], deep=q["deep_text"])
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
 def test_config_carries_gpa_and_defaults():
     m = jp.methods.get("promptsrc")
     cfg = m.config

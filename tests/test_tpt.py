@@ -287,16 +287,17 @@ def test_registered_method_defaults(tiny_clip, tiny_task):
 
 
 def test_views_depend_on_sample_index_not_batching(tiny_clip):
+    """The host's crops come keyed by test index (tests/test_data.py); AugMix on top is drawn
+    from fold_in(key, index): the same views whatever the batch order."""
     s = tiny_clip.spec.image_size
     r = np.random.RandomState(3)
     n = 4
     batch = {
         "image": r.randn(n, s, s, 3).astype(np.float32),
-        "raw": r.randint(0, 256, (n, 2 * s, 2 * s, 3)).astype(np.uint8),
-        "size": np.asarray([[2 * s, 2 * s], [s, 2 * s], [2 * s, s + 3], [s, s]], np.int32),
+        "views": r.randint(0, 256, (n, 7, s, s, 3)).astype(np.uint8),
         "index": np.asarray([7, 8, 9, 10], np.int32),
     }
-    make = jax.jit(lambda k, b: adapt.batch_views(k, b, views=8, augmix=False, image_size=s))
+    make = jax.jit(lambda k, b: adapt.batch_views(k, b, views=8, augmix=True, image_size=s))
     key = jax.random.key(0)
     whole = np.asarray(make(key, batch))
     assert whole.shape == (n, 8, s, s, 3)
@@ -306,6 +307,9 @@ def test_views_depend_on_sample_index_not_batching(tiny_clip):
     np.testing.assert_allclose(shuffled, whole[order], atol=1e-5)
     other = np.asarray(make(key, {**batch, "index": batch["index"] + 1}))
     assert not np.allclose(other[:, 1:], whole[:, 1:])
+    plain = jax.jit(lambda k, b: adapt.batch_views(k, b, views=8, augmix=False, image_size=s))
+    want = (batch["views"] / 255.0 - np.asarray(jp.data.CLIP_MEAN)) / np.asarray(jp.data.CLIP_STD)
+    np.testing.assert_allclose(np.asarray(plain(key, batch))[:, 1:], want, atol=1e-5)
 
 
 def test_initial_prompt_from_export_and_mismatch(tmp_path, tiny_clip, tiny_task):
@@ -595,3 +599,58 @@ def test_tpt_on_a_bucket_resumes_after_an_interruption(tiny_clip_dir, fake_gcs, 
     resumed = json.load(open(os.path.join(cut, "results.json")))
     assert resumed["n"] == 16 and resumed["accuracy"] == whole["accuracy"]
     assert not os.path.exists(os.path.join(cut, "progress.json"))  # removed when done
+
+
+def _np_marginal_entropy_grad(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """d/dW of the entropy of the mean softmax of z = x @ W over the rows of x (NumPy)."""
+    z = x @ w
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    mean = p.mean(0)
+    dmean = -(np.log(mean) + 1.0)  # dH/dmean
+    # dmean/dz_k = (diag(p_k) - p_k p_k^T) / K
+    dz = (p * dmean - p * (p @ dmean)[:, None]) / len(x)
+    return x.T @ dz
+
+
+def _np_entropy_order(z: np.ndarray) -> np.ndarray:
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.argsort(-(p * np.log(p)).sum(-1), kind="stable")  # ascending entropy
+
+
+def test_multi_step_episode_keeps_the_step0_views_when_reselection_would_differ(
+    tiny_clip, tiny_task
+):
+    """A generic base whose logits are linear in the prompt, with views made so that the
+    confident set after step 1 differs from step 0's: a 3-step episode must equal NumPy's
+    3 SGD steps on the step-0 views (tpt.md 2.3), not the re-selecting variant."""
+    n_views, k, lr, steps = 10, 2, 2.0, 3
+    found = None
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(n_views, 12))
+        w0 = rng.normal(size=(12, 3)) * 0.5
+        s0 = _np_entropy_order(x @ w0)[:k]
+        w1 = w0 - lr * _np_marginal_entropy_grad(x[s0], w0)
+        if set(_np_entropy_order(x @ w1)[:k]) != set(s0):
+            found = (x, w0, s0)
+            break
+    assert found is not None
+    x, w0, s0 = found
+
+    fixed, reselect = w0.copy(), w0.copy()
+    for _ in range(steps):
+        fixed -= lr * _np_marginal_entropy_grad(x[s0], fixed)
+        sel = _np_entropy_order(x @ reselect)[:k]
+        reselect -= lr * _np_marginal_entropy_grad(x[sel], reselect)
+
+    def logits(p, clip, task, images, *, key=None):
+        return images.reshape(images.shape[0], -1) @ p["W"]
+
+    base = jp.PromptMethod(init=lambda *a: None, logits=logits, loss=lambda *a: None, name="lin")
+    views = jnp.asarray(x.reshape(n_views, 2, 2, 3), jnp.float32)
+    out = episode(base, optax.sgd(lr), {"W": jnp.asarray(w0, jnp.float32)}, tiny_clip,
+                  tiny_task, views, steps=steps, keep=k / n_views)  # fmt: skip
+    np.testing.assert_allclose(out, x[0] @ fixed, rtol=1e-4, atol=1e-4)
+    assert np.abs(x[0] @ reselect - x[0] @ fixed).max() > 1e-2

@@ -249,6 +249,30 @@ def test_fit_logs_aggregates_and_matches_manual_loop(tmp_path):
     assert meta["aggregated"] and meta["method"] == "linear" and meta["step"] == 6
 
 
+def test_fit_hands_gpa_one_indexed_epochs(tmp_path):
+    """fit with PromptSRC's real Gaussian aggregation returns the Gaussian-weighted sum of the
+    epoch-end prompts with weights at epochs 1..N (promptsrc.md 5), computed here in NumPy. A
+    trainer passing 0-indexed epochs would weight epoch e with w_{e+1}: a different sum."""
+    from jaxprompt import gpa
+
+    method = linear_method(noise=0.1)
+    tx = train.make_optimizer(0.5, epochs=3, iters_per_epoch=2, warmup_lr=0.1)
+    key = jax.random.key(11)
+    mean, std = 2.0, 0.5  # sharp: w = .106, .787, .106 over epochs 1, 2, 3
+    state = train.fit(
+        method, tx, FAKE_CLIP, FAKE_TASK, Batches(), steps=6, key=key, iters_per_epoch=2,
+        aggregator=gpa.gaussian_aggregation(mean=mean, std=std, num_epochs=3),
+    )  # fmt: skip
+    _, ends = manual_run(method, tx, 6, key, ipe=2)
+    epochs = np.arange(1, 4, dtype=np.float64)
+    w = np.exp(-0.5 * ((epochs - mean) / std) ** 2)
+    w /= w.sum()
+    want = np.tensordot(w, np.asarray(ends, np.float64), axes=1)
+    np.testing.assert_allclose(state.prompt["w"], want, rtol=1e-5, atol=1e-6)
+    shifted = np.tensordot(np.roll(w, -1), np.asarray(ends, np.float64), axes=1)  # 0-indexed
+    assert np.abs(shifted - want).max() > 100 * 1e-6
+
+
 def test_fit_resume_in_process_is_exact(tmp_path):
     method = linear_method(noise=0.1)
     tx = train.make_optimizer(0.5, epochs=4, iters_per_epoch=2, warmup_lr=0.1)

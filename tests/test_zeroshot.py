@@ -74,3 +74,58 @@ def test_bad_templates_and_unknown_method():
     with pytest.raises(ValueError, match="bad arguments"):
         jp.methods.get("coop", n_cxt=4)
     assert {"zeroshot", "coop"} <= set(jp.methods.names())
+
+
+def test_dataset_template_comes_from_the_task(tiny_clip, hf, images):
+    """templates="dataset" (the protocols' zero-shot baseline, protocol.md 1.2) uses each task's
+    own template: one method, a different template per dataset, each equal to HF's features of
+    that template's sentences."""
+    method = jp.methods.get("zeroshot", templates="dataset")
+    model, _ = hf
+    for template in ("{} texture.", "a centered satellite photo of {}."):
+        task = jp.make_task(tiny_clip, CLASSNAMES, template=template)
+        logits = method.logits({}, tiny_clip, task, images)
+        txt, params = _hf_classifier(hf, tiny_clip.tokenizer, (template,), CLASSNAMES)
+        img = np.asarray(
+            model.get_image_features(jnp.asarray(images.transpose(0, 3, 1, 2)), params=params),
+            np.float64,
+        )
+        img /= np.linalg.norm(img, axis=-1, keepdims=True)
+        ref = np.exp(float(params["logit_scale"])) * img @ txt.T
+        np.testing.assert_allclose(logits, ref, atol=1e-4)
+    assert method.config["templates"] == "dataset"
+    with pytest.raises(ValueError, match="template="):
+        method.logits({}, tiny_clip, jp.make_task(tiny_clip, CLASSNAMES), images)
+    with pytest.raises(ValueError, match="no '{}'"):
+        jp.make_task(tiny_clip, CLASSNAMES, template="a photo")
+
+
+def test_protocol_zero_shot_runs_use_the_dataset_template(tiny_clip_dir, tmp_path):
+    """The runner gives every task its dataset's template: a toy dataset registered with
+    another template gets a different zero-shot accuracy than with the generic one, equal to
+    the zero-shot method told that template explicitly."""
+    import dataclasses
+    import json
+
+    from jaxprompt import cli
+    from jaxprompt.data import catalog
+
+    spec = catalog.get_dataset("toy_textures")
+    catalog.register(dataclasses.replace(spec, name="toy_textures_tmpl", template="{} dotted."))
+    try:
+        accuracy = {}
+        for label, extra in (
+            ("dataset", []),
+            ("explicit", ["--config.method.kw.templates={} dotted."]),
+            ("generic", ["--config.method.kw.templates=a photo of a {}."]),
+        ):
+            workdir = str(tmp_path / label)
+            args = ["jaxprompt", "train", "--config",
+                    "fewshot:zeroshot,dataset=toy_textures_tmpl,runlocal=true",
+                    "--config.clip.name=toy", *extra,
+                    "--workdir", workdir]  # fmt: skip
+            assert cli.main(args) == 0
+            accuracy[label] = json.load(open(f"{workdir}/results.json"))["accuracy"]["test"]
+    finally:
+        catalog.DATASETS.pop("toy_textures_tmpl")
+    assert accuracy["dataset"] == accuracy["explicit"] != accuracy["generic"], accuracy

@@ -42,6 +42,7 @@ from jaxprompt import sharding as shard_lib
 from jaxprompt import train as train_lib
 from jaxprompt.app import console
 from jaxprompt.app import rundir as rundir_lib
+from jaxprompt.data import augment as augment_lib
 from jaxprompt.data import protocol as protocol_lib
 
 log = logging.getLogger("jaxprompt")
@@ -150,7 +151,7 @@ def evaluate_all(
         else:
             # The test split does not depend on the shots; sample 1 shot to get the subset.
             split, names = data_lib.apply_protocol(ds, shots=1, seed=1, subset=ev["subset"])
-        task = clip_lib.make_task(clip, names)
+        task = clip_lib.make_task(clip, names, template=ds.spec.template)
         key = jax.random.key(int(cfg["seed"]))
         bar = console.Progress(
             len(split["test"]), f"eval {ev['name']} ({ds.spec.name})", unit="images"
@@ -283,7 +284,7 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
         check_batch(batch_size, len(split["train"]), mesh=mesh)
     run.open()
     split, names = _apply_protocol(ds, d, workdir)
-    task = clip_lib.make_task(clip, names)
+    task = clip_lib.make_task(clip, names, template=ds.spec.template)
     if method.prepare is not None:
         # Work that depends only on the frozen model and the classes, done once
         # (PromptSRC's teacher text features: minutes for ImageNet's 1000 classes on a CPU).
@@ -315,18 +316,24 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
         tx = train_lib.make_optimizer(
             schedule, momentum=float(o["momentum"]), weight_decay=float(o["weight_decay"])
         )
+        # Crops are made on the host from the full-resolution images (data.augment: "coop",
+        # CoOp's bicubic RandomResizedCrop + flip); the device only normalises.
         batches = data_lib.train_iterator(
             split["train"],
             ds.fetch,
             batch_size=batch_size // jax.process_count(),  # this host's share
             seed=int(d["seed"]),
-            canvas=data_lib.canvas_size(clip.spec.image_size),
+            image_size=clip.spec.image_size,
+            augment=str(d.get("augment", "coop")),
+            scale=tuple(float(x) for x in d.get("rrc_scale", (0.08, 1.0))),
         )
-        size = clip.spec.image_size
-        scale = tuple(float(x) for x in d.get("rrc_scale", (0.08, 1.0)))
+        # The iterator's epochs (a fresh shuffle each, last partial batch dropped) are the
+        # schedule's and the aggregator's epochs.
+        assert batches.batches_per_epoch == iters, (batches.batches_per_epoch, iters)
 
         def augment(batch, k):
-            return data_lib.train_augment(k, batch, out_size=size, scale=scale)
+            del k  # the crops and flips were drawn on the host
+            return augment_lib.normalize_batch(batch)
 
         aggregator = None if method.aggregator is None else method.aggregator(epochs)
         eval_every = int(cfg.get("eval_every_epochs", 0) or 0)

@@ -30,8 +30,14 @@ Model selection (spec 1.10): by default the LAST step, which needs no label. Wit
 the best epoch is reported too (``pouf_best_by_target_labels``, and its prompt exported): the
 reference's protocol, which selects on the test labels (label leakage).
 
-Masked LM (``method.name == "pouf_mlm"``): :func:`jaxprompt.side.mlm.adapt` on a TFDS GLUE set or a
-CSV file, same outputs.
+Masked LM (``method.name == "pouf_mlm"``), the LM-BFF protocol (spec 2.3): for each seed of
+``seeds`` (13, 21, 42, 87, 100), :func:`jaxprompt.side.mlm.adapt` on that seed's k-shot train
+split (16 per class, labels dropped) of a TFDS GLUE set or CSV file, selection on its k-shot
+dev split (16 per class; ``select_on_dev``), the task's metric (F1 for MRPC/QQP, Matthews
+correlation for CoLA, else accuracy) on the original evaluation split. ``results.json`` holds
+each seed's metrics (``per_seed``) and their mean / std (``accuracy`` = the main metric's
+mean, ``std``, ``summary`` for every metric); ``select_with_target_labels`` adds the
+test-label selection (label leakage) as ``pouf_best_by_target_labels``.
 
 Outputs in the run directory: ``config.json``, ``metrics.jsonl``, checkpoints (CLIP),
 ``results.json`` (``accuracy`` = ``{"zero_shot", "pouf"[, "pouf_best_by_target_labels"]}`` in
@@ -41,6 +47,7 @@ percent) and ``results.md``. A run whose ``results.json`` exists is skipped.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -58,6 +65,7 @@ from jaxprompt import methods as methods_lib
 from jaxprompt import train as train_lib
 from jaxprompt.app import experiment
 from jaxprompt.app import rundir as rundir_lib
+from jaxprompt.data import augment as augment_lib
 
 # (jaxprompt.methods.pouf the attribute is the constructor: import from the module itself)
 from jaxprompt.methods.pouf import inverse_decay
@@ -185,7 +193,7 @@ def _run_clip(cfg: dict[str, Any], run: rundir_lib.RunDir) -> dict[str, Any]:
         test_x = test_x[: int(d["limit"])]
     clip = experiment.resolve_clip(cfg["clip"]["name"], cfg["clip"]["dtype"])
     names = list(ds.classnames)
-    task = clip_lib.make_task(clip, names)
+    task = clip_lib.make_task(clip, names, template=ds.spec.template)
     mesh = experiment._mesh(cfg)
     key = jax.random.key(int(cfg["seed"]))
     tx = make_pouf_optimizer(
@@ -220,16 +228,20 @@ def _run_clip(cfg: dict[str, Any], run: rundir_lib.RunDir) -> dict[str, Any]:
         "%.2f%%", "full model" if m["full_model"] else "prompt", ds.spec.name, len(names),
         len(train_x), len(test_x), zero_shot,
     )  # fmt: skip
+    # tllib's target loader: each pass a fresh shuffle, drop_last; the spec-1.1 transform
+    # (data.augment = "pouf": square resize to 256/224 of the image size, bilinear
+    # RandomResizedCrop, flip) made on the host from the full-resolution image.
     batches = _Unlabeled(
         data_lib.train_iterator(
-            train_x, ds.fetch, batch_size=batch_size, seed=int(cfg["seed"]),
-            canvas=data_lib.canvas_size(size),
+            train_x, ds.fetch, batch_size=batch_size // jax.process_count(),  # host's share
+            seed=int(cfg["seed"]), image_size=size, augment=str(d.get("augment", "pouf")),
+            scale=tuple(float(x) for x in d.get("rrc_scale", (0.08, 1.0))),
         )
     )  # fmt: skip
-    scale = tuple(float(x) for x in d.get("rrc_scale", (0.08, 1.0)))
 
     def augment(batch, k):
-        return data_lib.train_augment(k, batch, out_size=size, scale=scale)
+        del k  # the crops and flips were drawn on the host
+        return augment_lib.normalize_batch(batch)
 
     select = bool(cfg.get("select_with_target_labels", False))
     best: dict[str, Any] = {"acc": -1.0, "step": 0, "prompt": None}
@@ -284,31 +296,100 @@ def _run_clip(cfg: dict[str, Any], run: rundir_lib.RunDir) -> dict[str, Any]:
 
 
 def _run_mlm(cfg: dict[str, Any], run: rundir_lib.RunDir) -> dict[str, Any]:
+    """POUF-MLM over the split seeds (spec 2.3): per seed, LM-BFF's k-shot train (unlabeled)
+    and dev (selection) splits of that seed and training with that seed; the task's metrics
+    on the original evaluation split; per-seed records and their mean / std in results.json.
+
+    Each finished seed is kept as ``seeds/<seed>.json``: a run stopped between seeds resumes
+    with the next one.
+    """
     from jaxprompt.side import mlm
 
     workdir = run.workdir
     t0 = time.time()
     m, d, o = cfg["method"], cfg["data"], cfg["optim"]
+    k = int(d.get("k_shot", 0))
+    seeds = [int(s) for s in (cfg.get("seeds") or [cfg["seed"]])]
+    select_on_dev = bool(cfg.get("select_on_dev", k > 0))
+    if select_on_dev and k <= 0:
+        raise experiment.ConfigError(
+            "select_on_dev needs the k-shot dev split: set data.k_shot=16, or "
+            "select_on_dev=False (the last step is the result)"
+        )
+    if len(set(seeds)) != len(seeds):
+        raise experiment.ConfigError(f"seeds {seeds} repeat a seed: list each seed once")
     data = mlm.load_text_dataset(
         d["dataset"], task=d.get("task") or None, data_dir=d.get("data_dir") or None
     )
     if int(d.get("limit", 0)) > 0:
         data.split["test"] = data.split["test"][: int(d["limit"])]
+    # Every seed's splits before any weight loads or anything is written: a pool too small
+    # for k fails here, in one line.
+    splits = {s: mlm.kshot_dataset(data, k=k, seed=s) if k > 0 else data for s in seeds}
     model = mlm.load_mlm(cfg["mlm"]["name"])
     run.open()
-    res = mlm.adapt(
-        model, data,
-        steps=int(o["steps"]), batch_size=int(o["batch_size"]), lr=float(o["lr"]),
-        w_transport=float(m["w_transport"]), w_info=float(m["w_info"]),
-        scale=float(m["scale"]), feature_gelu=m["feature_gelu"], dropout=bool(m["dropout"]),
-        seed=int(cfg["seed"]), eval_every=int(cfg.get("eval_every", 100)),
-        select_with_target_labels=bool(cfg.get("select_with_target_labels", False)),
-        log_every=int(cfg.get("log_every", 50)),
-        metrics_path=os.path.join(workdir, "metrics.jsonl"),
-    )  # fmt: skip
-    record = {k: v for k, v in res.items() if k not in ("params", "best_params")}
-    record.update(
-        protocol="adapt", method="pouf_mlm", model=cfg["mlm"]["name"], dataset=d["dataset"],
-        seed=int(cfg["seed"]), wall_time_s=round(time.time() - t0, 1),
-    )  # fmt: skip
+    eval_bs = int(cfg.get("eval_batch_size", 32))
+    done_dir = run / "seeds"
+    per_seed: list[dict[str, Any]] = []
+    zero_shot: dict[str, float] | None = None
+    for seed in seeds:
+        done = done_dir / f"{seed}.json"
+        if done.exists():
+            rec = json.loads(done.read_text())
+            zero_shot = zero_shot or rec["metrics"]["zero_shot"]
+            log.info("seed %d finished earlier (%s): kept", seed, done)
+        else:
+            if zero_shot is None:  # no training: the same for every seed, evaluated once
+                zero_shot = mlm.evaluate(
+                    model, model.params, data.split["test"], task=data.task, batch_size=eval_bs
+                )
+            res = mlm.adapt(
+                model, splits[seed],
+                steps=int(o["steps"]), batch_size=int(o["batch_size"]), lr=float(o["lr"]),
+                w_transport=float(m["w_transport"]), w_info=float(m["w_info"]),
+                scale=float(m["scale"]), feature_gelu=m["feature_gelu"],
+                dropout=bool(m["dropout"]), seed=seed,
+                eval_every=int(cfg.get("eval_every", 100)), eval_batch_size=eval_bs,
+                select_on_dev=select_on_dev,
+                select_with_target_labels=bool(cfg.get("select_with_target_labels", False)),
+                zero_shot=False, log_every=int(cfg.get("log_every", 50)),
+                metrics_path=os.path.join(workdir, "metrics.jsonl"), log_fields={"seed": seed},
+            )  # fmt: skip
+            drop = ("params", "best_params_by_dev", "metrics")
+            rec = {
+                "seed": seed,
+                "metrics": {"zero_shot": zero_shot, **res["metrics"]},
+                **{key: v for key, v in res.items() if key not in drop},
+            }
+            if rundir_lib.is_main():
+                done_dir.mkdir(parents=True, exist_ok=True)
+                rundir_lib.write_json(done, rec)
+        per_seed.append(rec)
+    metric = per_seed[0]["metric"]
+    columns = list(per_seed[0]["metrics"])
+    # {column: {metric: {"mean", "std" (population, np.std), "n"}}} over the seeds.
+    summary = {c: eval_lib.summarize_seeds([r["metrics"][c] for r in per_seed]) for c in columns}
+    record: dict[str, Any] = {
+        # The run directory's tables and sweeps read "accuracy": it holds the mean over the
+        # seeds of the task's main metric (``metric``: acc, or f1 / mcc / pearson), percent.
+        "accuracy": {c: round(summary[c][metric]["mean"], 2) for c in columns},
+        "std": {c: round(summary[c][metric]["std"], 2) for c in columns},
+        "metric": metric,
+        "summary": summary,
+        "per_seed": per_seed,
+        "protocol": "adapt",
+        "method": "pouf_mlm",
+        "model": cfg["mlm"]["name"],
+        "dataset": d["dataset"],
+        "task": data.task.name,
+        "seeds": seeds,
+        "k_shot": k,
+        "selection": per_seed[0]["selection"],
+        "steps": int(o["steps"]),
+        "batch_size": int(o["batch_size"]),
+        "n_test": per_seed[0]["n_test"],
+    }
+    if len(seeds) == 1:
+        record["seed"] = seeds[0]
+    record["wall_time_s"] = round(time.time() - t0, 1)
     return run.write_results(record)

@@ -3,11 +3,13 @@
 Shu et al., "Test-Time Prompt Tuning for Zero-Shot Generalization in Vision-Language Models",
 arXiv 2209.07511 (reference github.com/azshue/TPT @63ecbace79694205d7884e63fdc3137a200f0b0e).
 
-Per batch of test images, on device: the views of image ``i`` (its global index in the test
-split) are drawn with ``fold_in(key(seed), i)``, so they do not depend on the batch size, the
-number of hosts or the order; then :func:`jaxprompt.methods.tpt.episodes` runs one episode per
-image, sharded over the ``data`` axis of the mesh. The step-0 logits of view 0 are the initial
-prompt's (zero-shot) prediction, so both accuracies come from one pass.
+Per batch of test images: the host cuts the views of image ``i`` (its global index in the
+test split) from the full-resolution image with a random stream keyed by ``(seed, i)``, and
+AugMix, when on, is drawn on device from ``fold_in(key(seed), i)``, so the views do not depend
+on the batch size, the number of hosts or the order; then
+:func:`jaxprompt.methods.tpt.episodes` runs one episode per image, sharded over the ``data``
+axis of the mesh. The step-0 logits of view 0 are the initial prompt's (zero-shot)
+prediction, so both accuracies come from one pass.
 
 The run directory gets ``config.json``, ``progress.json`` (counts so far and the input
 iterator's position: an interrupted run resumes there), and at the end ``results.json`` and
@@ -127,13 +129,15 @@ def batch_views(
 ) -> jax.Array:
     """TPT's views of a batch, image ``i``'s drawn from ``fold_in(key, batch["index"][i])``.
 
-    Keyed by the global test-split index, the views of an image are the same whatever batch,
-    host or position it lands in (the reference draws from one stream in loading order).
+    The random resized crops and flips come from the host (``eval_iterator(..., views=V-1)``:
+    cut from the full-resolution image, as the reference's torchvision transforms do); AugMix,
+    when on, is drawn here from ``fold_in(key, index)``. Keyed by the global test-split index,
+    the views of an image are the same whatever batch, host or position it lands in.
 
     Args:
       key: the run's data key (``key(seed)``).
-      batch: ``image`` [B, S, S, 3] normalised view 0, ``raw`` [B, C, C, 3] canvases, ``size``
-        [B, 2] and ``index`` [B] (from ``eval_iterator(..., tpt=True)`` plus the indices).
+      batch: ``image`` [B, S, S, 3] normalised view 0, ``views`` uint8 [B, V-1, S, S, 3]
+        crops and ``index`` [B] (the images' global positions in the test split).
       views: views per image, view 0 included.
       augmix: AugMix on top of the crops and flips.
       image_size: the view side.
@@ -141,14 +145,15 @@ def batch_views(
     Returns:
       float32 [B, views, S, S, 3].
     """
+    del image_size  # the host made the crops at the model's size
+    if batch["views"].shape[1] != views - 1:
+        raise ValueError(f"the batch holds {batch['views'].shape[1]} crops, not {views - 1}")
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(batch["index"]))
 
-    def one(k, image, raw, size):
-        return aug_lib.tpt_views(
-            k, image, raw, size, n_views=views - 1, use_augmix=augmix, out_size=image_size
-        )
+    def one(k, image, crops):
+        return aug_lib.tpt_views_from_crops(k, image, crops, use_augmix=augmix)
 
-    return jax.vmap(one)(keys, batch["image"], batch["raw"], batch["size"])
+    return jax.vmap(one)(keys, batch["image"], batch["views"])
 
 
 def make_adapt_step(
@@ -166,9 +171,9 @@ def make_adapt_step(
 
     Returns:
       ``step(prompt, clip, task, batch, key) -> {"tpt", "zero_shot", "count"}`` (int32 sums
-      over ``batch["mask"]``). ``batch`` holds ``image`` [B, S, S, 3] normalised, ``raw``
-      [B, C, C, 3] canvases, ``size`` [B, 2], ``label``, ``mask`` and ``index`` [B], the
-      images' global positions in the test split.
+      over ``batch["mask"]``). ``batch`` holds ``image`` [B, S, S, 3] normalised, ``views``
+      uint8 [B, V-1, S, S, 3] host crops, ``label``, ``mask`` and ``index`` [B], the images'
+      global positions in the test split.
     """
 
     def step(prompt, clip, task, batch, key):
@@ -216,7 +221,7 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
     ds = experiment._load(d["dataset"], cfg, {})
     clip = experiment.resolve_clip(cfg["clip"]["name"], cfg["clip"]["dtype"])
     names = list(ds.classnames)
-    task = clip_lib.make_task(clip, names)
+    task = clip_lib.make_task(clip, names, template=ds.spec.template)
     key = jax.random.key(int(cfg["seed"]))
     base, prompt, source = initial_prompt(
         cfg.get("init_from", ""), m["base"], m.get("base_kwargs", {}), clip, task, key
@@ -241,9 +246,11 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
         ds.fetch,
         batch_size=batch_size,
         image_size=size,
-        tpt=True,
-        # The RRC crops from the full image: keep up to 512 px of it (4x the crop for toys).
-        canvas=data_lib.canvas_size(size),
+        # TPT's 63 random resized crops + flips, cut on the host from the full-resolution
+        # image (the reference's torchvision transforms), keyed by (seed, test index).
+        views=n_views - 1,
+        seed=int(cfg["seed"]),
+        prefetch=2,  # a batch of 8 holds 8 x 63 crops: ~75 MB at 224 px
     )
     step = jax.jit(
         make_adapt_step(

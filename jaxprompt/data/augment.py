@@ -1,8 +1,14 @@
-"""On-device augmentation in JAX: random resized crop, flip, CLIP normalisation, TPT views.
+"""On-device augmentation in JAX: CLIP normalisation, random resized crop, flip, TPT views.
 
-Every function is pure and jit-able and takes an explicit PRNG key. Inputs are the raw canvases
-from ``pipeline.train_iterator`` (uint8 [B, C, C, 3] plus the valid ``size`` [B, 2]), so the host
-only decodes and the accelerator does the per-step randomness.
+Every function is pure and jit-able and takes an explicit PRNG key where it draws. Training
+crops are made on the host from the full-resolution image (``pipeline.train_iterator``, equal
+to torchvision's ``RandomResizedCrop`` on the PIL image); ``normalize_batch`` finishes them on
+the device. TPT's views likewise come cropped from the host (``eval_iterator(views=...)``) and
+get their AugMix here (``tpt_views_from_crops``).
+
+The canvas path below (``random_resized_crop``, ``train_augment``, ``tpt_views``) crops raw
+canvases (uint8 [B, C, C, 3] plus the valid ``size`` [B, 2], ``pipeline.to_canvas``) on the
+device, from an image shrunk to the canvas.
 
 The random resized crop follows torchvision's algorithm (10 attempts of area ~ U(scale)·H·W and
 log-uniform aspect ratio, integer top-left corner uniform, centred fallback with the ratio
@@ -28,6 +34,21 @@ def normalize_on_device(pixels: Array) -> Array:
     """0..255 pixels (any float or uint8 dtype), [..., 3] -> float32 CLIP-normalised."""
     x = jnp.asarray(pixels, jnp.float32) / 255.0
     return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+
+
+def normalize_batch(batch: dict[str, Array]) -> dict[str, Array]:
+    """A host-augmented train batch (``pipeline.train_iterator``) made ready for the loss.
+
+    Args:
+      batch: ``{"image": uint8 [B, S, S, 3] crops, "label": [B]}``.
+
+    Returns:
+      ``{"image": float32 [B, S, S, 3] CLIP-normalised, "label": int32 [B]}``.
+    """
+    return {
+        "image": normalize_on_device(batch["image"]),
+        "label": jnp.asarray(batch["label"], jnp.int32),
+    }
 
 
 def rrc_box(
@@ -311,6 +332,29 @@ def tpt_views(
     x = random_flip(k_flip, x)
     if use_augmix:
         views = jax.vmap(augmix)(jax.random.split(k_mix, n_views), x)
+    else:
+        views = normalize_on_device(x)
+    return jnp.concatenate([jnp.asarray(image, jnp.float32)[None], views], axis=0)
+
+
+def tpt_views_from_crops(
+    key: Array, image: Array, crops: Array, *, use_augmix: bool = False
+) -> Array:
+    """TPT's views of one test image from host-made crops: view 0, then the crops.
+
+    Args:
+      key: PRNG key (AugMix only; the crops and flips were drawn on the host).
+      image: [S, S, 3] normalised eval view.
+      crops: uint8 [V, S, S, 3] random resized crops + flips of the full image
+        (``eval_iterator(..., views=V)["views"]``).
+      use_augmix: AugMix on top (fine-grained datasets), else plain normalisation.
+
+    Returns:
+      float32 [V + 1, S, S, 3]; index 0 is ``image``.
+    """
+    x = jnp.asarray(crops, jnp.float32)
+    if use_augmix:
+        views = jax.vmap(augmix)(jax.random.split(key, x.shape[0]), x)
     else:
         views = normalize_on_device(x)
     return jnp.concatenate([jnp.asarray(image, jnp.float32)[None], views], axis=0)

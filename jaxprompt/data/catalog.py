@@ -759,6 +759,19 @@ def get_dataset(name: str) -> DatasetSpec:
     )
 
 
+def canonical_name(name: str) -> str | None:
+    """The catalog name of a dataset given by name or any alias, in any case and punctuation
+    (``"dtd"`` and ``"Describable-Textures"`` -> ``"DescribableTextures"``): the one resolution
+    every per-dataset setting goes through. None for ``folder:``/``csv:`` datasets.
+
+    Raises:
+      KeyError: an unknown name (a one-line message listing the valid names).
+    """
+    if name.startswith(("folder:", "csv:")):
+        return None
+    return get_dataset(name).name
+
+
 def _t(name: str) -> str:
     return templates.COOP_TEMPLATES[name]
 

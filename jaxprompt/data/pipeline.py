@@ -1,4 +1,4 @@
-"""Host-side input pipeline: decoding, CLIP eval preprocessing, grain iterators.
+"""Host-side input pipeline: decoding, CLIP eval preprocessing, train crops, grain iterators.
 
 Reading needs no TensorFlow: records come from ``tfds.data_source`` (array_record) or from image
 files, and grain does shuffling, per-host sharding and threaded prefetching. Iterator position is
@@ -10,17 +10,21 @@ What the iterators yield (all numpy, batch-major, NHWC):
   of the shorter side to S, then center crop: bit-for-bit the CoOp/CLIP test transform),
   ``"label": int32 [B]``, ``"mask": bool [B]}``. Batches are always full: the last one is padded
   with ``mask=False, label=-1`` entries so every host runs the same number of equal-shape steps.
-* train: ``{"image": uint8 [B, C, C, 3]`` raw pixels on a fixed canvas (the image scaled down so
-  its longer side is at most C, pasted top-left, zero padding), ``"size": int32 [B, 2]`` the valid
-  (height, width), ``"label": int32 [B]}``. Random-resized-crop, flip and normalisation then run on
-  the device with ``jaxprompt.data.augment.train_augment`` (jit-able, explicit key).
-* tpt: eval fields plus ``"raw"`` and ``"size"`` as in train, for ``augment.tpt_views``.
+* train: ``{"image": uint8 [B, S, S, 3]`` the random resized crop + flip of each image, made on
+  the host from the full-resolution image with PIL (the same box algorithm and resampling as
+  torchvision's ``RandomResizedCrop`` on a PIL image), ``"label": int32 [B]}``; the device only
+  normalises (``jaxprompt.data.augment.normalize_batch``). Epochs follow Dassl: a fresh shuffle
+  each, ``floor(n / global batch)`` full batches, the remainder dropped.
+* tpt: eval fields plus ``"raw"`` and ``"size"`` (a canvas, for ``augment.tpt_views``), or with
+  ``views=V`` the ``"views"`` uint8 [B, V, S, S, 3] bilinear crops + flips of the full image.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -126,6 +130,152 @@ def to_canvas(
 
 
 # ------------------------------------------------------------------------------------------------
+# Train-time crops on the host, from the full-resolution image
+# ------------------------------------------------------------------------------------------------
+
+# The train transforms of the references (``data.augment`` in the configs):
+#   "coop": CoOp/Dassl (protocol spec 6): RandomResizedCrop(S, bicubic) of the image + flip.
+#   "pouf": POUF/tllib (pouf spec 1.1): square resize to round(S * 256 / 224) (256 for 224;
+#           PIL's default bicubic, aspect ratio ignored), RandomResizedCrop(S) with
+#           torchvision's default bilinear, flip.
+TRAIN_AUGMENTS: tuple[str, ...] = ("coop", "pouf")
+# Tags that keep the random streams of one seed apart (SeedSequence entropy words).
+_SHUFFLE_STREAM, _CROP_STREAM, _VIEW_STREAM = 0, 1, 2
+
+
+def sample_crop_box(
+    rng: np.random.Generator,
+    *,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> tuple[int, int, int, int]:
+    """The crop box of torchvision's ``RandomResizedCrop`` (its documented algorithm).
+
+    Each attempt draws an area ``U(scale) * height * width`` and an aspect ratio (width / height)
+    log-uniform in ``ratio``, rounds the side lengths, and is accepted if the box fits; the
+    top-left corner is then uniform over the integer positions. After ``attempts`` misses the
+    whole image is taken, cropped to the nearest ratio in range, centred.
+
+    Draw order (what a replay must follow): per attempt ``uniform(scale)``,
+    ``uniform(log ratio)``; on acceptance ``integers(0, height - h + 1)`` then
+    ``integers(0, width - w + 1)``.
+
+    Args:
+      rng: the random stream (numpy, seeded by the caller).
+      height: image height in pixels.
+      width: image width in pixels.
+      scale: range of the crop area as a fraction of the image area.
+      ratio: range of the crop aspect ratio (width / height).
+      attempts: tries before the centred fallback.
+
+    Returns:
+      ``(top, left, crop_height, crop_width)`` in pixels.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(attempts):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        # Python's round (half to even), as the reference rounds the sides.
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def resized_crop(
+    img: Image.Image, *, box: tuple[int, int, int, int], size: int, method: str = "bicubic"
+) -> Image.Image:
+    """``img[top:top+h, left:left+w]`` resampled to ``size x size`` with PIL.
+
+    Crop first, then resize: the filter sees only the crop's pixels (clamped at its edges), as
+    torchvision's ``resized_crop`` on a PIL image does. ``Image.resize(box=...)`` would read
+    the pixels around the box and differ along the border.
+
+    Args:
+      img: the full-resolution image.
+      box: ``(top, left, height, width)`` (``sample_crop_box``).
+      size: output side.
+      method: ``"bicubic"`` or ``"bilinear"`` (PIL filters, antialiased when shrinking).
+    """
+    top, left, h, w = box
+    return img.crop((left, top, left + w, top + h)).resize((size, size), _RESAMPLE[method])
+
+
+def train_view(
+    img: Image.Image,
+    rng: np.random.Generator,
+    *,
+    size: int,
+    augment: str = "coop",
+    scale: tuple[float, float] = (0.08, 1.0),
+) -> np.ndarray:
+    """One train view of a decoded image: the reference's crop, resize and flip (no normalise).
+
+    Args:
+      img: the RGB image at full resolution.
+      rng: this example's random stream for this epoch.
+      size: output side (the model's image size).
+      augment: one of ``TRAIN_AUGMENTS`` (see there).
+      scale: RandomResizedCrop area range.
+
+    Returns:
+      uint8 [size, size, 3].
+    """
+    if augment == "pouf":
+        side = round(size * 256 / 224)
+        img = img.resize((side, side), Image.Resampling.BICUBIC)
+        method = "bilinear"
+    elif augment == "coop":
+        method = "bicubic"
+    else:
+        raise ValueError(f"unknown train augmentation {augment!r}; choose one of {TRAIN_AUGMENTS}")
+    box = sample_crop_box(rng, height=img.height, width=img.width, scale=scale)
+    out = np.asarray(resized_crop(img, box=box, size=size, method=method))
+    if rng.random() < 0.5:  # RandomHorizontalFlip(p=0.5)
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def tpt_crops(img: Image.Image, rng: np.random.Generator, *, n: int, size: int) -> np.ndarray:
+    """TPT's augmented views before AugMix: ``RandomResizedCrop(size)`` (torchvision defaults:
+    scale 0.08-1, **bilinear**) of the full image, then a horizontal flip, ``n`` times.
+
+    Returns:
+      uint8 [n, size, size, 3].
+    """
+    out = np.empty((n, size, size, 3), np.uint8)
+    for v in range(n):
+        box = sample_crop_box(rng, height=img.height, width=img.width)
+        x = np.asarray(resized_crop(img, box=box, size=size, method="bilinear"))
+        out[v] = x[:, ::-1] if rng.random() < 0.5 else x
+    return out
+
+
+def example_rng(seed: int, *, stream: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of example ``index`` in ``epoch``: the same whatever the host count,
+    the batch it lands in, the threads or a resume."""
+    words = [seed & 0xFFFF_FFFF_FFFF_FFFF, stream, epoch, index]  # SeedSequence wants >= 0
+    return np.random.default_rng(np.random.SeedSequence(words))
+
+
+# ------------------------------------------------------------------------------------------------
 # grain sources and iterators
 # ------------------------------------------------------------------------------------------------
 
@@ -146,9 +296,9 @@ class ExampleSource:
     def __getitem__(self, i: int) -> dict[str, Any]:
         j = self.indices[i]
         if j < 0:
-            return {"image": None, "label": -1, "mask": False}
+            return {"image": None, "label": -1, "mask": False, "index": -1}
         x = self.examples[j]
-        return {"image": self.fetch(x), "label": x.label, "mask": True}
+        return {"image": self.fetch(x), "label": x.label, "mask": True, "index": j}
 
 
 def canvas_size(image_size: int) -> int:
@@ -176,11 +326,16 @@ class DataIterator:
     """
 
     def __init__(
-        self, dataset: grain.MapDataset, read_options: grain.ReadOptions, num_batches: int | None
+        self,
+        dataset: grain.MapDataset,
+        read_options: grain.ReadOptions,
+        num_batches: int | None,
+        batches_per_epoch: int | None = None,
     ):
         self._dataset = dataset
         self._read_options = read_options
         self.num_batches = num_batches  # None for the endless train stream
+        self.batches_per_epoch = batches_per_epoch  # train: floor(n / global batch)
         self._it = dataset.to_iter_dataset(read_options).__iter__()
 
     def __iter__(self) -> DataIterator:
@@ -209,7 +364,9 @@ def _read_options(num_threads: int, prefetch: int) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
 
 
-def _eval_record(size: int, with_raw: bool, canvas: int) -> Callable[[dict], dict]:
+def _eval_record(
+    size: int, with_raw: bool, canvas: int, views: int, seed: int
+) -> Callable[[dict], dict]:
     def fn(rec: dict) -> dict:
         out: dict[str, Any] = {"label": np.int32(rec["label"]), "mask": np.bool_(rec["mask"])}
         if rec["image"] is None:
@@ -217,11 +374,18 @@ def _eval_record(size: int, with_raw: bool, canvas: int) -> Callable[[dict], dic
             if with_raw:
                 out["raw"] = np.zeros((canvas, canvas, 3), np.uint8)
                 out["size"] = np.asarray([1, 1], np.int32)
+            if views:
+                out["views"] = np.zeros((views, size, size, 3), np.uint8)
             return out
-        img = to_pil_rgb(rec["image"])  # decode once for both views
+        img = to_pil_rgb(rec["image"])  # decode once for all views
         out["image"] = eval_transform(img, size)
         if with_raw:
             out["raw"], out["size"] = to_canvas(img, canvas)
+        if views:
+            # Keyed by the position in `examples`: an image's views do not depend on the
+            # batch, host or resume point.
+            rng = example_rng(seed, stream=_VIEW_STREAM, epoch=0, index=rec["index"])
+            out["views"] = tpt_crops(img, rng, n=views, size=size)
         return out
 
     return fn
@@ -235,6 +399,8 @@ def eval_iterator(
     image_size: int = IMAGE_SIZE,
     tpt: bool = False,
     canvas: int = TRAIN_CANVAS,
+    views: int = 0,
+    seed: int = 0,
     shard: tuple[int, int] | None = None,
     num_threads: int = 8,
     prefetch: int = 8,
@@ -248,6 +414,10 @@ def eval_iterator(
       image_size: crop size (224 for CLIP ViT-B/16).
       tpt: also yield ``raw``/``size`` for TPT's augmented views.
       canvas: canvas side for ``raw``.
+      views: also yield ``views`` uint8 [B, views, S, S, 3]: TPT's random resized crops
+        (bilinear) + flips of the full-resolution image (``tpt_crops``), for
+        ``augment.tpt_views_from_crops``.
+      seed: seed of ``views`` (example ``i``'s are drawn from ``(seed, i)``).
       shard: ``(index, count)`` of this host; defaults to ``jax.process_index/count()``.
       num_threads: decoding threads.
       prefetch: batches prefetched.
@@ -262,16 +432,66 @@ def eval_iterator(
     src = ExampleSource(examples, fetch, padded[index::count])
     ds = (
         grain.MapDataset.source(src)
-        .map(_eval_record(image_size, tpt, canvas))
+        .map(_eval_record(image_size, tpt, canvas, views, seed))
         .batch(batch_size, drop_remainder=True)
     )
     return DataIterator(ds, _read_options(num_threads, prefetch), n_batches)
 
 
-def _train_record(canvas: int) -> Callable[[dict], dict]:
+class EpochSource:
+    """The endless train stream with Dassl's epochs, as a random-access source.
+
+    Position ``t`` of the global stream is in epoch ``e = t // (batches * global_batch)``:
+    each epoch is its own permutation of the ``n`` examples (seeded by ``(seed, e)``), of which
+    the first ``floor(n / global_batch) * global_batch`` are used, so a global batch never
+    mixes two epochs and the last partial batch is dropped (PyTorch's ``RandomSampler`` +
+    ``drop_last``).
+    """
+
+    def __init__(self, examples: Sequence[Example], fetch: Fetch, *, global_batch: int, seed: int):
+        self.examples = list(examples)
+        self.fetch = fetch
+        self.seed = seed
+        self.batches_per_epoch = len(self.examples) // global_batch
+        self.per_epoch = self.batches_per_epoch * global_batch
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"{len(self.examples)} training examples make no full global batch of "
+                f"{global_batch}"
+            )
+        # Epochs are read in order (prefetching may touch the next one): a small cache.
+        self._permutations = functools.lru_cache(maxsize=4)(self._permutation)
+
+    def __len__(self) -> int:
+        return sys.maxsize  # endless; grain slices and batches it lazily
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The order of the examples in ``epoch`` (a permutation of ``range(n)``)."""
+        return self._permutations(epoch)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        rng = example_rng(self.seed, stream=_SHUFFLE_STREAM, epoch=epoch, index=0)
+        return rng.permutation(len(self.examples))
+
+    def position(self, t: int) -> tuple[int, int]:
+        """``(epoch, example index)`` at position ``t`` of the global stream."""
+        epoch, r = divmod(t, self.per_epoch)
+        return epoch, int(self.permutation(epoch)[r])
+
+    def __getitem__(self, t: int) -> dict[str, Any]:
+        epoch, j = self.position(t)
+        x = self.examples[j]
+        return {"image": self.fetch(x), "label": x.label, "epoch": epoch, "index": j}
+
+
+def _train_record(
+    seed: int, size: int, augment: str, scale: tuple[float, float]
+) -> Callable[[dict], dict]:
     def fn(rec: dict) -> dict:
-        raw, size = to_canvas(rec["image"], canvas)
-        return {"image": raw, "size": size, "label": np.int32(rec["label"])}
+        rng = example_rng(seed, stream=_CROP_STREAM, epoch=rec["epoch"], index=rec["index"])
+        img = to_pil_rgb(rec["image"])
+        view = train_view(img, rng, size=size, augment=augment, scale=scale)
+        return {"image": view, "label": np.int32(rec["label"])}
 
     return fn
 
@@ -282,31 +502,43 @@ def train_iterator(
     *,
     batch_size: int,
     seed: int,
-    canvas: int = TRAIN_CANVAS,
+    image_size: int = IMAGE_SIZE,
+    augment: str = "coop",
+    scale: tuple[float, float] = (0.08, 1.0),
     shard: tuple[int, int] | None = None,
     num_threads: int = 8,
     prefetch: int = 8,
 ) -> DataIterator:
-    """Endless, reshuffled-every-epoch train batches of raw canvases (see module docstring).
+    """Endless train batches with Dassl's epochs, augmented on the host (see module docstring).
 
-    The global stream is one shuffled sequence per epoch (grain's index shuffle, reseeded per
-    epoch) cut into global batches of ``batch_size * count``; host ``i`` takes every
-    ``count``-th element, so the union of the host batches is the same whatever the host count.
+    Every epoch is a fresh shuffle cut into ``floor(n / (batch_size * count))`` full global
+    batches (the remainder is dropped: no batch straddles two epochs), so step ``s`` is in epoch
+    ``s // batches_per_epoch`` as in the reference trainers. Host ``i`` takes every
+    ``count``-th element of each global batch, so the union of the host batches is the same
+    whatever the host count. Crops and flips are drawn from ``(seed, epoch, example)``.
 
     Args:
       examples: the (few-shot) train examples.
       fetch: reads one example's image.
       batch_size: per-host batch size.
-      seed: data seed (shuffling only; augmentation randomness is a separate device key).
-      canvas: canvas side; see ``to_canvas``.
+      seed: data seed (shuffle, crops and flips).
+      image_size: output side (the model's image size).
+      augment: the train transform, one of ``TRAIN_AUGMENTS`` (``"coop"``, ``"pouf"``).
+      scale: RandomResizedCrop area range.
       shard: ``(index, count)`` of this host; defaults to ``jax.process_index/count()``.
       num_threads: decoding threads.
       prefetch: batches prefetched.
+
+    Returns:
+      A ``DataIterator`` whose ``batches_per_epoch`` is ``floor(n / global batch)``.
     """
     if not examples:
         raise ValueError("no training examples")
+    if augment not in TRAIN_AUGMENTS:
+        raise ValueError(f"unknown train augmentation {augment!r}; choose one of {TRAIN_AUGMENTS}")
     index, count = _host_shard(shard)
-    src = ExampleSource(examples, fetch)
-    ds = grain.MapDataset.source(src).seed(seed).shuffle().repeat(None)
-    ds = ds[index::count].map(_train_record(canvas)).batch(batch_size, drop_remainder=True)
-    return DataIterator(ds, _read_options(num_threads, prefetch), None)
+    src = EpochSource(examples, fetch, global_batch=batch_size * count, seed=seed)
+    ds = grain.MapDataset.source(src)[index::count]
+    ds = ds.map(_train_record(seed, image_size, augment, tuple(scale)))
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return DataIterator(ds, _read_options(num_threads, prefetch), None, src.batches_per_epoch)

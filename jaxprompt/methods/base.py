@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprompt import clip as clip_lib
 from jaxprompt import losses
@@ -118,6 +119,45 @@ def word_embeddings(clip: clip_lib.Clip, words: str) -> Array:
     """Frozen token embeddings of ``words`` without start/end tokens -> [n, D] float32."""
     ids, eot = clip_lib.tokenize(clip, [words])
     return clip_lib.embed_tokens(clip, jnp.asarray(ids[0, 1 : eot[0]])).astype(jnp.float32)
+
+
+def split_init_words(
+    clip: clip_lib.Clip, words: str | None, n_ctx: int
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Token ids of the init words, split into the learnable slots and the fixed rest.
+
+    The IVLP / PromptSRC / MaPLe reference tokenizes the whole init phrase into the prompt
+    ("a photo of a <name>.") and lets the learnable context replace only its first ``n_ctx``
+    tokens, so the words past them stay in the sentence as frozen tokens.
+
+    Args:
+      clip: the model whose tokenizer to use.
+      words: the init phrase (``_`` read as a space), or ``None`` / ``""``.
+      n_ctx: number of learnable context vectors.
+
+    Returns:
+      ``(learn_ids [n_ctx], fixed_ids [k])`` NumPy int32, or ``(None, [])`` when there are no
+      words or fewer than ``n_ctx`` tokens (random context behind an "X X ..." placeholder in
+      the reference, which is the same token sequence as no fixed words).
+    """
+    empty = np.zeros((0,), np.int32)
+    if not words:
+        return None, empty
+    ids, eot = clip_lib.tokenize(clip, [words.replace("_", " ")])
+    tokens = ids[0, 1 : eot[0]]  # without SOT / EOT
+    if tokens.shape[0] < n_ctx:
+        return None, empty
+    return tokens[:n_ctx], tokens[n_ctx:]
+
+
+def with_fixed_words(clip: clip_lib.Clip, ctx: Array, fixed_ids: np.ndarray) -> Array:
+    """``ctx`` [n, D] followed by the frozen embeddings of ``fixed_ids`` -> [n + k, D] float32.
+
+    The fixed words are constants (``stop_gradient``): gradients are taken w.r.t. the prompt
+    only, and the token table is CLIP's.
+    """
+    fixed = clip_lib.embed_tokens(clip, jnp.asarray(fixed_ids, jnp.int32)).astype(jnp.float32)
+    return jnp.concatenate([ctx, jax.lax.stop_gradient(fixed)], axis=0)
 
 
 def check_base(base: Any, *, wrapper: str) -> PromptMethod:

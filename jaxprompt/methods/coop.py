@@ -36,7 +36,8 @@ def coop(
       init_words: initialise the context from these words' token embeddings (e.g.
         ``"a photo of a"``); ``None`` draws it from N(0, init_std^2).
       class_specific: one context per class (CoOp's CSC); the prompt is then ``[C, n, D]`` and
-        only fits the class count it was initialised for.
+        only fits the class count it was initialised for. A random context is drawn
+        independently for every class; ``init_words`` start every class at the same words.
       class_position: ``"end"``, ``"middle"`` or ``"front"``.
       init_std: standard deviation of the random initialisation.
       remat: rematerialise text blocks in the backward pass (memory for many classes).
@@ -55,10 +56,15 @@ def coop(
     def init(key, clip, task):
         if init_words:
             ctx = base.word_embeddings(clip, init_words)
+            if class_specific:
+                # Every class starts from the same words (the reference then keeps one shared
+                # context; here each class gets its own copy to train).
+                ctx = jnp.broadcast_to(ctx, (len(task),) + ctx.shape)
         else:
-            ctx = init_std * jax.random.normal(key, (n_ctx, clip.spec.text_width), jnp.float32)
-        if class_specific:
-            ctx = jnp.broadcast_to(ctx, (len(task),) + ctx.shape)
+            # The reference draws a [C, n, D] tensor for CSC: every class its own random
+            # context, not one draw repeated over the classes.
+            shape = ((len(task),) if class_specific else ()) + (n_ctx, clip.spec.text_width)
+            ctx = init_std * jax.random.normal(key, shape, jnp.float32)
         clip_lib.check_context(clip, task, ctx.shape[-2])
         return {"ctx": jnp.asarray(ctx, jnp.float32)}
 

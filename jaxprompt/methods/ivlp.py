@@ -7,7 +7,9 @@ github.com/muzairkhattak/PromptSRC @bb95c77 (``trainers/independentVL.py``, the 
 
 Separate learnable tokens in both towers of a frozen CLIP, with no coupling between them:
 
-* Text: ``[SOT] ctx_1..ctx_nt <name> . [EOT]``; the input context gets the positional embedding.
+* Text: ``[SOT] ctx_1..ctx_nt <fixed words> <name> . [EOT]``; the input context gets the
+  positional embedding. The sentence is always the init phrase's ("a photo of a <name>."): the
+  context replaces its first n_t tokens and any words past them stay as frozen tokens.
   Before each layer ``i = 1 .. depth-1`` the positions ``1..nt`` of the residual stream are
   *replaced* by ``deep_text[i-1]`` (no positional embedding).
 * Vision: ``n_v`` tokens appended after ``[CLS] <patches>`` (no positional embedding, through
@@ -56,9 +58,11 @@ def ivlp(
         most the number of layers of the CLIP it is initialised on).
       n_ctx_text: text context length n_t.
       n_ctx_vision: vision prompt length n_v.
-      init_words: the text context starts at these words' token embeddings when they are
-        exactly ``n_ctx_text`` tokens (the reference's "a photo of a" with 4 tokens), otherwise
-        (or with ``None``) at N(0, init_std^2) like every other prompt tensor.
+      init_words: the text context starts at the token embeddings of the first
+        ``n_ctx_text`` tokens of these words (the reference's "a photo of a" with 4 tokens);
+        tokens past them stay in the prompt as fixed words before the class name
+        (``n_ctx_text=2``: learnable "a photo", fixed "of a"). With fewer tokens than
+        ``n_ctx_text`` (or ``None``) the context is N(0, init_std^2) and there are no fixed words.
       init_std: standard deviation of the random initialisations (0.02 in the reference).
       remat: rematerialise the transformer blocks in the backward pass.
 
@@ -74,7 +78,8 @@ def ivlp(
 
     def init(key, clip, task):
         check_depth(clip, depth)
-        clip_lib.check_context(clip, task, n_ctx_text)
+        learn_ids, fixed_ids = base.split_init_words(clip, init_words, n_ctx_text)
+        clip_lib.check_context(clip, task, n_ctx_text + len(fixed_ids))
         dt, dv = clip.spec.text_width, clip.spec.vision_width
         k_ctx, k_vis, k_dt, k_dv = jax.random.split(key, 4)
 
@@ -82,12 +87,13 @@ def ivlp(
             return init_std * jax.random.normal(k, shape, jnp.float32)
 
         # Token count, not word count: a BPE tokenizer may split a word into several tokens.
-        words = base.word_embeddings(clip, init_words) if init_words else None
-        if words is not None and words.shape[0] == n_ctx_text:
-            ctx = words
+        if learn_ids is not None:
+            # The reference takes the first n_t rows of the tokenized phrase; the rest of the
+            # phrase stays in the prompt text (see encode_classes).
+            ctx = clip_lib.embed_tokens(clip, jnp.asarray(learn_ids))
         else:
             # The reference falls back to random context (behind an "X X X X" placeholder,
-            # which is the same sequence as [SOT] ctx <name>) when the words do not fit.
+            # which is the same sequence as [SOT] ctx <name>) when the words do not fill it.
             ctx = normal(k_ctx, (n_ctx_text, dt))
         return {
             "ctx": jnp.asarray(ctx, jnp.float32),
@@ -97,9 +103,12 @@ def ivlp(
         }
 
     def encode_classes(prompt, clip, task):
-        # [C, 1 + n_t + L, D]: the shared context sits right after SOT, before every class name,
-        # so the EOT index is that of the tokenized "a photo of a <name>.".
-        embeds, eot = clip_lib.prompted_text_inputs(clip, task, prompt["ctx"])
+        # [C, 1 + n_t + k + L, D]: the shared context sits right after SOT, then the k fixed
+        # init words, then the class name, so the EOT index is that of the tokenized
+        # "a photo of a <name>." whatever n_t is. Deep prompts replace positions 1..n_t only.
+        _, fixed_ids = base.split_init_words(clip, init_words, prompt["ctx"].shape[0])
+        full = base.with_fixed_words(clip, prompt["ctx"], fixed_ids)
+        embeds, eot = clip_lib.prompted_text_inputs(clip, task, full)
         # Depth 1 stores [0, n, D] deep prompts (a fixed pytree layout); the towers then get none.
         deep = prompt["deep_text"] if prompt["deep_text"].shape[0] else None
         return clip_lib.encode_text(clip, embeds, eot, deep=deep, remat=remat)

@@ -6,10 +6,10 @@ in the PromptSRC spec (section 12) checked against github.com/muzairkhattak/Prom
 (``trainers/maple.py``'s prompt learner).
 
 Text side as in IVLP (``[SOT] ctx <fixed words> <name> . [EOT]``, deep text prompts replacing
-positions ``1..n_ctx`` before layers ``1..depth-1``), with one difference in the
-initialisation: with ``init_words="a photo of a"`` and ``n_ctx=2`` the two learnable vectors
-start at the embeddings of "a photo" and the remaining words "of a" stay as FIXED (frozen)
-tokens between the context and the class name, so the sequence is still
+positions ``1..n_ctx`` before layers ``1..depth-1``), which matters here because MaPLe's
+context is shorter than its init words: with ``init_words="a photo of a"`` and ``n_ctx=2`` the
+two learnable vectors start at the embeddings of "a photo" and the remaining words "of a" stay
+as FIXED (frozen) tokens between the context and the class name, so the sequence is still
 ``"a photo of a <name>."`` token for token.
 
 Vision side: the vision prompts are not parameters of their own but linear "coupling"
@@ -26,7 +26,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxprompt import clip as clip_lib
 from jaxprompt.methods import base
@@ -43,19 +42,6 @@ def maple_param_count(*, depth: int, n_ctx: int, text_width: int, vision_width: 
       3555072
     """
     return depth * n_ctx * text_width + depth * (text_width * vision_width + vision_width)
-
-
-def _init_words_split(clip: clip_lib.Clip, init_words: str | None, n_ctx: int):
-    """Token ids of the init words: ``(learnable-init ids, fixed ids)`` or ``(None, empty)``."""
-    if not init_words:
-        return None, np.zeros((0,), np.int32)
-    ids, eot = clip_lib.tokenize(clip, [init_words.replace("_", " ")])
-    words = ids[0, 1 : eot[0]]  # without SOT / EOT
-    if words.shape[0] < n_ctx:
-        # Too few words to fill the context: random context and no fixed words (the
-        # reference's "X X ..." placeholder prompt, which is the same sequence).
-        return None, np.zeros((0,), np.int32)
-    return words[:n_ctx], words[n_ctx:]
 
 
 def text_inputs(
@@ -78,12 +64,10 @@ def text_inputs(
       ``(embeds, eot)``: [C, 1 + n_ctx + n_fixed + L, D_text] and [C].
     """
     ctx = prompt["ctx"]
-    _, fixed_ids = _init_words_split(clip, init_words, ctx.shape[0])
-    fixed = clip_lib.embed_tokens(clip, jnp.asarray(fixed_ids, jnp.int32)).astype(jnp.float32)
-    # The fixed words are frozen constants: no gradient reaches the token table (it is CLIP's,
-    # and gradients are taken w.r.t. the prompt only), and they sit where the reference's
-    # suffix buffer has them, right after the learnable slots.
-    full = jnp.concatenate([ctx, jax.lax.stop_gradient(fixed)], axis=0)  # [n_ctx + n_fixed, D]
+    _, fixed_ids = base.split_init_words(clip, init_words, ctx.shape[0])
+    # The fixed words sit where the reference's suffix buffer has them, right after the
+    # learnable slots: [n_ctx + n_fixed, D].
+    full = base.with_fixed_words(clip, ctx, fixed_ids)
     return clip_lib.prompted_text_inputs(clip, task, full)
 
 
@@ -123,7 +107,8 @@ def maple(
     Initialisation: ``ctx`` from the embeddings of the first ``n_ctx`` tokens of
     ``init_words`` (random N(0, init_std^2) if there are fewer); ``deep_text`` N(0, init_std^2);
     the projections like PyTorch's ``nn.Linear`` default, kernel and bias
-    U(-1/sqrt(D_text), 1/sqrt(D_text)).
+    U(-1/sqrt(D_text), 1/sqrt(D_text)), with ``proj[0]`` drawn on its own and ``proj[1:]``
+    identical copies of one draw (the reference deep-copies a single Linear for the deep layers).
 
     Args:
       depth: layers carrying fresh prompts, counting the input layer (1..number of layers).
@@ -144,21 +129,33 @@ def maple(
     def init(key, clip, task):
         clip_lib.check_depth(clip, depth)
         dt, dv = clip.spec.text_width, clip.spec.vision_width
-        learn_ids, fixed_ids = _init_words_split(clip, init_words, n_ctx)
+        learn_ids, fixed_ids = base.split_init_words(clip, init_words, n_ctx)
         clip_lib.check_context(clip, task, n_ctx + len(fixed_ids))
-        k_ctx, k_deep, k_kernel, k_bias = jax.random.split(key, 4)
+        k_ctx, k_deep, k_first, k_clone = jax.random.split(key, 4)
         if learn_ids is not None:
             ctx = clip_lib.embed_tokens(clip, jnp.asarray(learn_ids)).astype(jnp.float32)
         else:
             ctx = init_std * jax.random.normal(k_ctx, (n_ctx, dt), jnp.float32)
         bound = 1.0 / math.sqrt(dt)  # nn.Linear: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(in))
+
+        def linear(k):
+            kk, kb = jax.random.split(k)
+            return (
+                jax.random.uniform(kk, (dt, dv), jnp.float32, -bound, bound),
+                jax.random.uniform(kb, (dv,), jnp.float32, -bound, bound),
+            )
+
+        # The reference builds the input-level projection on its own, but the deep ones as
+        # deep copies of ONE freshly initialised Linear: proj[1:] start identical (they train
+        # apart), proj[0] is an independent draw.
+        first_k, first_b = linear(k_first)
+        clone_k, clone_b = linear(k_clone)
+        kernel = jnp.concatenate([first_k[None], jnp.broadcast_to(clone_k, (depth - 1, dt, dv))])
+        bias = jnp.concatenate([first_b[None], jnp.broadcast_to(clone_b, (depth - 1, dv))])
         return {
             "ctx": ctx,
             "deep_text": init_std * jax.random.normal(k_deep, (depth - 1, n_ctx, dt)),
-            "proj": {
-                "kernel": jax.random.uniform(k_kernel, (depth, dt, dv), jnp.float32, -bound, bound),
-                "bias": jax.random.uniform(k_bias, (depth, dv), jnp.float32, -bound, bound),
-            },
+            "proj": {"kernel": kernel, "bias": bias},
         }
 
     def encode_classes(prompt, clip, task):

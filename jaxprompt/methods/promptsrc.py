@@ -117,7 +117,8 @@ def promptsrc(
         few-shot, 3 cross-dataset).
       n_ctx_text: text context length.
       n_ctx_vision: vision prompt length.
-      init_words: text context initialisation (used when it is ``n_ctx_text`` tokens).
+      init_words: text context initialisation: its first ``n_ctx_text`` tokens start the
+        context, any further ones stay as fixed words (as in IVLP).
       w_text: weight of the text L1 self-consistency (25).
       w_image: weight of the image L1 self-consistency (10).
       w_kl: weight of the logit KL self-consistency (1).

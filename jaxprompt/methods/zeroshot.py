@@ -18,6 +18,9 @@ from jaxprompt import clip as clip_lib
 from jaxprompt import templates as templates_lib
 from jaxprompt.methods import base
 
+# ``templates=DATASET``: each task's own template (``Task.template``).
+DATASET = "dataset"
+
 
 def zeroshot(
     *, templates: str | Sequence[str] = ("a photo of a {}.",), chunk: int = 1024
@@ -25,15 +28,21 @@ def zeroshot(
     """Zero-shot CLIP.
 
     Args:
-      templates: template strings with ``{}`` for the class name, or the name of a set in
-        :data:`jaxprompt.templates.TEMPLATE_SETS` (``"imagenet_80"`` for CLIP's ensemble).
+      templates: template strings with ``{}`` for the class name, the name of a set in
+        :data:`jaxprompt.templates.TEMPLATE_SETS` (``"imagenet_80"`` for CLIP's ensemble), or
+        ``"dataset"``: the task's own hand-crafted template (``Task.template``, CoOp's per
+        dataset: the CLIP rows of the prompt-learning papers), so one method serves every
+        dataset it is evaluated on.
       chunk: text sequences encoded at a time when building the ensemble classifier, bounding
         memory for many classes times many templates.
 
     Returns:
       A :class:`~jaxprompt.methods.base.PromptMethod` whose prompt is ``{}``.
     """
-    if isinstance(templates, str):
+    per_task = templates == DATASET
+    if per_task:
+        templates = ()
+    elif isinstance(templates, str):
         if templates not in templates_lib.TEMPLATE_SETS:
             if "{}" not in templates:
                 raise ValueError(
@@ -52,15 +61,26 @@ def zeroshot(
         del key, clip, task
         return {}
 
+    def task_templates(task) -> tuple[str, ...]:
+        if not per_task:
+            return templates
+        if task.template is None:
+            raise ValueError(
+                "zeroshot(templates='dataset') needs the dataset's template on the task: "
+                "make_task(clip, names, template=...)"
+            )
+        return (task.template,)
+
     def encode_classes(prompt, clip, task):
         del prompt
         names = [n.replace("_", " ") for n in task.names]
-        texts = [t.format(n) for t in templates for n in names]
+        used = task_templates(task)
+        texts = [t.format(n) for t in used for n in names]
         # Tokenized once per trace; the class set is static in the Task.
         ids, eot = clip_lib.tokenize(clip, texts)
         feats = clip_lib.encode_token_ids(
             clip, jnp.asarray(ids), jnp.asarray(eot), chunk=chunk
-        ).reshape(len(templates), len(names), -1)
+        ).reshape(len(used), len(names), -1)
         return clip_lib.normalize(jnp.mean(clip_lib.normalize(feats), axis=0))
 
     def classify(prompt, clip, classes, images):
@@ -73,7 +93,7 @@ def zeroshot(
         logits=logits,
         loss=base.supervised_loss(logits),
         name="zeroshot",
-        config={"templates": list(templates), "chunk": chunk},
+        config={"templates": DATASET if per_task else list(templates), "chunk": chunk},
         encode_classes=encode_classes,
         # No image prompt: the image side is CLIP's frozen encoder.
         frozen_image=base.FrozenImageSide(tuned=lambda p, f: p, class_features=encode_classes),

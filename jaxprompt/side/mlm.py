@@ -21,8 +21,14 @@ last hidden state at ``<mask>`` and ``W`` the (tied) word-embedding matrix:
 
 The whole model trains (AdamW 1e-5, betas 0.9/0.999, eps 1e-8, no weight decay, global-norm clip
 1.0, linear decay to 0 over 1000 steps), with RoBERTa's dropout active. Target labels are
-never read by the loss; model selection is the last step unless ``select_with_target_labels``
-(label leakage: the reference's dev-set selection).
+never read by the loss.
+
+Protocol (spec 2.3, 3.1): adaptation on LM-BFF's k-shot train split (16 per class, labels
+dropped; :func:`kshot_dataset`, seeds :data:`KSHOT_SEEDS`), model selection on the labeled
+k-shot dev split (16 per class), the task's metric (:func:`task_metrics`: F1 for MRPC/QQP,
+Matthews correlation for CoLA, Pearson/Spearman for STS-B, accuracy otherwise) on the
+original evaluation split. The last step is reported too (label-free). Selection on the test
+labels (``select_with_target_labels``) is label leakage, kept opt-in for comparison only.
 """
 
 from __future__ import annotations
@@ -52,21 +58,34 @@ PyTree = Any
 log = logging.getLogger("jaxprompt")
 
 __all__ = [
+    "KSHOT_SEEDS",
     "TASKS",
+    "TASK_METRIC",
     "MaskedLM",
     "MlmLoadError",
+    "TextDataset",
     "TextTask",
+    "accuracy",
     "adapt",
     "encode",
+    "evaluate",
+    "f1_score",
+    "kshot_dataset",
+    "kshot_splits",
     "label_logits",
     "label_word_ids",
     "load_mlm",
     "load_text_dataset",
+    "main_metric",
     "make_optimizer",
     "mask_features",
+    "matthews_corrcoef",
+    "pearson_corr",
     "pouf_mlm_loss",
     "prototypes",
     "save_random_mlm",
+    "spearman_corr",
+    "task_metrics",
 ]
 
 _FLAX_WEIGHTS = "flax_model.msgpack"
@@ -574,13 +593,17 @@ def _read_tfds(task: TextTask, data_dir: str | None) -> dict[str, list[dict[str,
     to_task = {i: task.labels.index(n) for i, n in enumerate(names) if n in task.labels}
     out: dict[str, list[dict[str, Any]]] = {}
     for s, src in sources.items():
-        rows = []
+        rows, order = [], []
         for i in range(len(src)):
             rec = src[i]
             row = {f: _text(rec[f]) for f in task.fields}
             row["label"] = to_task.get(int(rec["label"]), -1)
             rows.append(row)
-        out[s] = rows
+            order.append(int(rec["idx"]) if "idx" in rec else i)
+        # TFDS stores GLUE shuffled; ``idx`` numbers the rows in GLUE's file order, the order
+        # LM-BFF's k-shot sampler permutes (kshot_splits). Not checked byte for byte against
+        # LM-BFF's released splits (no GLUE files here).
+        out[s] = [rows[i] for i in sorted(range(len(rows)), key=order.__getitem__)]
     return out
 
 
@@ -623,6 +646,194 @@ def load_text_dataset(
 
 
 # --------------------------------------------------------------------------------------------
+# LM-BFF k-shot splits (spec 2.3)
+# --------------------------------------------------------------------------------------------
+
+#: The five split seeds of LM-BFF and POUF (each split's training seed too: split 16-42 trains
+#: with seed 42 in the reference's run_exp.sh).
+KSHOT_SEEDS: tuple[int, ...] = (13, 21, 42, 87, 100)
+
+
+def kshot_splits(
+    records: Sequence[Mapping[str, Any]], *, k: int = 16, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """LM-BFF's k-shot train and dev splits of a full, labeled training pool.
+
+    The procedure of LM-BFF's ``tools/generate_k_shot_data.py`` (princeton-nlp/LM-BFF; the spec
+    names only the seeds, this is the sampler that made the splits POUF trains on):
+
+    1. permute the pool with NumPy's legacy generator seeded with ``seed``
+       (``np.random.seed(seed); np.random.shuffle(lines)`` there; the same permutation as
+       ``np.random.RandomState(seed).permutation(len(records))``);
+    2. group the permuted records by label, the groups in order of first appearance;
+    3. train = the first ``k`` of each group, dev = the next ``k`` of each group (dev is
+       labeled and used only for model selection; the test split is the task's original
+       evaluation split, never sampled here).
+
+    The result is a pure function of ``(records in their given order, k, seed)``. It is NOT
+    independent of the input order, and must not be: LM-BFF permutes the file's lines, so the
+    pool has to be in the original file order (:func:`load_text_dataset` restores it for
+    GLUE) for the splits to be LM-BFF's.
+
+    Args:
+      records: the full training pool, each with an int ``label`` >= 0.
+      k: examples per class in each of train and dev.
+      seed: the split seed (one of :data:`KSHOT_SEEDS` for the paper's protocol).
+
+    Returns:
+      ``(train, dev)``: shallow copies of the records, ``k`` per class each, disjoint.
+
+    Raises:
+      ValueError: ``k < 1``, an unlabeled record, or a class with fewer than ``2 * k`` records.
+    """
+    if k < 1:
+        raise ValueError(f"k-shot needs k >= 1, got k={k}: set data.k_shot to 16 (or 0 for none)")
+    labels = [int(r["label"]) for r in records]
+    if any(y < 0 for y in labels):
+        raise ValueError(
+            "the k-shot splits need a labeled training pool (a record has no label): add "
+            "labels to the train split, or set data.k_shot=0"
+        )
+    order = np.random.RandomState(seed).permutation(len(records))
+    groups: dict[int, list[int]] = {}  # insertion order = first appearance, as LM-BFF's dict
+    for i in order:
+        groups.setdefault(labels[i], []).append(int(i))
+    short = {y: len(g) for y, g in groups.items() if len(g) < 2 * k}
+    if short:
+        raise ValueError(
+            f"classes {sorted(short)} have {sorted(short.values())} training records, fewer "
+            f"than 2*k={2 * k} (train + dev): lower data.k_shot or use a larger pool"
+        )
+    train = [dict(records[i]) for g in groups.values() for i in g[:k]]
+    dev = [dict(records[i]) for g in groups.values() for i in g[k : 2 * k]]
+    return train, dev
+
+
+def kshot_dataset(data: TextDataset, *, k: int = 16, seed: int) -> TextDataset:
+    """The dataset with LM-BFF's k-shot ``train`` and ``dev`` (:func:`kshot_splits` of the full
+    train split) and the original ``test`` split.
+
+    Raises:
+      ValueError: as :func:`kshot_splits`; a task label absent from the pool; or a CSV without
+        held-out test rows (its test split would contain the k-shot train examples).
+    """
+    if data.split["test"] is data.split["train"]:
+        raise ValueError(
+            f"{data.source} has no held-out test rows (split=test): the k-shot protocol tests "
+            "on the task's evaluation split; add them, or set data.k_shot=0"
+        )
+    missing = sorted(set(range(len(data.task.labels))) - {r["label"] for r in data.split["train"]})
+    if missing:
+        names = [data.task.labels[i] for i in missing]
+        raise ValueError(
+            f"label(s) {names} never occur in the train split of {data.source}: the k-shot "
+            "splits need k of every class; add them, or set data.k_shot=0"
+        )
+    train, dev = kshot_splits(data.split["train"], k=k, seed=seed)
+    split = {"train": train, "dev": dev, "test": data.split["test"]}
+    return dataclasses.replace(data, split=split, source=f"{data.source} ({k}-shot, seed {seed})")
+
+
+# --------------------------------------------------------------------------------------------
+# Task metrics (LM-BFF's: spec 2.3 and 3.1), in NumPy
+# --------------------------------------------------------------------------------------------
+
+#: The metric each task is selected and reported on (LM-BFF's); every other task: ``acc``.
+TASK_METRIC: dict[str, str] = {"mrpc": "f1", "qqp": "f1", "cola": "mcc", "stsb": "pearson"}
+# STS-B is a regression task (scores in [0, 5]); it is not in TASKS yet, but its metrics are.
+_REGRESSION = ("stsb",)
+
+
+def _pair(labels: Any, preds: Any, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    y, p = np.asarray(labels, dtype).ravel(), np.asarray(preds, dtype).ravel()
+    if y.shape != p.shape or y.size == 0:
+        raise ValueError(f"labels {y.shape} and predictions {p.shape}: need equal, non-empty")
+    return y, p
+
+
+def accuracy(labels: Any, preds: Any) -> float:
+    """The fraction of predictions equal to the labels (0..1)."""
+    y, p = _pair(labels, preds, np.int64)
+    return float(np.mean(y == p))
+
+
+def f1_score(labels: Any, preds: Any, *, positive: int = 1) -> float:
+    """F1 of the ``positive`` class (0..1); 0 when it has no true positive (as scikit-learn's
+    ``f1_score`` with ``zero_division=0``)."""
+    y, p = _pair(labels, preds, np.int64)
+    tp = float(np.sum((p == positive) & (y == positive)))
+    fp = float(np.sum((p == positive) & (y != positive)))
+    fn = float(np.sum((p != positive) & (y == positive)))
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def matthews_corrcoef(labels: Any, preds: Any) -> float:
+    """Matthews correlation (-1..1), the multiclass form (Gorodkin 2004) that is the binary
+    MCC for two classes; 0 when undefined (all labels or all predictions one class)."""
+    y, p = _pair(labels, preds, np.int64)
+    classes, inv = np.unique(np.concatenate([y, p]), return_inverse=True)
+    n_cls = len(classes)
+    conf = np.zeros((n_cls, n_cls), np.float64)
+    np.add.at(conf, (inv[: y.size], inv[y.size :]), 1.0)
+    t, q = conf.sum(1), conf.sum(0)  # true and predicted counts per class
+    n, correct = conf.sum(), np.trace(conf)
+    cov_yp = correct * n - t @ q
+    denom = np.sqrt((n * n - q @ q) * (n * n - t @ t))
+    return 0.0 if denom == 0 else float(cov_yp / denom)
+
+
+def pearson_corr(x: Any, y: Any) -> float:
+    """Pearson correlation (-1..1); NaN when either input is constant (as SciPy)."""
+    a, b = _pair(x, y, np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt(np.sum(a * a) * np.sum(b * b))
+    return float("nan") if denom == 0 else float(np.clip(np.sum(a * b) / denom, -1.0, 1.0))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their mean rank (SciPy's ``rankdata(method="average")``)."""
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    # Runs of equal values: each run's members share the mean of the run's positions.
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], x.size]
+    mean_rank = (starts + ends + 1) / 2.0  # mean of (start+1 .. end), 1-based
+    ranks = np.empty(x.size, np.float64)
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks
+
+
+def spearman_corr(x: Any, y: Any) -> float:
+    """Spearman rank correlation (Pearson of the average ranks); NaN for a constant input."""
+    a, b = _pair(x, y, np.float64)
+    return pearson_corr(_average_ranks(a), _average_ranks(b))
+
+
+def main_metric(task: str) -> str:
+    """The metric a task is selected and reported on: ``f1`` (MRPC, QQP), ``mcc`` (CoLA),
+    ``pearson`` (STS-B), else ``acc``."""
+    return TASK_METRIC.get(task, "acc")
+
+
+def task_metrics(task: str, labels: Any, preds: Any) -> dict[str, float]:
+    """LM-BFF's metrics of a task, in percent (x100, 2 decimals).
+
+    ``acc`` always, except for regression (STS-B: ``pearson`` and ``spearman`` of the predicted
+    and gold scores); ``f1`` of the positive class (label 1: equivalent / duplicate) for MRPC
+    and QQP; ``mcc`` for CoLA.
+    """
+    if task in _REGRESSION:
+        out = {"pearson": pearson_corr(labels, preds), "spearman": spearman_corr(labels, preds)}
+    else:
+        out = {"acc": accuracy(labels, preds)}
+        if main_metric(task) == "f1":
+            out["f1"] = f1_score(labels, preds, positive=1)
+        elif main_metric(task) == "mcc":
+            out["mcc"] = matthews_corrcoef(labels, preds)
+    return {k: round(100.0 * v, 2) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
 # Optimiser and the adaptation loop (spec 2.3)
 # --------------------------------------------------------------------------------------------
 
@@ -655,6 +866,55 @@ def _batches(n: int, batch_size: int, seed: int):
             yield order[i * batch_size : (i + 1) * batch_size]
 
 
+def _predictor(model: MaskedLM, task: TextTask, batch_size: int):
+    """``predict(params, records_or_encoded) -> [N] int`` label predictions, jitted once."""
+    label_ids = jnp.asarray(label_word_ids(model.tokenizer, task.words))
+
+    @jax.jit
+    def step(params, batch):
+        h = mask_hidden(model, params, batch)
+        return jnp.argmax(label_logits(model, params, h, label_ids), axis=-1)
+
+    def predict(params: PyTree, enc: Mapping[str, np.ndarray]) -> np.ndarray:
+        n_all, out = len(enc["input_ids"]), []
+        for i in range(0, n_all, batch_size):
+            b = {k: v[i : i + batch_size] for k, v in enc.items()}
+            n = len(b["input_ids"])
+            if n < batch_size:  # pad to a fixed shape: one compilation
+                b = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, 0)])
+                     for k, v in b.items()}  # fmt: skip
+            out.append(np.asarray(step(params, b))[:n])
+        return np.concatenate(out)
+
+    return predict
+
+
+def _labeled(records: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], np.ndarray]:
+    rows = [r for r in records if r["label"] >= 0]
+    return rows, np.asarray([r["label"] for r in rows], np.int32)
+
+
+def evaluate(
+    model: MaskedLM,
+    params: PyTree,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    task: TextTask,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """The task's metrics (:func:`task_metrics`, percent) of the prompt's predictions on the
+    labeled ``records``.
+
+    Raises:
+      ValueError: no labeled record.
+    """
+    rows, labels = _labeled(records)
+    if not rows:
+        raise ValueError(f"no labeled {task.name} records to evaluate: add a label column")
+    preds = _predictor(model, task, batch_size)(params, encode(task, model.tokenizer, rows))
+    return task_metrics(task.name, labels, preds)
+
+
 def adapt(
     model: MaskedLM,
     data: TextDataset,
@@ -670,31 +930,77 @@ def adapt(
     seed: int = 42,
     eval_every: int = 100,
     eval_batch_size: int = 32,
+    select_on_dev: bool = True,
     select_with_target_labels: bool = False,
+    zero_shot: bool = True,
     log_every: int = 50,
     metrics_path: str | None = None,
+    log_fields: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """POUF on the unlabeled train split, accuracy on the test split before and after.
+    """POUF on the unlabeled ``train`` split; the task's metrics on ``test`` before and after.
 
-    Model selection: the LAST step (label-free) unless ``select_with_target_labels``, which
-    evaluates on the labeled test split every ``eval_every`` steps and keeps the best: the
-    reference's protocol, and label leakage (it reports both, see the returned dict).
+    Model selection (spec 2.3):
+
+    * ``pouf``: the LAST step, label-free; always reported.
+    * ``pouf_best_by_dev`` (``select_on_dev``, the reference's protocol): the step with the best
+      main metric (:func:`main_metric`) on the labeled ``dev`` split (LM-BFF's k-shot dev,
+      :func:`kshot_dataset`), evaluated every ``eval_every`` steps and at the end; the earliest
+      wins a tie. Only dev labels are read for it: the test split is evaluated once, after
+      training, with the selected parameters.
+    * ``pouf_best_by_target_labels`` (``select_with_target_labels``, off by default): the same
+      selection on the TEST labels. That is label leakage (an oracle upper bound), kept only to
+      compare with numbers that were selected that way; never report it as POUF's result.
+
+    Args:
+      model: the masked LM.
+      data: ``train`` (labels never read), ``test`` (labeled), and ``dev`` (labeled) when
+        ``select_on_dev``.
+      steps, batch_size, lr: the optimisation (AdamW, linear decay to 0 over ``steps``).
+      w_transport, w_info, scale, feature_gelu: the loss (:func:`pouf_mlm_loss`).
+      dropout: RoBERTa's dropout during training.
+      seed: the batch order and dropout.
+      eval_every: steps between selection evaluations.
+      eval_batch_size: evaluation batch.
+      select_on_dev: select on the dev split.
+      select_with_target_labels: also select on the test labels (label leakage).
+      zero_shot: evaluate the untrained prompt on test too (``zero_shot`` entry).
+      log_every: steps between training-loss lines.
+      metrics_path: ``metrics.jsonl`` to append the training and dev lines to.
+      log_fields: extra fields for every line there (e.g. the seed).
 
     Returns:
-      ``{"accuracy": {"zero_shot", "pouf"[, "pouf_best_by_target_labels"]}, "steps", ...}``
-      (percent) and the final ``params`` under ``"params"``.
+      ``{"metric": main metric name, "metrics": {"zero_shot", "pouf", "pouf_best_by_dev",
+      ...: {metric: percent}}, "best_step_by_dev", "dev_curve": [{"step", metric}], "selection",
+      "task", "steps", "batch_size", "n_train", "n_dev", "n_test", "wall_time_s"}``, with the
+      last parameters under ``"params"`` and the dev-selected ones under
+      ``"best_params_by_dev"``.
+
+    Raises:
+      ValueError: too few training sentences, no labeled test split, or ``select_on_dev``
+        without a labeled dev split (each message names the fix).
     """
     tok = model.tokenizer
     task = data.task
+    metric = main_metric(task.name)
     label_ids = jnp.asarray(label_word_ids(tok, task.words))
     if len(data.split["train"]) < batch_size:
-        raise ValueError(f"{len(data.split['train'])} training sentences < batch {batch_size}")
+        raise ValueError(
+            f"{len(data.split['train'])} training sentences < batch {batch_size}: lower "
+            "optim.batch_size or add sentences"
+        )
     train = encode(task, tok, data.split["train"])
-    test_rows = [r for r in data.split["test"] if r["label"] >= 0]
+    test_rows, test_labels = _labeled(data.split["test"])
     if not test_rows:
-        raise ValueError(f"the test split of {data.source} has no labels to report accuracy")
+        raise ValueError(f"the test split of {data.source} has no labels: add a label column")
     test = encode(task, tok, test_rows)
-    test_labels = np.asarray([r["label"] for r in test_rows], np.int32)
+    dev_rows, dev_labels = _labeled(data.split.get("dev", []))
+    if select_on_dev and not dev_rows:
+        raise ValueError(
+            f"{data.source} has no labeled dev split to select on: build the k-shot splits "
+            "(data.k_shot=16, kshot_dataset) or set select_on_dev=False (last step)"
+        )
+    dev = encode(task, tok, dev_rows) if select_on_dev else None
+    predict = _predictor(model, task, eval_batch_size)
     tx = make_optimizer(lr, steps=steps)
     opts = dict(w_transport=w_transport, w_info=w_info, scale=scale, feature_gelu=feature_gelu)
 
@@ -710,33 +1016,32 @@ def adapt(
         params = optax.apply_updates(params, updates)
         return params, opt_state, {**metrics, "loss": loss}
 
-    @jax.jit
-    def predict(params, batch):
-        h = mask_hidden(model, params, batch)
-        return jnp.argmax(label_logits(model, params, h, label_ids), axis=-1)
-
-    def accuracy(params) -> float:
-        preds = []
-        for i in range(0, len(test_labels), eval_batch_size):
-            b = {k: v[i : i + eval_batch_size] for k, v in test.items()}
-            n = len(b["input_ids"])
-            if n < eval_batch_size:  # pad to a fixed shape: one compilation
-                b = {k: np.concatenate([v, np.repeat(v[-1:], eval_batch_size - n, 0)])
-                     for k, v in b.items()}  # fmt: skip
-            preds.append(np.asarray(predict(params, b))[:n])
-        return round(100.0 * float(np.mean(np.concatenate(preds) == test_labels)), 2)
+    def on_test(params) -> dict[str, float]:
+        return task_metrics(task.name, test_labels, predict(params, test))
 
     t0 = time.time()
     params = model.params
-    zero_shot = accuracy(params)
-    log.info("%s zero-shot (prompt, no training): %.2f%%", task.name, zero_shot)
+    results: dict[str, dict[str, float]] = {}
+    if zero_shot:
+        results["zero_shot"] = on_test(params)
+        log.info("%s zero-shot (prompt, no training): %s", task.name, results["zero_shot"])
     opt_state = tx.init(params)
     key = jax.random.key(seed)
-    best = (-math.inf, 0, None)
+    extra = dict(log_fields or {})
+    # (score, step, host params); strict ">" below keeps the earliest of equal scores.
+    by_dev: tuple[float, int, Any] = (-math.inf, 0, None)
+    by_test: tuple[float, int, dict[str, float]] = (-math.inf, 0, {})
+    curve: list[dict[str, Any]] = []
     # Through epath, rewritten whole at each logged step: an object store (gs://) cannot
     # append, and the file is small (one line per logged step).
-    metrics = epath.Path(metrics_path) if metrics_path else None
-    logged = [metrics.read_text()] if metrics is not None and metrics.exists() else []
+    out = epath.Path(metrics_path) if metrics_path else None
+    logged = [out.read_text()] if out is not None and out.exists() else []
+
+    def write(rec: dict[str, Any]) -> None:
+        if out is not None and jax.process_index() == 0:
+            logged.append(json.dumps({**rec, **extra}) + "\n")
+            out.write_text("".join(logged))
+
     batches = _batches(len(train["input_ids"]), batch_size, seed)
     for t, idx in zip(range(steps), batches, strict=False):
         # The batch holds the template inputs only: no label reaches the step.
@@ -746,21 +1051,38 @@ def adapt(
         if done % log_every == 0 or done == steps:
             rec = {"step": done, **{k: float(v) for k, v in m.items()}}
             log.info("pouf_mlm step %d/%d %s", done, steps, json.dumps(rec))
-            if metrics is not None and jax.process_index() == 0:
-                logged.append(json.dumps(rec) + "\n")
-                metrics.write_text("".join(logged))
-        if select_with_target_labels and (done % eval_every == 0 or done == steps):
-            acc = accuracy(params)
-            if acc > best[0]:
-                best = (acc, done, jax.device_get(params))
-    result: dict[str, Any] = {"accuracy": {"zero_shot": zero_shot, "pouf": accuracy(params)}}
-    result["selection"] = "last step (label-free)"
+            write(rec)
+        if done % eval_every != 0 and done != steps:
+            continue
+        if dev is not None:  # the dev labels only
+            score = task_metrics(task.name, dev_labels, predict(params, dev))[metric]
+            curve.append({"step": done, metric: score})
+            write({"step": done, f"eval/dev_{metric}": score})
+            if score > by_dev[0]:
+                by_dev = (score, done, jax.device_get(params))
+        if select_with_target_labels:  # label leakage, opt-in
+            on = on_test(params)
+            if on[metric] > by_test[0]:
+                by_test = (on[metric], done, on)
+    results["pouf"] = on_test(params)
+    result: dict[str, Any] = {"metric": metric, "metrics": results}
+    selection = ["last step as 'pouf' (label-free)"]
+    if dev is not None:
+        best_params = params if by_dev[1] == steps else by_dev[2]
+        results["pouf_best_by_dev"] = (
+            results["pouf"] if by_dev[1] == steps else on_test(best_params)
+        )
+        result.update(best_step_by_dev=by_dev[1], dev_curve=curve, best_params_by_dev=best_params)
+        selection.append(f"best {metric} on the labeled k-shot dev split as 'pouf_best_by_dev'")
     if select_with_target_labels:
-        result["accuracy"]["pouf_best_by_target_labels"] = best[0]
-        result["best_step_by_target_labels"] = best[1]
-        result["best_params"] = best[2]
-        result["selection"] = "best by target-label accuracy (label leakage), last also reported"
-    result.update(task=task.name, steps=steps, batch_size=batch_size,
-                  n_train=len(train["input_ids"]), n_test=len(test_labels),
-                  wall_time_s=round(time.time() - t0, 1), params=params)  # fmt: skip
+        results["pouf_best_by_target_labels"] = by_test[2]
+        result["best_step_by_target_labels"] = by_test[1]
+        selection.append(
+            "best on the TEST labels as 'pouf_best_by_target_labels' (label leakage, an oracle)"
+        )
+    result.update(
+        selection="; ".join(selection), task=task.name, steps=steps, batch_size=batch_size,
+        n_train=len(train["input_ids"]), n_dev=len(dev_rows) if dev is not None else 0,
+        n_test=len(test_labels), wall_time_s=round(time.time() - t0, 1), params=params,
+    )  # fmt: skip
     return result
