@@ -71,6 +71,7 @@ def test_safetensors_file_has_no_pickle_and_the_specified_header(run, tiny_clip,
     )
     assert meta["classnames"] == toy[1]
     assert meta["protocol"] == "base2new" and meta["dataset"] == "toy_textures"
+    assert meta["template"] == toy[0].spec.template
     assert meta["shots"] == 2 and meta["seed"] == 1
     assert meta["results"] == json.load(open(os.path.join(run, "results.json")))["accuracy"]
     # The arrays are the checkpoint's prompt, keyed by their pytree path.

@@ -54,9 +54,13 @@ def export_meta(workdir: str, meta: Mapping[str, Any], clip: Any) -> dict[str, A
     data = cfg.get("data") or {}
     results_path = epath.Path(workdir) / "results.json"
     record = json.loads(results_path.read_text()) if results_path.exists() else {}
+    dataset = meta.get("dataset", data.get("dataset"))
     extra = {
         "protocol": record.get("protocol", cfg.get("protocol")),
-        "dataset": meta.get("dataset", data.get("dataset")),
+        "dataset": dataset,
+        # The hand-crafted template the run's tasks carried (zero-shot with
+        # templates="dataset" reads it), so predict builds the same task.
+        "template": _dataset_template(dataset),
         "shots": data.get("shots"),
         "seed": cfg.get("seed"),
         "results": record.get("accuracy"),
@@ -70,6 +74,15 @@ def export_meta(workdir: str, meta: Mapping[str, Any], clip: Any) -> dict[str, A
         classnames=list(meta.get("classnames") or []),
         extra={k: v for k, v in extra.items() if v is not None},
     )
+
+
+def _dataset_template(name: str | None) -> str | None:
+    from jaxprompt.data import catalog
+
+    try:
+        return catalog.get_dataset(str(name)).template if name else None
+    except (KeyError, ValueError):  # a dataset this install does not know: no template
+        return None
 
 
 def export_run(workdir: str, out: str | None = None) -> str:
