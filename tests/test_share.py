@@ -215,3 +215,23 @@ def test_export_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys
 def test_help_exits_0(cmd, capsys):
     assert cli.main(["jaxprompt", cmd, "--help"]) == 0
     assert capsys.readouterr().out.startswith(f"usage: jaxprompt {cmd}")
+
+
+def test_prompt_file_on_a_bucket(gcs, tmp_path):
+    """save_prompt and read_prompt_file through etils.epath on gs:// (a fake GCS)."""
+    script = (
+        "import numpy as np; from jaxprompt import share\n"
+        "p = 'gs://bucket/shared/p.safetensors'\n"
+        "share.save_prompt(p, {'ctx': np.arange(6.0).reshape(2, 3)}, {'method': 'coop'})\n"
+        "prompt, meta = share.read_prompt_file(p)\n"
+        "assert prompt['ctx'].dtype == np.float32 and prompt['ctx'][1, 2] == 5, prompt\n"
+        "assert meta == {'method': 'coop'}, meta\n"
+    )
+    env = {**os.environ, **gcs.env, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert gcs.exists("gs://bucket/shared/p.safetensors")
+    assert not gcs.exists("gs://bucket/shared/p.safetensors.tmp")
