@@ -166,6 +166,12 @@ def test_predict_prints_top_k_json_over_the_given_names(run, toy, tmp_path, caps
     ) == 0  # fmt: skip
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 1 and table[0].startswith(str(folder / "0.png"))
+    # A file that is not an image, or a path that does not exist: one line, exit 2.
+    (tmp_path / "notes.png").write_text("not an image")
+    for bad in (str(tmp_path / "notes.png"), str(tmp_path / "missing.png")):
+        code = cli.main(["jaxprompt", "predict", "--prompt", prompt, "--classes", "a,b", bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and bad in err[0], err
 
 
 @pytest.fixture(scope="module")

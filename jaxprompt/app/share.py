@@ -174,6 +174,18 @@ def list_images(paths: Sequence[str]) -> list[str]:
     return out
 
 
+def _load_image(path: str, size: int) -> Any:
+    """One image through the data pipeline's eval transform; a ValueError if undecodable."""
+    from jaxprompt import data
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return data.eval_transform(raw, size)
+    except Exception as e:  # noqa: BLE001 - PIL raises several types for a non-image
+        raise ValueError(f"cannot read {path} as an image ({type(e).__name__})") from e
+
+
 def top_k(probs: Any, names: Sequence[str], k: int) -> list[tuple[str, float]]:
     """The ``k`` most probable ``(name, probability)`` of one image, most probable first."""
     order = sorted(range(len(names)), key=lambda i: -float(probs[i]))[:k]
@@ -201,7 +213,7 @@ def predict(
     import numpy as np
 
     from jaxprompt import clip as clip_lib
-    from jaxprompt import data, share
+    from jaxprompt import share
     from jaxprompt.app import experiment
 
     paths = list_images(images)
@@ -219,9 +231,7 @@ def predict(
     out = []
     for i in range(0, len(paths), _BATCH):
         chunk = paths[i : i + _BATCH]
-        x = np.stack(
-            [data.eval_transform(open(p, "rb").read(), clip.spec.image_size) for p in chunk]
-        )
+        x = np.stack([_load_image(p, clip.spec.image_size) for p in chunk])
         out.append(np.asarray(jax.nn.softmax(logits_fn(prompt, clip, task, x, key), axis=-1)))
     return paths, np.concatenate(out).astype(np.float32)
 
