@@ -24,6 +24,7 @@ _LAZY = {
     "gpa": "jaxprompt.gpa",
     "losses": "jaxprompt.losses",
     "data": "jaxprompt.data",
+    "share": "jaxprompt.share",
 }
 _LAZY_NAMES = {
     "Clip": "jaxprompt.clip",
@@ -34,6 +35,7 @@ _LAZY_NAMES = {
     "encode_text": "jaxprompt.clip",
     "load_clip": "jaxprompt.clip",
     "make_task": "jaxprompt.clip",
+    "load_prompt": "jaxprompt.share",
     "PromptMethod": "jaxprompt.methods",
     "TrainState": "jaxprompt.train",
     "init_train_state": "jaxprompt.train",
@@ -73,6 +75,7 @@ __all__ = [
     "make_optimizer",
     "make_train_step",
     "put_batch",
+    "share",
     "sharding",
     "train",
     "ClipLoadError",
@@ -82,6 +85,7 @@ __all__ = [
     "encode_image",
     "encode_text",
     "load_clip",
+    "load_prompt",
     "make_task",
     "methods",
     "templates",

@@ -25,6 +25,9 @@ Example::
     prompt, meta = load_prompt(workdir)          # on another machine, with no config
     export(workdir, "coop_imagenet.npz")         # one file: weights + JSON meta
     prompt, meta = load_exported("coop_imagenet.npz")
+
+The ``.npz`` export is the older portable format; :mod:`jaxprompt.share` writes the
+``.safetensors`` one (with the backbone's fingerprint) and reads both.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@
     jaxprompt sweep   --config base2new:coop --root DIR [--datasets a,b --shots 1,16 --seeds 1,2,3]
     jaxprompt prepare --dataset NAME [--data_dir DIR] [--manual_dir DIR]
     jaxprompt pretrain-toy [--out DIR]
+    jaxprompt export  --workdir DIR [--out FILE]
+    jaxprompt predict --prompt FILE --classes a,b,c|classes.txt [--clip NAME] [--top_k 5]
+                      [--json] IMAGES_OR_FOLDER...
 
 Every bad input ends with a one-line error naming the fix and exit code 2, before anything is
 written; nothing in a run directory is deleted or overwritten. jax, transformers and the data
@@ -64,7 +67,7 @@ HELP = {
     ),
 }
 
-COMMANDS = ("train", "eval", "adapt", "sweep", "prepare", "pretrain-toy")
+COMMANDS = ("train", "eval", "adapt", "sweep", "prepare", "pretrain-toy", "export", "predict")
 
 
 def _version() -> str:
@@ -139,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         from jaxprompt.app import sweep
 
         return sweep.main(args)
+    if cmd in ("export", "predict"):
+        from jaxprompt.app import share
+
+        return share.export_main(args) if cmd == "export" else share.predict_main(args)
     return _run(cmd, [argv[0], *args])
 
 

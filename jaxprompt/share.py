@@ -1,0 +1,269 @@
+"""Sharing a learned prompt like a model: one ``.safetensors`` file, read back in one call.
+
+The file holds the prompt's leaves keyed by their pytree path (``"ctx"``, ``"deep_text.0"``, as
+:func:`jaxprompt.checkpoint.flatten` names them), float32, and ONE metadata entry, ``"jaxprompt"``:
+a JSON string (safetensors metadata maps strings to strings) with
+
+* ``format_version``;
+* ``method`` and ``method_config``: what ``jaxprompt.methods.get(method, **method_config)``
+  needs to rebuild the method;
+* ``backbone``: ``{"name": hub id or path, "fingerprint": {"config": sha256, "vocab": sha256}}``
+  (see :func:`backbone_fingerprint`), so a prompt is never silently used with another CLIP;
+* ``classnames`` it was trained on, and when known ``protocol``, ``dataset``, ``shots``,
+  ``seed`` and ``results`` (the run's accuracies).
+
+No pickle anywhere: safetensors is a JSON header plus raw little-endian buffers. Old ``.npz``
+exports (:func:`jaxprompt.checkpoint.save_exported`) still load with :func:`load_prompt`.
+
+Example::
+
+    method, prompt, meta = jp.load_prompt("coop_imagenet.safetensors", clip=clip)
+    logits = method.logits(prompt, clip, jp.make_task(clip, ["cat", "dog"]), images)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+__all__ = [
+    "FORMAT_VERSION",
+    "META_KEY",
+    "BackboneMismatchError",
+    "backbone_fingerprint",
+    "check_backbone",
+    "load_prompt",
+    "prompt_meta",
+    "read_prompt_file",
+    "save_prompt",
+]
+
+FORMAT_VERSION = 1
+META_KEY = "jaxprompt"  # the one safetensors metadata entry: a JSON string
+
+# Config keys that change with how or where a model was loaded, not with what it computes:
+# the same weights loaded from the hub or a local copy, by another transformers version or in
+# another dtype, must give the same fingerprint.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {"_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype"}
+)
+
+PyTree = Any
+
+
+class BackboneMismatchError(ValueError):
+    """A prompt file was made for another CLIP than the one given (one-line message)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Backbone identity
+# ------------------------------------------------------------------------------------------------
+
+
+def _canonical_config(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {
+            str(k): _canonical_config(v)
+            for k, v in obj.items()
+            if str(k) not in _VOLATILE_CONFIG_KEYS
+        }
+    if isinstance(obj, list | tuple):
+        return [_canonical_config(v) for v in obj]
+    return obj
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def backbone_fingerprint(clip: Any) -> dict[str, str]:
+    """What a prompt depends on in a CLIP: its architecture and its tokenizer's vocabulary.
+
+    Args:
+      clip: a :class:`~jaxprompt.clip.Clip`.
+
+    Returns:
+      ``{"config": sha256 of the canonical CLIP config JSON, "vocab": sha256 of the
+      tokenizer vocabulary}`` (hex digests). Keys that depend on where or how the model was
+      loaded (its path, the transformers version, the dtype) are left out of the config.
+    """
+    config = _canonical_config(json.loads(clip.spec.config_json))
+    vocab = sorted(clip.tokenizer.get_vocab().items())
+    return {
+        "config": _sha256(json.dumps(config, sort_keys=True, separators=(",", ":"))),
+        "vocab": _sha256(json.dumps(vocab, separators=(",", ":"))),
+    }
+
+
+def check_backbone(meta: Mapping[str, Any], clip: Any) -> None:
+    """Raises :class:`BackboneMismatchError` if ``clip`` is not the backbone ``meta`` names.
+
+    Files without a fingerprint (old ``.npz`` exports) are not checked.
+    """
+    want = (meta.get("backbone") or {}).get("fingerprint")
+    if not want:
+        return
+    have = backbone_fingerprint(clip)
+    if dict(want) != have:
+        what = [k for k in ("config", "vocab") if want.get(k) != have.get(k)]
+        file_name = (meta.get("backbone") or {}).get("name") or "unknown"
+        raise BackboneMismatchError(
+            f"the prompt was learned on backbone {file_name!r} but the CLIP given is "
+            f"{clip.spec.name or 'unnamed'!r} (different {' and '.join(what)}): load the "
+            "prompt with the backbone it was trained on"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+
+
+def prompt_meta(
+    *,
+    method: str,
+    method_config: Mapping[str, Any],
+    backbone_name: str,
+    fingerprint: Mapping[str, str] | None,
+    classnames: list[str],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON header of a prompt file (see the module docstring for the fields).
+
+    Args:
+      method: the registry name of the method.
+      method_config: its keyword arguments (JSON-able).
+      backbone_name: the CLIP's hub id or path, as the run's config names it.
+      fingerprint: :func:`backbone_fingerprint` of that CLIP (``None`` if unknown).
+      classnames: the classes the prompt was trained on.
+      extra: further JSON-able fields (protocol, dataset, shots, seed, results).
+    """
+    from jaxprompt import checkpoint
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "method_config": dict(method_config),
+        "backbone": {"name": backbone_name, "fingerprint": dict(fingerprint or {})},
+        "classnames": list(classnames),
+        **dict(extra or {}),
+    }
+    # Nested methods (a wrapper's base) become their {"method", "method_config"} form.
+    return checkpoint._jsonable(meta)
+
+
+def save_prompt(path: str | os.PathLike, prompt: PyTree, meta: Mapping[str, Any]) -> str:
+    """Writes a prompt and its JSON header as one ``.safetensors`` file.
+
+    Written to ``path + ".tmp"`` and renamed, so a reader never sees half a file; works on
+    ``gs://`` through ``etils.epath``.
+
+    Args:
+      path: the file to write.
+      prompt: the prompt pytree (leaves are stored as float32, keyed by their path).
+      meta: the header (:func:`prompt_meta`); must be JSON-able.
+
+    Returns:
+      The path written.
+    """
+    import safetensors.numpy
+
+    from jaxprompt import checkpoint
+
+    arrays = {
+        k: np.ascontiguousarray(np.asarray(v, np.float32))
+        for k, v in checkpoint.flatten(prompt).items()
+    }
+    header = json.dumps(checkpoint._jsonable(dict(meta)), sort_keys=True)
+    data = safetensors.numpy.save(arrays, metadata={META_KEY: header})
+    path = epath.Path(path)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.rename(path)
+    return os.fspath(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+
+
+def _safetensors_header(data: bytes, path: str) -> dict[str, Any]:
+    # The format's own layout: 8 bytes little-endian header length, then the JSON header.
+    # safetensors.numpy.load gives the tensors of bytes but not the metadata.
+    if len(data) < 8:
+        raise ValueError(f"{path} is not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        return json.loads(data[8 : 8 + n])
+    except ValueError as e:
+        raise ValueError(f"{path} is not a safetensors file (unreadable header)") from e
+
+
+def read_prompt_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Reads a prompt file -> ``(prompt, meta)``: nested dicts of numpy arrays, JSON dict.
+
+    Accepts ``.safetensors`` files written by :func:`save_prompt` and old ``.npz`` exports
+    (:func:`jaxprompt.checkpoint.save_exported`), local or ``gs://``.
+
+    Raises:
+      FileNotFoundError: if there is no such file.
+      ValueError: if it is neither format, or not a jaxprompt prompt.
+    """
+    from jaxprompt import checkpoint
+
+    p = epath.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no prompt file {os.fspath(path)}")
+    data = p.read_bytes()
+    if data[:2] == b"PK":  # a zip: the old .npz export
+        return checkpoint.load_exported(path)
+    import safetensors.numpy
+
+    header = _safetensors_header(data, os.fspath(path))
+    text = (header.get("__metadata__") or {}).get(META_KEY)
+    if text is None:
+        raise ValueError(f"{path} is not a jaxprompt prompt (no {META_KEY!r} metadata)")
+    meta = json.loads(text)
+    version = int(meta.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has prompt format version {version}; this jaxprompt reads up to "
+            f"{FORMAT_VERSION}: upgrade jaxprompt"
+        )
+    flat = safetensors.numpy.load(data)
+    return checkpoint.unflatten_dict(flat), meta
+
+
+def load_prompt(path: str | os.PathLike, *, clip: Any = None) -> tuple[Any, dict[str, Any], Any]:
+    """A shared prompt, ready to use: ``(method, prompt, meta)`` in one call.
+
+    Args:
+      path: a ``.safetensors`` prompt file, or an old ``.npz`` export.
+      clip: optionally the :class:`~jaxprompt.clip.Clip` it will be used with; its
+        fingerprint must match the file's backbone.
+
+    Returns:
+      ``(method, prompt, meta)``: the rebuilt :class:`~jaxprompt.methods.PromptMethod`, the
+      prompt (nested dicts of float32 numpy arrays) and the file's JSON header.
+
+    Raises:
+      BackboneMismatchError: if ``clip`` is not the backbone the prompt was learned on.
+      ValueError: if the file is not a prompt file or names no method.
+    """
+    from jaxprompt import methods
+
+    prompt, meta = read_prompt_file(path)
+    if "method" not in meta:
+        raise ValueError(f"{path} names no method: it cannot be rebuilt")
+    if clip is not None:
+        check_backbone(meta, clip)
+    method = methods.get(str(meta["method"]), **dict(meta.get("method_config") or {}))
+    return method, prompt, meta
