@@ -183,7 +183,7 @@ def test_unknown_command_and_help(capsys):
     assert capsys.readouterr().out.startswith("jaxprompt 0.")
 
 
-@pytest.mark.parametrize("cmd", ["train", "eval", "adapt", "sweep", "prepare", "pretrain-toy"])
+@pytest.mark.parametrize("cmd", cli.COMMANDS)  # every command, new ones included
 def test_every_subcommand_help_exits_0_from_another_directory(cmd, tmp_path):
     """A new user's first command, as typed, outside the checkout, in a fresh process."""
     t0 = __import__("time").perf_counter()
