@@ -624,6 +624,17 @@ with open(os.path.join(d, "lock"), "a") as lock:
 """
 
 
+def _stateful_gcloud(tmp, worker_env: dict[str, str]):
+    """The STATEFUL_GCLOUD stub in ``tmp/gcloud-stub/bin``, its VM READY; returns the dir."""
+    stub = tmp / "gcloud-stub"
+    (stub / "bin").mkdir(parents=True)
+    (stub / "bin" / "gcloud").write_text(STATEFUL_GCLOUD.replace("{python}", sys.executable))
+    (stub / "bin" / "gcloud").chmod(0o755)
+    (stub / "state").write_text("READY")
+    (stub / "worker_env.json").write_text(json.dumps(worker_env))
+    return stub
+
+
 @pytest.mark.slow
 def test_keep_recreates_a_preempted_spot_vm_and_the_sweep_resumes(stubs, tmp_path, gcs):
     """`launch/tpu.sh keep -- <README's sweep line>` with a gcloud whose VM is preempted once,
@@ -641,12 +652,7 @@ def test_keep_recreates_a_preempted_spot_vm_and_the_sweep_resumes(stubs, tmp_pat
     root = args[args.index("--root") + 1]
     home, worker_env = _worker_home(tmp)
     worker_env.update(gcs.env)
-    stub = tmp / "gcloud-stub"
-    (stub / "bin").mkdir(parents=True)
-    (stub / "bin" / "gcloud").write_text(STATEFUL_GCLOUD.replace("{python}", sys.executable))
-    (stub / "bin" / "gcloud").chmod(0o755)
-    (stub / "state").write_text("READY")
-    (stub / "worker_env.json").write_text(json.dumps(worker_env))
+    stub = _stateful_gcloud(tmp, worker_env)
     keep_env = {
         **env, "PATH": f"{stub / 'bin'}:{env['PATH']}", "STUB_DIR": str(stub), "SPOT": "1",
         "JP_POLL_S": "1",
@@ -698,12 +704,7 @@ def test_keep_reports_a_failed_job_instead_of_recreating(stubs, tmp_path):
     returns 1 with the workers' exit statuses and recreates nothing."""
     env, tmp = stubs
     home, worker_env = _worker_home(tmp)
-    stub = tmp / "gcloud-stub"
-    (stub / "bin").mkdir(parents=True)
-    (stub / "bin" / "gcloud").write_text(STATEFUL_GCLOUD.replace("{python}", sys.executable))
-    (stub / "bin" / "gcloud").chmod(0o755)
-    (stub / "state").write_text("READY")
-    (stub / "worker_env.json").write_text(json.dumps(worker_env))
+    stub = _stateful_gcloud(tmp, worker_env)
     keep_env = {**env, "PATH": f"{stub / 'bin'}:{env['PATH']}", "STUB_DIR": str(stub),
                 "JP_POLL_S": "1"}  # fmt: skip
     args = ["keep", "--", "sweep", "--config", "fewshot:nosuchmethod", "--root", "gs://my-bucket/jp"]

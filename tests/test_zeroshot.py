@@ -29,6 +29,18 @@ def _hf_classifier(hf, tok, templates, names):
     return mean / np.linalg.norm(mean, axis=-1, keepdims=True), params
 
 
+def _hf_logits(hf, clip, templates, names, images):
+    """Zero-shot logits computed with HF's own Flax CLIP (the independent reference)."""
+    txt, params = _hf_classifier(hf, clip.tokenizer, templates, names)
+    model, _ = hf
+    img = np.asarray(
+        model.get_image_features(jnp.asarray(images.transpose(0, 3, 1, 2)), params=params),
+        np.float64,
+    )
+    img /= np.linalg.norm(img, axis=-1, keepdims=True)
+    return np.exp(float(params["logit_scale"])) * img @ txt.T
+
+
 @pytest.mark.parametrize(
     "templates", [("a photo of a {}.",), ("a photo of a {}.", "itap of the {}.", "{} dotted.")]
 )
@@ -37,14 +49,7 @@ def test_zeroshot_logits_equal_hf_ensemble(tiny_clip, hf, images, templates):
     task = jp.make_task(tiny_clip, names)
     method = jp.methods.get("zeroshot", templates=templates)
     logits = method.logits(method.init(jax.random.key(0), tiny_clip, task), tiny_clip, task, images)
-    txt, params = _hf_classifier(hf, tiny_clip.tokenizer, templates, names)
-    model, _ = hf
-    img = np.asarray(
-        model.get_image_features(jnp.asarray(images.transpose(0, 3, 1, 2)), params=params),
-        np.float64,
-    )
-    img /= np.linalg.norm(img, axis=-1, keepdims=True)
-    ref = np.exp(float(params["logit_scale"])) * img @ txt.T
+    ref = _hf_logits(hf, tiny_clip, templates, names, images)
     np.testing.assert_allclose(logits, ref, atol=1e-4)
 
 
@@ -81,17 +86,10 @@ def test_dataset_template_comes_from_the_task(tiny_clip, hf, images):
     own template: one method, a different template per dataset, each equal to HF's features of
     that template's sentences."""
     method = jp.methods.get("zeroshot", templates="dataset")
-    model, _ = hf
     for template in ("{} texture.", "a centered satellite photo of {}."):
         task = jp.make_task(tiny_clip, CLASSNAMES, template=template)
         logits = method.logits({}, tiny_clip, task, images)
-        txt, params = _hf_classifier(hf, tiny_clip.tokenizer, (template,), CLASSNAMES)
-        img = np.asarray(
-            model.get_image_features(jnp.asarray(images.transpose(0, 3, 1, 2)), params=params),
-            np.float64,
-        )
-        img /= np.linalg.norm(img, axis=-1, keepdims=True)
-        ref = np.exp(float(params["logit_scale"])) * img @ txt.T
+        ref = _hf_logits(hf, tiny_clip, (template,), CLASSNAMES, images)
         np.testing.assert_allclose(logits, ref, atol=1e-4)
     assert method.config["templates"] == "dataset"
     with pytest.raises(ValueError, match="template="):
