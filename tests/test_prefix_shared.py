@@ -155,3 +155,67 @@ def test_bfloat16_shared_stays_close(tiny_clip_dir, tiny_clip, tiny_task):
     assert got.dtype == jnp.float32
     cos = jnp.sum(clip_lib.normalize(got) * clip_lib.normalize(want), axis=-1)
     assert float(jnp.min(cos)) > 0.99
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def _method_outputs(method, prompt, clip, task, batch):
+    """Logits, loss and the prompt gradient of the loss, jitted."""
+    logits = jax.jit(method.logits)(prompt, clip, task, batch["image"])
+    key = jax.random.key(0)
+
+    def loss(p):
+        return method.loss(p, clip, task, batch, key)[0]
+
+    value, grad = jax.jit(jax.value_and_grad(loss))(prompt)
+    return logits, value, grad
+
+
+def _assert_same(got, want):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+def _no_shared(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the prefix-shared encoder was used")
+
+    monkeypatch.setattr(clip_lib, "encode_text_shared", fail)
+
+
+def test_coop_shared_equals_plain(tiny_clip, batch):
+    task = jp.make_task(tiny_clip, MANY_LENGTHS[:4])
+    labels = {**batch, "label": jnp.asarray([0, 1, 2, 3])}
+    shared = jp.methods.coop(4)
+    plain = jp.methods.coop(4, shared_prefix=False)
+    assert shared.config["shared_prefix"] and not plain.config["shared_prefix"]
+    prompt = shared.init(jax.random.key(3), tiny_clip, task)
+    prompt = {"ctx": prompt["ctx"] * 20}  # far from zero, so the context matters
+    got = _method_outputs(shared, prompt, tiny_clip, task, labels)
+    want = _method_outputs(plain, prompt, tiny_clip, task, labels)
+    assert float(jnp.max(jnp.abs(want[2]["ctx"]))) > 0
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("variant", ["csc", "middle", "front"])
+def test_coop_fallbacks_use_the_plain_path(tiny_clip, tiny_task, batch, variant, monkeypatch):
+    ctx = 0.5 * jax.random.normal(jax.random.key(4), (3, tiny_clip.spec.text_width))
+    if variant == "csc":
+        method = jp.methods.coop(3, class_specific=True)
+        prompt = {"ctx": jnp.broadcast_to(ctx, (len(tiny_task),) + ctx.shape)}
+        # The same context in every class is the shared prompt: compare with the shared path.
+        want = _method_outputs(jp.methods.coop(3), {"ctx": ctx}, tiny_clip, tiny_task, batch)
+        _no_shared(monkeypatch)
+        got = _method_outputs(method, prompt, tiny_clip, tiny_task, batch)
+        _assert_same(got[:2], want[:2])
+        np.testing.assert_allclose(jnp.sum(got[2]["ctx"], 0), want[2]["ctx"], atol=ATOL)
+    else:
+        method = jp.methods.coop(3, class_position=variant)
+        prompt = {"ctx": ctx}
+        embeds, eot = clip_lib.prompted_text_inputs(tiny_clip, tiny_task, ctx, position=variant)
+        want = clip_lib.encode_text(tiny_clip, embeds, eot)
+        _no_shared(monkeypatch)
+        got = method.encode_classes(prompt, tiny_clip, tiny_task)
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+        _method_outputs(method, prompt, tiny_clip, tiny_task, batch)  # loss and grad run too
