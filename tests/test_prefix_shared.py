@@ -173,8 +173,10 @@ def _method_outputs(method, prompt, clip, task, batch):
 
 
 def _assert_same(got, want):
+    # Logits are 100 x cosine (float32 spacing ~4e-6 near 50): 1e-5 absolute plus 1e-6
+    # relative, i.e. the cosines agree to 1e-7 and the gradients to 1e-5.
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-6)
 
 
 def _no_shared(monkeypatch):
@@ -219,3 +221,39 @@ def test_coop_fallbacks_use_the_plain_path(tiny_clip, tiny_task, batch, variant,
         got = method.encode_classes(prompt, tiny_clip, tiny_task)
         np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
         _method_outputs(method, prompt, tiny_clip, tiny_task, batch)  # loss and grad run too
+
+
+def _perturbed(prompt, seed=7):
+    """The prompt moved well away from its initialisation (every leaf, its own noise)."""
+    leaves, tree = jax.tree.flatten(prompt)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    moved = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(tree, moved)
+
+
+@pytest.mark.parametrize("name", ["ivlp", "promptsrc", "maple"])
+@pytest.mark.parametrize("depth", [1, 3])
+def test_deep_methods_shared_equals_plain(deep_clip, images, name, depth, monkeypatch):
+    """Fixed init words after the context and deep text prompts all lie in the prefix."""
+    task = jp.make_task(deep_clip, MANY_LENGTHS[:4])
+    batch = {"image": images, "label": jnp.asarray([0, 1, 2, 3])}
+    # Two learnable tokens of "a photo of a": "of a" stay as fixed words in the prefix.
+    kw = {"ivlp": dict(n_ctx_text=2, n_ctx_vision=2), "maple": dict(n_ctx=2)}.get(
+        name, dict(n_ctx_text=2, n_ctx_vision=2, templates=("a photo of a {}.", "a {}."))
+    )
+    shared = jp.methods.get(name, depth=depth, **kw)
+    plain = jp.methods.get(name, depth=depth, shared_prefix=False, **kw)
+    assert shared.config["shared_prefix"] and not plain.config["shared_prefix"]
+    prompt = _perturbed(shared.init(jax.random.key(3), deep_clip, task))
+    got = _method_outputs(shared, prompt, deep_clip, task, batch)
+    want = _method_outputs(plain, prompt, deep_clip, task, batch)
+    assert float(jnp.max(jnp.abs(want[2]["ctx"]))) > 0
+    _assert_same(got, want)
+    # The shared method's text side really takes the prefix-shared encoder.
+    calls = []
+    real = clip_lib.encode_text_shared
+    monkeypatch.setattr(
+        clip_lib, "encode_text_shared", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    shared.encode_classes(prompt, deep_clip, task)
+    assert calls == [1]

@@ -103,6 +103,7 @@ def promptsrc(
     chunk: int | None = 1024,
     init_std: float = 0.02,
     remat: bool = False,
+    shared_prefix: bool = True,
 ) -> base.PromptMethod:
     """PromptSRC.
 
@@ -131,6 +132,10 @@ def promptsrc(
       chunk: sequences per call when encoding the teacher templates.
       init_std: standard deviation of the random prompt initialisations.
       remat: rematerialise the prompted blocks in the backward pass.
+      shared_prefix: encode ``[SOT] ctx <fixed words>`` once for all classes on the prompted path
+        (:func:`~jaxprompt.clip.encode_text_shared`: deep text prompts replace positions
+        inside that prefix, so it is the same for every class); ``False`` runs the plain
+        encoder on every class's full sequence (same features, for comparison).
 
     Returns:
       A :class:`~jaxprompt.methods.base.PromptMethod` named ``"promptsrc"``.
@@ -154,6 +159,7 @@ def promptsrc(
         init_words=init_words,
         init_std=init_std,
         remat=remat,
+        shared_prefix=shared_prefix,
     )
 
     def prompted_image_features(prompt, clip, images):
@@ -220,6 +226,7 @@ def promptsrc(
             chunk=chunk,
             init_std=init_std,
             remat=remat,
+            shared_prefix=shared_prefix,
         ),
     )
 
