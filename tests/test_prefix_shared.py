@@ -257,3 +257,45 @@ def test_deep_methods_shared_equals_plain(deep_clip, images, name, depth, monkey
     )
     shared.encode_classes(prompt, deep_clip, task)
     assert calls == [1]
+
+
+# --------------------------------------------------------------------------- zero-shot
+
+
+def test_zeroshot_template_ensemble_shared_equals_plain(tiny_clip, images, monkeypatch):
+    """One prefix per template: words before '{}', none at all, or the whole known phrase."""
+    from jaxprompt.methods.zeroshot import template_features, zeroshot
+
+    templates = (
+        "a photo of a {}.",
+        "{} texture.",
+        "itap of a {}.",
+        "a blurry photo of the {}.",
+        "the {}.",
+        "a striped {} of the house.",
+    )
+    task = jp.make_task(tiny_clip, MANY_LENGTHS)
+    shared = zeroshot(templates=templates)
+    plain = zeroshot(templates=templates, shared_prefix=False, chunk=7)
+    assert shared.config["shared_prefix"] and not plain.config["shared_prefix"]
+    want = jax.jit(plain.encode_classes)({}, tiny_clip, task)
+    calls = []
+    real = clip_lib.encode_text_shared
+    monkeypatch.setattr(
+        clip_lib, "encode_text_shared", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    got = jax.jit(shared.encode_classes)({}, tiny_clip, task)
+    assert calls  # the shared encoder did the work
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    # Per template too (the ensemble mean could hide a template's error).
+    names = [n.replace("_", " ") for n in task.names]
+    ids, eot = clip_lib.tokenize(tiny_clip, [t.format(n) for t in templates for n in names])
+    per = template_features(tiny_clip, ids.reshape(6, 6, -1), eot.reshape(6, 6))
+    ref = clip_lib.encode_token_ids(tiny_clip, jnp.asarray(ids), jnp.asarray(eot))
+    np.testing.assert_allclose(per.reshape(ref.shape), ref, atol=ATOL, rtol=0)
+    # A bare "{}": the prefix is the start token alone.
+    bare = [
+        zeroshot(templates=("{}",), shared_prefix=s).encode_classes({}, tiny_clip, task)
+        for s in (True, False)
+    ]
+    np.testing.assert_allclose(bare[0], bare[1], atol=ATOL, rtol=0)
