@@ -299,3 +299,15 @@ def test_zeroshot_template_ensemble_shared_equals_plain(tiny_clip, images, monke
         for s in (True, False)
     ]
     np.testing.assert_allclose(bare[0], bare[1], atol=ATOL, rtol=0)
+
+
+def test_promptsrc_teacher_shared_equals_plain(tiny_clip):
+    from jaxprompt.methods.promptsrc import teacher_text_features
+
+    task = jp.make_task(tiny_clip, MANY_LENGTHS)
+    got = jax.jit(teacher_text_features)(tiny_clip, task)  # the 60 templates, shared
+    want = jax.jit(lambda c, t: teacher_text_features(c, t, shared_prefix=False, chunk=64))(
+        tiny_clip, task
+    )
+    assert got.shape == (len(MANY_LENGTHS), tiny_clip.spec.embed_dim)
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
