@@ -45,15 +45,19 @@ def main() -> None:
         for batch in data.eval_iterator(examples, ds.fetch, **kw):
             n += int(batch["mask"].sum())
         seconds = time.perf_counter() - start
-    print(json.dumps({
-        "benchmark": "input_pipeline/eval_preprocessing",
-        "images": n,
-        "batch_size": args.batch,
-        "threads": args.threads,
-        "cpus": os.cpu_count(),
-        "seconds": round(seconds, 3),
-        "images_per_second": round(n / seconds, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "input_pipeline/eval_preprocessing",
+                "images": n,
+                "batch_size": args.batch,
+                "threads": args.threads,
+                "cpus": os.cpu_count(),
+                "seconds": round(seconds, 3),
+                "images_per_second": round(n / seconds, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,23 @@
-"""Forward+backward time of the prompted text tower, with and without EOT truncation.
+"""Forward+backward time of the prompted text tower: EOT truncation and prefix sharing.
 
 ViT-B/16 text shapes (width 512, 12 layers, 8 heads, context 77) with random weights, C class
-prompts "[SOT] ctx x4 <name>." of real ImageNet class names, gradient with respect to the
+prompts "[SOT] ctx <name>." of real ImageNet class names, gradient with respect to the
 context (what every prompt learner computes each step). Prints one JSON line.
+
+Two measurements, each comparing two implementations in the same process (interleaved, so
+machine load hits both alike):
+
+* truncation (``--n-ctx``, 4 by default): sequences cut after the last EOT vs padded to 77.
+* prefix sharing (``--prefix-ctx``, CoOp's 16 by default): ``[SOT] ctx`` encoded once for all
+  classes (:func:`jaxprompt.clip.encode_text_shared`) vs once per class; both truncated.
+  ``prefix_speedup`` is plain time / shared time.
 
 No real CLIP BPE vocabulary is available offline, so token counts are bracketed: a word-level
 vocabulary (every word one token: shorter than BPE) and a character-level one (every character
 one token: longer than BPE). Real BPE prompts fall in between, and so does their speedup.
 
     python benchmarks/text_tower.py --classes 100
+    python benchmarks/text_tower.py --only prefix --classes 1000   # the issue's setting
 """
 
 from __future__ import annotations
@@ -38,12 +47,12 @@ def classnames(n: int) -> list[str]:
     return [names[i] for i in idx]
 
 
-def build_clip(directory: str, words: list[str]) -> jp.Clip:
+def build_clip(directory: str, words: list[str], preset: str) -> jp.Clip:
     # Only the text tower is measured: keep the vision tower minimal to save init time.
     testing.save_random_clip(
         directory,
         words=words,
-        preset="vit-b/16",
+        preset=preset,
         vision_layers=1,
         vision_width=64,
         vision_heads=4,
@@ -53,13 +62,12 @@ def build_clip(directory: str, words: list[str]) -> jp.Clip:
     return jp.load_clip(directory)
 
 
-def compiled_grad(clip: jp.Clip, task: jp.Task, ctx: jax.Array):
+def compiled_grad(clip: jp.Clip, task: jp.Task, ctx: jax.Array, *, shared_prefix: bool = False):
     """The jitted value-and-grad of a loss on the prompted text features, compiled."""
 
     def loss(ctx, clip, task):
-        embeds, eot = clip_lib.prompted_text_inputs(clip, task, ctx)
-        feats = clip_lib.normalize(clip_lib.encode_text(clip, embeds, eot))
-        return jnp.sum(feats[:, 0])
+        feats = clip_lib.prompted_text_features(clip, task, ctx, shared_prefix=shared_prefix)
+        return jnp.sum(clip_lib.normalize(feats)[:, 0])
 
     step = jax.jit(jax.value_and_grad(loss))
     jax.block_until_ready(step(ctx, clip, task))  # compile
@@ -88,39 +96,68 @@ def padded(task: jp.Task, clip: jp.Clip, n_ctx: int) -> jp.Task:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classes", type=int, default=100)
-    ap.add_argument("--n-ctx", type=int, default=4)
+    ap.add_argument("--n-ctx", type=int, default=4, help="context of the truncation runs")
+    ap.add_argument("--prefix-ctx", type=int, default=16, help="context of the prefix runs")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", choices=("all", "truncation", "prefix"), default="all")
+    ap.add_argument("--preset", choices=("vit-b/16", "tiny"), default="vit-b/16")
+    ap.add_argument(
+        "--vocab", choices=("both", "word", "char"), default="both", help="token-count brackets"
+    )
     args = ap.parse_args()
     names = classnames(args.classes)
     result = {
         "benchmark": "text_tower",
-        "shapes": "ViT-B/16 text (512 wide, 12 layers), random weights",
+        "shapes": f"{args.preset} text, random weights",
         "classes": args.classes,
-        "n_ctx": args.n_ctx,
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
     }
     vocabularies = {"word": [f"a photo of a {n}" for n in names], "char": []}
+    if args.vocab != "both":
+        vocabularies = {args.vocab: vocabularies[args.vocab]}
     for label, words in vocabularies.items():
         with tempfile.TemporaryDirectory() as d:
-            clip = build_clip(d, words)
+            clip = build_clip(d, words, args.preset)
             task = jp.make_task(clip, names)
-            ctx = 0.02 * jax.random.normal(jax.random.key(0), (args.n_ctx, 512))
-            full = padded(task, clip, args.n_ctx)
-            t = interleaved(
-                {
-                    "trunc": compiled_grad(clip, task, ctx),
-                    "full": compiled_grad(clip, full, ctx),
-                },
-                args.repeats,
-            )
-            t_trunc, t_full = t["trunc"], t["full"]
-        result[f"{label}_tokens"] = 1 + args.n_ctx + int(task.token_ids.shape[1])
-        result[f"{label}_truncated_s"] = round(t_trunc, 4)
-        result[f"{label}_full_s"] = round(t_full, 4)
-        result[f"{label}_speedup"] = round(t_full / t_trunc, 2)
-    # The headline number: the conservative (longer, character-level) prompts.
-    result["speedup"] = result["char_speedup"]
+            width = clip.spec.text_width
+            if args.only in ("all", "truncation"):
+                ctx = 0.02 * jax.random.normal(jax.random.key(0), (args.n_ctx, width))
+                full = padded(task, clip, args.n_ctx)
+                t = interleaved(
+                    {
+                        "trunc": compiled_grad(clip, task, ctx),
+                        "full": compiled_grad(clip, full, ctx),
+                    },
+                    args.repeats,
+                )
+                result["n_ctx"] = args.n_ctx
+                result[f"{label}_tokens"] = 1 + args.n_ctx + int(task.token_ids.shape[1])
+                result[f"{label}_truncated_s"] = round(t["trunc"], 4)
+                result[f"{label}_full_s"] = round(t["full"], 4)
+                result[f"{label}_speedup"] = round(t["full"] / t["trunc"], 2)
+            if args.only in ("all", "prefix"):
+                ctx = 0.02 * jax.random.normal(jax.random.key(0), (args.prefix_ctx, width))
+                t = interleaved(
+                    {
+                        "shared": compiled_grad(clip, task, ctx, shared_prefix=True),
+                        "plain": compiled_grad(clip, task, ctx, shared_prefix=False),
+                    },
+                    args.repeats,
+                )
+                result["prefix_ctx"] = args.prefix_ctx
+                # Prefix (start token and context) and the longest class suffix.
+                result[f"{label}_prefix_tokens"] = 1 + args.prefix_ctx
+                result[f"{label}_suffix_tokens"] = int(task.token_ids.shape[1])
+                result[f"{label}_plain_s"] = round(t["plain"], 4)
+                result[f"{label}_shared_s"] = round(t["shared"], 4)
+                result[f"{label}_prefix_speedup"] = round(t["plain"] / t["shared"], 2)
+    # The headline numbers: the conservative prompts (character-level: longer, so the least
+    # to gain from either), or the only vocabulary measured.
+    head = "char" if "char" in vocabularies else next(iter(vocabularies))
+    for key in ("speedup", "prefix_speedup"):
+        if f"{head}_{key}" in result:
+            result[key] = result[f"{head}_{key}"]
     print(json.dumps(result))
 
 

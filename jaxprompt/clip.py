@@ -52,13 +52,16 @@ __all__ = [
     "Task",
     "encode_image",
     "encode_text",
+    "encode_text_shared",
     "encode_token_ids",
     "embed_tokens",
     "load_clip",
     "logit_scale",
     "make_task",
     "normalize",
+    "prompted_text_features",
     "prompted_text_inputs",
+    "shared_text_inputs",
     "tokenize",
 ]
 
@@ -608,6 +611,247 @@ def prompted_text_inputs(
         ),
     )
     return jnp.take_along_axis(seq, src[:, :, None], axis=1), eot
+
+
+# --------------------------------------------------------------------------- prefix sharing
+
+
+@functools.lru_cache(maxsize=16)
+def _text_arch(config_json: str) -> tuple[int, Any]:
+    """``(heads, activation)`` of a text tower, read from its Hugging Face config."""
+    transformers = _quiet_transformers()
+    from transformers.modeling_flax_utils import ACT2FN
+
+    tc = transformers.CLIPConfig.from_dict(json.loads(config_json)).text_config
+    # The activation Hugging Face's FlaxCLIPMLP uses (quick_gelu for OpenAI's CLIP), so the
+    # explicit block below computes the same function as the black-box one.
+    return tc.num_attention_heads, ACT2FN[tc.hidden_act]
+
+
+def _dense(x: Array, p: PyTree, dt) -> Array:
+    # nn.Dense(dtype=dt): operands promoted to the compute dtype, then x @ W + b.
+    return x.astype(dt) @ p["kernel"].astype(dt) + p["bias"].astype(dt)
+
+
+def _shared_block(clip: Clip, p: PyTree, xp: Array, xs: Array) -> tuple[Array, Array]:
+    """One pre-LN CLIP text block on a shared prefix and per-class suffixes.
+
+    Hugging Face's FlaxCLIPEncoderLayer written out from its parameter tree, so the suffix
+    rows can attend to keys and values that were computed once for the prefix.
+
+    Args:
+      p: the layer's parameters (``layer_norm1``, ``self_attn``, ``layer_norm2``, ``mlp``).
+      xp: [P, D] residual stream of the prefix positions (the same for every class).
+      xs: [C, S, D] residual stream of the suffix positions (after the prefix).
+
+    Returns:
+      The updated ``(xp, xs)``.
+    """
+    dt = jnp.dtype(clip.spec.dtype)
+    heads, act = _text_arch(clip.spec.config_json)
+    ln = _modules(clip.spec.config_json, clip.spec.dtype)["text_ln"]
+    a = p["self_attn"]
+    n_p, d = xp.shape
+    n_c, n_s = xs.shape[:2]
+    hd = d // heads
+
+    def qkv(h):
+        def proj(name):
+            return _dense(h, a[name], dt).reshape(h.shape[:-1] + (heads, hd))
+
+        # flax's dot_product_attention_weights divides the query by sqrt(head_dim) first.
+        return proj("q_proj") / jnp.sqrt(hd).astype(dt), proj("k_proj"), proj("v_proj")
+
+    qp, kp, vp = qkv(ln.apply({"params": p["layer_norm1"]}, xp))  # [P, H, hd]
+    qs, ks, vs = qkv(ln.apply({"params": p["layer_norm1"]}, xs))  # [C, S, H, hd]
+    low = jnp.finfo(dt).min
+    # Prefix rows: causal attention within the prefix, once for all classes.
+    causal_p = jnp.tril(jnp.ones((n_p, n_p), bool))
+    sp = jnp.einsum("qhd,khd->hqk", qp, kp)
+    wp = jax.nn.softmax(jnp.where(causal_p, sp, low), axis=-1).astype(dt)
+    op = jnp.einsum("hqk,khd->qhd", wp, vp).reshape(n_p, d)
+    # Suffix rows: every prefix position precedes them (no mask there), causal among
+    # themselves. One softmax over [prefix keys ; suffix keys], as the full sequence has.
+    causal_s = jnp.tril(jnp.ones((n_s, n_s), bool))
+    s_ps = jnp.einsum("cqhd,khd->chqk", qs, kp)  # [C, H, S, P]
+    s_ss = jnp.where(causal_s, jnp.einsum("cqhd,ckhd->chqk", qs, ks), low)  # [C, H, S, S]
+    ws = jax.nn.softmax(jnp.concatenate([s_ps, s_ss], axis=-1), axis=-1).astype(dt)
+    os_ = jnp.einsum("chqk,khd->cqhd", ws[..., :n_p], vp) + jnp.einsum(
+        "chqk,ckhd->cqhd", ws[..., n_p:], vs
+    )
+    os_ = os_.reshape(n_c, n_s, d)
+
+    def finish(x, o):
+        x = x + _dense(o, a["out_proj"], dt)
+        h = ln.apply({"params": p["layer_norm2"]}, x)
+        h = _dense(act(_dense(h, p["mlp"]["fc1"], dt)), p["mlp"]["fc2"], dt)
+        return x + h
+
+    return finish(xp, op), finish(xs, os_)
+
+
+def encode_text_shared(
+    clip: Clip,
+    prefix: Array,
+    suffix: Array,
+    eot: Array,
+    *,
+    deep: Array | None = None,
+    deep_start: int = 1,
+    remat: bool = False,
+) -> Array:
+    """:func:`encode_text` of ``concat(prefix, suffix)`` with the prefix computed once.
+
+    The text tower is causal, so the first ``P`` positions of a sequence see only each other:
+    when they are the same tokens for every class (start token and a shared context, or a
+    template's words before the class name), their hidden states are the same at every layer.
+    They run once; each class's suffix attends to the prefix's cached keys and values. The
+    result equals ``encode_text(clip, concat(prefix, suffix), eot, ...)`` with about
+    ``(P + S) / S`` times less work in the blocks.
+
+    Args:
+      clip: the frozen model.
+      prefix: [P, D] input embeddings of the shared positions (no positional embedding), or
+        [G, P, D] for G groups, each with its own suffixes.
+      suffix: [C, S, D] per-class embeddings of positions ``P .. P + S - 1`` (class-name
+        tokens, ".", EOT, padding), or [G, C, S, D] with a grouped prefix.
+      eot: [C] (or [G, C]) EOT positions in full-sequence coordinates.
+      deep: optional shared deep prompts [J-1, n, D]; ``deep[i]`` replaces positions
+        ``deep_start .. deep_start + n - 1`` before layer ``i + 1``. They must lie inside the
+        prefix (per-class deep prompts break the sharing: use :func:`encode_text`).
+      deep_start: first position deep prompts replace.
+      remat: rematerialise each block in the backward pass.
+
+    Returns:
+      [C, E] (or [G, C, E]) text features, float32, not normalised.
+    """
+    if prefix.ndim == 3:
+        if suffix.ndim != 4 or eot.ndim != 2:
+            raise ValueError(
+                "a grouped prefix [G, P, D] needs suffixes [G, C, S, D] and eot [G, C], got "
+                f"{tuple(suffix.shape)} and {tuple(eot.shape)}"
+            )
+        one = functools.partial(
+            encode_text_shared, clip, deep=deep, deep_start=deep_start, remat=remat
+        )
+        return jax.vmap(one)(prefix, suffix, eot)
+    if prefix.ndim != 2 or suffix.ndim != 3:
+        raise ValueError(
+            f"prefix must be [P, D] and suffix [C, S, D], got {tuple(prefix.shape)} and "
+            f"{tuple(suffix.shape)}"
+        )
+    n_p, n_s = prefix.shape[0], suffix.shape[1]
+    if n_p + n_s > clip.spec.context_length:
+        raise ValueError(
+            f"prefix ({n_p}) + suffix ({n_s}) tokens exceed CLIP's context "
+            f"{clip.spec.context_length}"
+        )
+    n_deep = 0 if deep is None else deep.shape[0]
+    if deep is not None:
+        if deep.ndim != 3:
+            raise ValueError(
+                f"encode_text_shared takes shared deep prompts [J-1, n, D], got "
+                f"{tuple(deep.shape)}: per-class deep prompts need encode_text"
+            )
+        if deep_start < 0 or deep_start + deep.shape[1] > n_p:
+            raise ValueError(
+                f"deep prompts at positions {deep_start}..{deep_start + deep.shape[1] - 1} do "
+                f"not lie inside the {n_p}-token shared prefix"
+            )
+        if n_deep >= clip.spec.text_layers:
+            raise ValueError(
+                f"prompt depth {n_deep + 1} exceeds the {clip.spec.text_layers} layers of the tower"
+            )
+    params = clip.params["text_model"]
+    dt = jnp.dtype(clip.spec.dtype)
+    pos = params["embeddings"]["position_embedding"]["embedding"].astype(dt)
+    # Positions are absolute: the suffix continues where the prefix ends.
+    xp = prefix.astype(dt) + pos[:n_p]
+    xs = suffix.astype(dt) + pos[n_p : n_p + n_s]
+    tower = params["encoder"]["layers"]
+    block = functools.partial(_shared_block, clip)
+    if remat:
+        block = jax.checkpoint(block)
+    for i in range(clip.spec.text_layers):
+        if 1 <= i <= n_deep:
+            xp = xp.at[deep_start : deep_start + deep.shape[1]].set(deep[i - 1].astype(dt))
+        xp, xs = block(tower[str(i)], xp, xs)
+    # EOT normally lies in the suffix; a row whose EOT falls inside the prefix (an empty class
+    # name after a template, say) reads the shared prefix row instead.
+    rows = jnp.arange(xs.shape[0])
+    in_suffix = (eot >= n_p)[:, None]
+    pooled = jnp.where(
+        in_suffix,
+        xs[rows, jnp.clip(eot - n_p, 0, n_s - 1)],
+        xp[jnp.clip(eot, 0, n_p - 1)],
+    )
+    ln = _modules(clip.spec.config_json, clip.spec.dtype)["text_ln"]
+    pooled = ln.apply({"params": params["final_layer_norm"]}, pooled)
+    out = pooled @ clip.params["text_projection"]["kernel"]
+    return out.astype(jnp.float32)
+
+
+def shared_text_inputs(clip: Clip, task: Task, ctx: Array) -> tuple[Array, Array, Array]:
+    """The prefix/suffix split of :func:`prompted_text_inputs` for a shared context.
+
+    Args:
+      clip: the frozen model.
+      task: the class set.
+      ctx: [n, D] context shared by all classes (class name at the end).
+
+    Returns:
+      ``(prefix, suffix, eot)``: [1 + n, D] (start token and context), [C, L, D] (the task's
+      class tokens) and [C] EOT positions in full-sequence coordinates, so that
+      ``encode_text_shared(clip, prefix, suffix, eot)`` equals ``encode_text`` of
+      ``prompted_text_inputs(clip, task, ctx)``.
+    """
+    if ctx.ndim != 2:
+        raise ValueError(f"a shared prefix needs a [n, D] context, got {tuple(ctx.shape)}")
+    n = ctx.shape[0]
+    check_context(clip, task, n)
+    dt = jnp.dtype(clip.spec.dtype)
+    sot = embed_tokens(clip, jnp.full((1,), clip.spec.sot_id, jnp.int32)).astype(dt)
+    prefix = jnp.concatenate([sot, ctx.astype(dt)], axis=0)
+    suffix = embed_tokens(clip, task.token_ids).astype(dt)
+    return prefix, suffix, task.eot + 1 + n
+
+
+def prompted_text_features(
+    clip: Clip,
+    task: Task,
+    ctx: Array,
+    *,
+    position: str = "end",
+    deep: Array | None = None,
+    remat: bool = False,
+    shared_prefix: bool = True,
+) -> Array:
+    """Text features of ``[SOT] ctx <class tokens>`` for every class, prefix-shared if possible.
+
+    With a shared context ([n, D]), the class at the end and shared (or no) deep prompts, the
+    start token and context are encoded once (:func:`encode_text_shared`); class-specific
+    contexts ([C, n, D]), ``position="middle"`` / ``"front"``, per-class deep prompts or
+    ``shared_prefix=False`` take the plain path (:func:`prompted_text_inputs` then
+    :func:`encode_text`). Both give the same features.
+
+    Args:
+      clip: the frozen model.
+      task: the class set.
+      ctx: [n, D] shared or [C, n, D] class-specific context.
+      position: where the class name goes, as in :func:`prompted_text_inputs`.
+      deep: optional deep text prompts for positions ``1..n'`` (see :func:`encode_text`).
+      remat: rematerialise each block in the backward pass.
+      shared_prefix: allow the prefix-shared encoder (False: always the plain path, e.g. to
+        compare the two).
+
+    Returns:
+      [C, E] float32 text features, not normalised.
+    """
+    if shared_prefix and ctx.ndim == 2 and position == "end" and (deep is None or deep.ndim == 3):
+        prefix, suffix, eot = shared_text_inputs(clip, task, ctx)
+        return encode_text_shared(clip, prefix, suffix, eot, deep=deep, remat=remat)
+    embeds, eot = prompted_text_inputs(clip, task, ctx, position=position)
+    return encode_text(clip, embeds, eot, deep=deep, remat=remat)
 
 
 def encode_image(

@@ -52,3 +52,20 @@ def test_train_step_prints_one_json_line_per_method():
     # CoCoOp rematerialises its text tower: the executed estimate exceeds the model FLOPs.
     cocoop = lines[1]
     assert cocoop["remat"] and cocoop["flops_analytic"] > cocoop["flops_analytic_model"]
+
+
+@pytest.mark.slow
+def test_text_tower_prefix_speedup_prints_json():
+    lines = _run(
+        "text_tower",
+        "--preset", "tiny",
+        "--only", "prefix",
+        "--vocab", "word",
+        "--classes", "5",
+        "--prefix-ctx", "4",
+        "--repeats", "1",
+    )  # fmt: skip
+    (r,) = lines
+    assert r["prefix_ctx"] == 4 and r["word_prefix_tokens"] == 5
+    assert r["word_plain_s"] > 0 and r["word_shared_s"] > 0
+    assert r["prefix_speedup"] == r["word_prefix_speedup"] > 0

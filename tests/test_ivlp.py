@@ -57,15 +57,26 @@ def test_init_shapes_and_values(clip, tiny_task):
 
 
 def _text_tower_inputs(monkeypatch, method, prompt, clip, task):
-    """The (embeds, eot) that ``method.encode_classes`` hands to the text tower."""
+    """The (embeds, eot) that ``method.encode_classes`` hands to the text tower.
+
+    With the prefix-shared encoder the sequence it stands for is the shared prefix in front of
+    every class's suffix.
+    """
     seen = {}
-    real = clip_lib.encode_text
+    real, real_shared = clip_lib.encode_text, clip_lib.encode_text_shared
 
     def spy(clip_, embeds, eot, **kwargs):
         seen["embeds"], seen["eot"] = np.asarray(embeds), np.asarray(eot)
         return real(clip_, embeds, eot, **kwargs)
 
+    def spy_shared(clip_, prefix, suffix, eot, **kwargs):
+        pre = np.broadcast_to(np.asarray(prefix), (suffix.shape[0],) + prefix.shape)
+        seen["embeds"] = np.concatenate([pre, np.asarray(suffix)], axis=1)
+        seen["eot"] = np.asarray(eot)
+        return real_shared(clip_, prefix, suffix, eot, **kwargs)
+
     monkeypatch.setattr(clip_lib, "encode_text", spy)
+    monkeypatch.setattr(clip_lib, "encode_text_shared", spy_shared)
     method.encode_classes(prompt, clip, task)
     return seen["embeds"], seen["eot"]
 

@@ -27,6 +27,7 @@ def coop(
     class_position: str = "end",
     init_std: float = 0.02,
     remat: bool = False,
+    shared_prefix: bool = True,
 ) -> base.PromptMethod:
     """CoOp.
 
@@ -41,6 +42,11 @@ def coop(
       class_position: ``"end"``, ``"middle"`` or ``"front"``.
       init_std: standard deviation of the random initialisation.
       remat: rematerialise text blocks in the backward pass (memory for many classes).
+      shared_prefix: encode ``[SOT] ctx`` once for all classes
+        (:func:`~jaxprompt.clip.encode_text_shared`; same features, about ``(1 + n + L) / L``
+        times less text-tower work). Only a shared context with the class at the end can
+        share it; class-specific contexts and ``"middle"`` / ``"front"`` always take the plain
+        path. ``False`` forces the plain path everywhere (for comparison).
 
     Returns:
       A :class:`~jaxprompt.methods.base.PromptMethod` with prompt ``{"ctx": [n, D]}`` or
@@ -75,8 +81,10 @@ def coop(
                 f"this class-specific CoOp context has {ctx.shape[0]} classes but the task has "
                 f"{len(task)}: class-specific prompts only evaluate on their own classes"
             )
-        embeds, eot = clip_lib.prompted_text_inputs(clip, task, ctx, position=class_position)
-        return clip_lib.encode_text(clip, embeds, eot, remat=remat)
+        # Shared context, class at the end: the prefix-shared encoder; otherwise the plain one.
+        return clip_lib.prompted_text_features(
+            clip, task, ctx, position=class_position, remat=remat, shared_prefix=shared_prefix
+        )
 
     def classify(prompt, clip, classes, images):
         del prompt
@@ -95,6 +103,7 @@ def coop(
             class_position=class_position,
             init_std=init_std,
             remat=remat,
+            shared_prefix=shared_prefix,
         ),
         encode_classes=encode_classes,
         # No image prompt: the image side is CLIP's frozen encoder.

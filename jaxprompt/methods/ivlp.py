@@ -43,6 +43,7 @@ def ivlp(
     init_words: str | None = "a photo of a",
     init_std: float = 0.02,
     remat: bool = False,
+    shared_prefix: bool = True,
 ) -> base.PromptMethod:
     """IVLP: deep, independent text and vision prompts, trained with cross-entropy.
 
@@ -65,6 +66,10 @@ def ivlp(
         ``n_ctx_text`` (or ``None``) the context is N(0, init_std^2) and there are no fixed words.
       init_std: standard deviation of the random initialisations (0.02 in the reference).
       remat: rematerialise the transformer blocks in the backward pass.
+      shared_prefix: encode ``[SOT] ctx <fixed words>`` once for all classes
+        (:func:`~jaxprompt.clip.encode_text_shared`: deep text prompts replace positions
+        inside that prefix, so it is the same for every class); ``False`` runs the plain
+        encoder on every class's full sequence (same features, for comparison).
 
     Returns:
       A :class:`~jaxprompt.methods.base.PromptMethod` named ``"ivlp"``.
@@ -108,10 +113,13 @@ def ivlp(
         # "a photo of a <name>." whatever n_t is. Deep prompts replace positions 1..n_t only.
         _, fixed_ids = base.split_init_words(clip, init_words, prompt["ctx"].shape[0])
         full = base.with_fixed_words(clip, prompt["ctx"], fixed_ids)
-        embeds, eot = clip_lib.prompted_text_inputs(clip, task, full)
         # Depth 1 stores [0, n, D] deep prompts (a fixed pytree layout); the towers then get none.
         deep = prompt["deep_text"] if prompt["deep_text"].shape[0] else None
-        return clip_lib.encode_text(clip, embeds, eot, deep=deep, remat=remat)
+        # [SOT] ctx <fixed words> is the same for every class (deep prompts replace positions
+        # 1..n_t inside it), so by default it is encoded once.
+        return clip_lib.prompted_text_features(
+            clip, task, full, deep=deep, remat=remat, shared_prefix=shared_prefix
+        )
 
     def encode_images(prompt, clip, images):
         deep = prompt["deep_vision"] if prompt["deep_vision"].shape[0] else None
@@ -138,6 +146,7 @@ def ivlp(
             init_words=init_words,
             init_std=init_std,
             remat=remat,
+            shared_prefix=shared_prefix,
         ),
         encode_classes=encode_classes,
         classify=classify,

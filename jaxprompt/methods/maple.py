@@ -91,6 +91,7 @@ def maple(
     init_words: str | None = "a photo of a",
     init_std: float = 0.02,
     remat: bool = False,
+    shared_prefix: bool = True,
 ) -> base.PromptMethod:
     """MaPLe.
 
@@ -117,6 +118,10 @@ def maple(
         the class name.
       init_std: standard deviation of the random initialisations.
       remat: rematerialise the transformer blocks in the backward pass.
+      shared_prefix: encode ``[SOT] ctx <fixed words>`` once for all classes
+        (:func:`~jaxprompt.clip.encode_text_shared`: deep text prompts replace positions
+        inside that prefix, so it is the same for every class); ``False`` runs the plain
+        encoder on every class's full sequence (same features, for comparison).
 
     Returns:
       A :class:`~jaxprompt.methods.base.PromptMethod` named ``"maple"``.
@@ -159,9 +164,14 @@ def maple(
         }
 
     def encode_classes(prompt, clip, task):
-        embeds, eot = text_inputs(prompt, clip, task, init_words=init_words)
         deep = prompt["deep_text"] if prompt["deep_text"].shape[0] else None
-        return clip_lib.encode_text(clip, embeds, eot, deep=deep, remat=remat)
+        if not shared_prefix:
+            embeds, eot = text_inputs(prompt, clip, task, init_words=init_words)
+            return clip_lib.encode_text(clip, embeds, eot, deep=deep, remat=remat)
+        # [SOT] ctx <fixed words> (text_inputs' prefix) is the same for every class: once.
+        _, fixed_ids = base.split_init_words(clip, init_words, prompt["ctx"].shape[0])
+        full = base.with_fixed_words(clip, prompt["ctx"], fixed_ids)
+        return clip_lib.prompted_text_features(clip, task, full, deep=deep, remat=remat)
 
     def classify(prompt, clip, classes, images):
         vision_ctx, deep_vision = vision_prompts(prompt)
@@ -182,7 +192,12 @@ def maple(
         loss=base.supervised_loss(logits),
         name="maple",
         config=dict(
-            depth=depth, n_ctx=n_ctx, init_words=init_words, init_std=init_std, remat=remat
+            depth=depth,
+            n_ctx=n_ctx,
+            init_words=init_words,
+            init_std=init_std,
+            remat=remat,
+            shared_prefix=shared_prefix,
         ),
         encode_classes=encode_classes,
         classify=classify,

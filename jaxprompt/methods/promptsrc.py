@@ -48,6 +48,7 @@ from jaxprompt import gpa, losses
 from jaxprompt import templates as templates_lib
 from jaxprompt.methods import base
 from jaxprompt.methods.ivlp import ivlp
+from jaxprompt.methods.zeroshot import template_features
 
 TEACHER_KEY = "teacher_text"
 
@@ -58,6 +59,7 @@ def teacher_text_features(
     templates: Sequence[str] = templates_lib.PROMPTSRC_60,
     *,
     chunk: int | None = 1024,
+    shared_prefix: bool = True,
 ) -> jax.Array:
     r"""PromptSRC's frozen text features: the template mean of unnormalised features.
 
@@ -75,7 +77,10 @@ def teacher_text_features(
       task: the class set (its static ``names`` are read).
       templates: template strings with ``{}`` (PromptSRC: the 60 of
         :data:`jaxprompt.templates.PROMPTSRC_60`).
-      chunk: sequences per encoder call (``None``: all at once).
+      chunk: sequences per encoder call (``None``: all at once) on the plain path.
+      shared_prefix: encode each template's words before the class name once for all classes
+        (:func:`jaxprompt.methods.zeroshot.template_features`, one template at a time; same
+        features); ``False``: every sequence in full, ``chunk`` at a time.
 
     Returns:
       [C, E] float32 L2-normalised features, a constant (``stop_gradient``).
@@ -83,7 +88,11 @@ def teacher_text_features(
     names = [n.replace("_", " ") for n in task.names]
     texts = [t.format(n) for t in templates for n in names]  # template-major: [K * C]
     ids, eot = clip_lib.tokenize(clip, texts)
-    feats = clip_lib.encode_token_ids(clip, jnp.asarray(ids), jnp.asarray(eot), chunk=chunk)
+    if shared_prefix:
+        k, c = len(templates), len(names)
+        feats = template_features(clip, ids.reshape(k, c, -1), eot.reshape(k, c))
+    else:
+        feats = clip_lib.encode_token_ids(clip, jnp.asarray(ids), jnp.asarray(eot), chunk=chunk)
     feats = feats.reshape(len(templates), len(names), -1)  # [K, C, E]
     return jax.lax.stop_gradient(clip_lib.normalize(jnp.mean(feats, axis=0)))
 
@@ -103,6 +112,7 @@ def promptsrc(
     chunk: int | None = 1024,
     init_std: float = 0.02,
     remat: bool = False,
+    shared_prefix: bool = True,
 ) -> base.PromptMethod:
     """PromptSRC.
 
@@ -131,6 +141,10 @@ def promptsrc(
       chunk: sequences per call when encoding the teacher templates.
       init_std: standard deviation of the random prompt initialisations.
       remat: rematerialise the prompted blocks in the backward pass.
+      shared_prefix: encode ``[SOT] ctx <fixed words>`` once for all classes on the prompted path
+        (:func:`~jaxprompt.clip.encode_text_shared`: deep text prompts replace positions
+        inside that prefix, so it is the same for every class); ``False`` runs the plain
+        encoder on every class's full sequence (same features, for comparison).
 
     Returns:
       A :class:`~jaxprompt.methods.base.PromptMethod` named ``"promptsrc"``.
@@ -154,6 +168,7 @@ def promptsrc(
         init_words=init_words,
         init_std=init_std,
         remat=remat,
+        shared_prefix=shared_prefix,
     )
 
     def prompted_image_features(prompt, clip, images):
@@ -182,7 +197,9 @@ def promptsrc(
                     "(one normalised frozen text feature per class of the task)"
                 )
         else:
-            g = teacher_text_features(clip, task, templates, chunk=chunk)
+            g = teacher_text_features(
+                clip, task, templates, chunk=chunk, shared_prefix=shared_prefix
+            )
         z = scale * f @ g.T  # [B, C]
 
         ce = losses.cross_entropy(z_p, labels)
@@ -220,6 +237,7 @@ def promptsrc(
             chunk=chunk,
             init_std=init_std,
             remat=remat,
+            shared_prefix=shared_prefix,
         ),
     )
 
@@ -265,7 +283,13 @@ def with_teacher(
         raise ValueError(f"with_teacher needs a promptsrc method, got {method.name!r}")
     cfg = method.config
     teacher = jax.jit(
-        lambda c, t: teacher_text_features(c, t, tuple(cfg["templates"]), chunk=cfg["chunk"])
+        lambda c, t: teacher_text_features(
+            c,
+            t,
+            tuple(cfg["templates"]),
+            chunk=cfg["chunk"],
+            shared_prefix=cfg.get("shared_prefix", True),
+        )
     )(clip, task)
     # A host (NumPy) constant: jit embeds it in the step whatever the mesh, where a committed
     # device array would pin the step to the device it lives on.
