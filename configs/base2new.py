@@ -10,12 +10,12 @@ Arguments after ``:``: the method (zeroshot, coop, cocoop, ivlp, maple, promptsr
 ``dataset=``, ``shots=``, ``seed=``, ``runlocal=true`` (tiny smoke run).
 
 Toy world (``dataset=toy_textures``, the shipped toy CLIP; ``python benchmarks/toy_world.py``,
-mean of seeds 1-3, docs/toy_results.md), top-1 % base / new / HM:
+mean of seeds 1-3, docs/toy_results.md, 2026-12-02), top-1 % base / new / HM:
 
-    zeroshot   81.25 / 82.25 / 81.75      ivlp       90.67 / 65.67 / 76.17
-    coop       92.58 / 74.83 / 82.77      maple      83.33 / 71.08 / 76.72
-    cocoop     95.17 / 84.42 / 89.47      promptsrc  93.75 / 76.00 / 83.95
-    bayes      85.00 / 80.33 / 82.60
+    zeroshot   81.25 / 82.25 / 81.75      ivlp       89.50 / 67.75 / 77.12
+    coop       93.58 / 72.00 / 81.39      maple      86.08 / 75.83 / 80.63
+    cocoop     96.17 / 85.42 / 90.47      promptsrc  93.17 / 80.33 / 86.28
+    bayes      84.58 / 80.17 / 82.32
 
 The papers' numbers on real data are in README.md; ours are recorded there only once
 reproduced.

@@ -12,8 +12,8 @@ source is ``toy_textures``, the targets its other styles (domain shift) and ``to
 PromptSRC's recipe here: depth 3, 20 epochs, GPA mean 6 / std 10; MaPLe: depth 3, 2 epochs,
 lr 0.0026.
 
-Toy world (source ``toy_textures``; seed 1 only, docs/toy_results_xdomain.md), top-1 % on
-photo / sketch / night / cartoon / colours:
+Toy world (source ``toy_textures``; seed 1 only, docs/toy_results_xdomain.md; measured
+before issue 15's data changes), top-1 % on photo / sketch / night / cartoon / colours:
 
     zeroshot   67.88 / 28.00 / 40.12 / 36.75 / 28.75
     coop       71.88 / 26.62 / 38.00 / 39.00 / 12.88
