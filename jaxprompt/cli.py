@@ -7,8 +7,9 @@
     jaxprompt prepare --dataset NAME [--data_dir DIR] [--manual_dir DIR]
     jaxprompt pretrain-toy [--out DIR]
     jaxprompt export  --workdir DIR [--out FILE]
-    jaxprompt predict --prompt FILE --classes a,b,c|classes.txt [--clip NAME] [--top_k 5]
-                      [--json] IMAGES_OR_FOLDER...
+    jaxprompt push    --workdir DIR --repo USER/NAME [--private] [--revision main]
+    jaxprompt predict --prompt FILE|hf://USER/NAME --classes a,b,c|classes.txt [--clip NAME]
+                      [--top_k 5] [--json] IMAGES_OR_FOLDER...
 
 Every bad input ends with a one-line error naming the fix and exit code 2, before anything is
 written; nothing in a run directory is deleted or overwritten. jax, transformers and the data
@@ -67,7 +68,17 @@ HELP = {
     ),
 }
 
-COMMANDS = ("train", "eval", "adapt", "sweep", "prepare", "pretrain-toy", "export", "predict")
+COMMANDS = (
+    "train",
+    "eval",
+    "adapt",
+    "sweep",
+    "prepare",
+    "pretrain-toy",
+    "export",
+    "push",
+    "predict",
+)
 
 
 def _version() -> str:
@@ -142,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         from jaxprompt.app import sweep
 
         return sweep.main(args)
-    if cmd in ("export", "predict"):
+    if cmd in ("export", "push", "predict"):
         from jaxprompt.app import share
 
         return share.export_main(args) if cmd == "export" else share.predict_main(args)

@@ -12,6 +12,11 @@ a JSON string (safetensors metadata maps strings to strings) with
 * ``classnames`` it was trained on, and when known ``protocol``, ``dataset``, ``shots``,
   ``seed`` and ``results`` (the run's accuracies).
 
+A prompt published on the Hugging Face Hub (``jaxprompt push``) loads by its repository:
+``load_prompt("hf://USER/NAME")`` or ``"hf://USER/NAME@REVISION"`` downloads the repository's
+``prompt.safetensors`` through ``huggingface_hub.hf_hub_download`` (its cache, so a second load
+is offline).
+
 No pickle anywhere: safetensors is a JSON header plus raw little-endian buffers. Old ``.npz``
 exports (:func:`jaxprompt.checkpoint.save_exported`) still load with :func:`load_prompt`.
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -35,10 +41,15 @@ from etils import epath
 
 __all__ = [
     "FORMAT_VERSION",
+    "HUB_FILENAME",
+    "HUB_SCHEME",
     "META_KEY",
     "BackboneMismatchError",
     "backbone_fingerprint",
     "check_backbone",
+    "is_hub_ref",
+    "parse_hub_ref",
+    "resolve_prompt_path",
     "load_prompt",
     "prompt_meta",
     "read_prompt_file",
@@ -47,6 +58,14 @@ __all__ = [
 
 FORMAT_VERSION = 1
 META_KEY = "jaxprompt"  # the one safetensors metadata entry: a JSON string
+HUB_SCHEME = "hf://"  # a prompt on the Hugging Face Hub: hf://USER/NAME[@REVISION]
+HUB_FILENAME = "prompt.safetensors"  # the file `jaxprompt push` uploads and loading fetches
+
+# The Hub's own rule for a namespaced repo id (huggingface_hub.utils.validate_repo_id accepts a
+# bare name too; a prompt always lives under a user or an organisation, so both are required).
+_REPO_ID = re.compile(
+    r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?"
+)
 
 # Config keys that change with how or where a model was loaded, not with what it computes:
 # the same weights loaded from the hub or a local copy, by another transformers version or in
@@ -191,6 +210,66 @@ def save_prompt(path: str | os.PathLike, prompt: PyTree, meta: Mapping[str, Any]
 
 
 # ------------------------------------------------------------------------------------------------
+# The Hugging Face Hub
+# ------------------------------------------------------------------------------------------------
+
+
+def is_hub_ref(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a prompt on the Hub (``hf://USER/NAME[@REVISION]``)."""
+    return isinstance(path, str) and path.startswith(HUB_SCHEME)
+
+
+def parse_hub_ref(ref: str) -> tuple[str, str | None]:
+    """``hf://USER/NAME[@REVISION]`` (or ``USER/NAME[@REVISION]``) -> ``(repo_id, revision)``.
+
+    Raises:
+      ValueError: not a namespaced repo id (one line naming the expected form).
+    """
+    body = ref[len(HUB_SCHEME) :] if ref.startswith(HUB_SCHEME) else ref
+    repo_id, _, revision = body.partition("@")
+    # ".." and "--" are reserved by the Hub (its cache names folders with "--").
+    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id:
+        raise ValueError(
+            f"{ref!r} is not a Hub repository: write USER/NAME (letters, digits, '-', '_', '.')"
+        )
+    if "@" in body and not revision:
+        raise ValueError(f"{ref!r} has an empty revision after '@'")
+    return repo_id, revision or None
+
+
+def resolve_prompt_path(path: str | os.PathLike) -> str | os.PathLike:
+    """A local (or ``gs://``) path for ``path``: a Hub reference is downloaded first.
+
+    ``huggingface_hub.hf_hub_download`` keeps the file in the Hub cache, so loading the same
+    revision again needs no network (and works with ``HF_HUB_OFFLINE=1``).
+
+    Raises:
+      ValueError: a malformed ``hf://`` reference.
+      FileNotFoundError: no such repository, revision or file on the Hub.
+    """
+    if not is_hub_ref(path):
+        return path
+    # Looked up on the module at call time, so tests can stand in for the Hub there.
+    import huggingface_hub
+    from huggingface_hub import utils as hf_utils
+
+    repo_id, revision = parse_hub_ref(os.fspath(path))
+    try:
+        return huggingface_hub.hf_hub_download(
+            repo_id=repo_id, filename=HUB_FILENAME, revision=revision, repo_type="model"
+        )
+    except hf_utils.LocalEntryNotFoundError as e:  # offline, or the Hub unreachable
+        raise FileNotFoundError(
+            f"cannot download {path} (no network or HF_HUB_OFFLINE) and it is not in the Hub "
+            "cache: load it once online"
+        ) from e
+    except (hf_utils.RepositoryNotFoundError, hf_utils.RevisionNotFoundError) as e:
+        raise FileNotFoundError(f"no prompt at {path}: {type(e).__name__}") from e
+    except hf_utils.EntryNotFoundError as e:
+        raise FileNotFoundError(f"{path} has no {HUB_FILENAME}") from e
+
+
+# ------------------------------------------------------------------------------------------------
 # Reading
 # ------------------------------------------------------------------------------------------------
 
@@ -211,7 +290,8 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     """Reads a prompt file -> ``(prompt, meta)``: nested dicts of numpy arrays, JSON dict.
 
     Accepts ``.safetensors`` files written by :func:`save_prompt` and old ``.npz`` exports
-    (:func:`jaxprompt.checkpoint.save_exported`), local or ``gs://``.
+    (:func:`jaxprompt.checkpoint.save_exported`), local, ``gs://`` or on the Hugging Face Hub
+    (``hf://USER/NAME[@REVISION]``, see :func:`resolve_prompt_path`).
 
     Raises:
       FileNotFoundError: if there is no such file.
@@ -219,6 +299,7 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     """
     from jaxprompt import checkpoint
 
+    path = resolve_prompt_path(path)
     p = epath.Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no prompt file {os.fspath(path)}")
@@ -246,7 +327,8 @@ def load_prompt(path: str | os.PathLike, *, clip: Any = None) -> tuple[Any, dict
     """A shared prompt, ready to use: ``(method, prompt, meta)`` in one call.
 
     Args:
-      path: a ``.safetensors`` prompt file, or an old ``.npz`` export.
+      path: a ``.safetensors`` prompt file, an old ``.npz`` export, or a prompt on the
+        Hugging Face Hub: ``"hf://USER/NAME"`` or ``"hf://USER/NAME@REVISION"``.
       clip: optionally the :class:`~jaxprompt.clip.Clip` it will be used with; its
         fingerprint must match the file's backbone.
 

@@ -1,13 +1,17 @@
-"""``jaxprompt export`` and ``jaxprompt predict``: a run's prompt as one file, and using it.
+"""``jaxprompt export``, ``push`` and ``predict``: a run's prompt as one file, published, used.
 
     jaxprompt export  --workdir DIR [--out FILE]
-    jaxprompt predict --prompt FILE --classes a,b,c|classes.txt [--clip NAME] [--top_k 5]
-                      [--json] IMAGES_OR_FOLDER...
+    jaxprompt push    --workdir DIR --repo USER/NAME [--private] [--revision main]
+    jaxprompt predict --prompt FILE|hf://USER/NAME[@REV] --classes a,b,c|classes.txt
+                      [--clip NAME] [--top_k 5] [--json] IMAGES_OR_FOLDER...
 
 ``export`` writes ``DIR/prompt.safetensors`` by default (format: :mod:`jaxprompt.share`).
 ``predict`` rebuilds the method from the file, loads the backbone the file names (or
 ``--clip``, which must be the same backbone), and prints each image's top-k classes among
-the given names. Every bad input is a one-line error with exit code 2, and nothing is written.
+the given names. ``push`` exports the prompt, writes a model card (``README.md``) and uploads
+both with the run's ``config.json`` to a Hugging Face Hub model repository, from which
+``jp.load_prompt("hf://USER/NAME")`` and ``predict --prompt hf://USER/NAME`` load it. Every bad
+input is a one-line error with exit code 2, and nothing is written.
 Prompts of test-time methods (TPT) are not supported by ``predict`` yet.
 """
 
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -139,6 +144,310 @@ def export_main(args: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# push (the Hugging Face Hub)
+# ------------------------------------------------------------------------------------------------
+
+# BibTeX of each method's paper, by registry name; the card cites it and CLIP. IVLP, the
+# independent vision-language prompts baseline, is cited as the PromptSRC paper describes it
+# (PromptSRC regularises IVLP's prompts).
+_COOP = """@article{zhou2022coop,
+  title   = {Learning to Prompt for Vision-Language Models},
+  author  = {Zhou, Kaiyang and Yang, Jingkang and Loy, Chen Change and Liu, Ziwei},
+  journal = {International Journal of Computer Vision (IJCV)},
+  year    = {2022}
+}"""
+_COCOOP = """@inproceedings{zhou2022cocoop,
+  title     = {Conditional Prompt Learning for Vision-Language Models},
+  author    = {Zhou, Kaiyang and Yang, Jingkang and Loy, Chen Change and Liu, Ziwei},
+  booktitle = {IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2022}
+}"""
+_MAPLE = """@inproceedings{khattak2023maple,
+  title     = {MaPLe: Multi-modal Prompt Learning},
+  author    = {Khattak, Muhammad Uzair and Rasheed, Hanoona and Maaz, Muhammad and
+               Khan, Salman and Khan, Fahad Shahbaz},
+  booktitle = {IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2023}
+}"""
+_PROMPTSRC = """@inproceedings{khattak2023promptsrc,
+  title     = {Self-regulating Prompts: Foundational Model Adaptation without Forgetting},
+  author    = {Khattak, Muhammad Uzair and Wasim, Syed Talal and Naseer, Muzammal and
+               Khan, Salman and Yang, Ming-Hsuan and Khan, Fahad Shahbaz},
+  booktitle = {IEEE/CVF International Conference on Computer Vision (ICCV)},
+  year      = {2023}
+}"""
+_BAYES = """@inproceedings{derakhshani2023bayesian,
+  title     = {Bayesian Prompt Learning for Image-Language Model Generalization},
+  author    = {Derakhshani, Mohammad Mahdi and Sanchez, Enrique and Bulat, Adrian and
+               da Costa, Victor Guilherme Turrisi and Snoek, Cees G. M. and
+               Tzimiropoulos, Georgios and Martinez, Brais},
+  booktitle = {IEEE/CVF International Conference on Computer Vision (ICCV)},
+  year      = {2023}
+}"""
+_TPT = """@inproceedings{shu2022tpt,
+  title     = {Test-Time Prompt Tuning for Zero-Shot Generalization in Vision-Language Models},
+  author    = {Shu, Manli and Nie, Weili and Huang, De-An and Yu, Zhiding and
+               Goldstein, Tom and Anandkumar, Anima and Xiao, Chaowei},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2022}
+}"""
+_POUF = """@inproceedings{tanwisuth2023pouf,
+  title     = {POUF: Prompt-Oriented Unsupervised Fine-tuning for Large Pre-trained Models},
+  author    = {Tanwisuth, Korawat and Zhang, Shujian and Zheng, Huangjie and He, Pengcheng and
+               Zhou, Mingyuan},
+  booktitle = {International Conference on Machine Learning (ICML)},
+  year      = {2023}
+}"""
+_CLIP = """@inproceedings{radford2021clip,
+  title     = {Learning Transferable Visual Models From Natural Language Supervision},
+  author    = {Radford, Alec and Kim, Jong Wook and Hallacy, Chris and Ramesh, Aditya and
+               Goh, Gabriel and Agarwal, Sandhini and Sastry, Girish and Askell, Amanda and
+               Mishkin, Pamela and Clark, Jack and Krueger, Gretchen and Sutskever, Ilya},
+  booktitle = {International Conference on Machine Learning (ICML)},
+  year      = {2021}
+}"""
+CITATIONS: dict[str, str] = {
+    "coop": _COOP,
+    "cocoop": _COCOOP,
+    "ivlp": _PROMPTSRC,
+    "maple": _MAPLE,
+    "promptsrc": _PROMPTSRC,
+    "bayes": _BAYES,
+    "tpt": _TPT,
+    "pouf": _POUF,
+    "zeroshot": _CLIP,
+}
+CLIP_CITATION = _CLIP
+CARD_NAME = "README.md"
+CONFIG_NAME = "config.json"
+
+
+def citations(method: str) -> list[str]:
+    """The BibTeX entries a card of ``method`` cites: the method's paper, then CLIP's."""
+    own = CITATIONS.get(method)
+    return [own, CLIP_CITATION] if own and own != CLIP_CITATION else [CLIP_CITATION]
+
+
+def hub_base_model(name: str) -> str | None:
+    """``name`` when it is a Hub model id (``org/name``, not a local path), else ``None``."""
+    from jaxprompt import share
+
+    if not name or os.path.exists(name) or "://" in name:
+        return None
+    try:
+        repo_id, revision = share.parse_hub_ref(name)
+    except ValueError:
+        return None
+    return repo_id if revision is None else None
+
+
+def _yaml_scalar(value: Any) -> str:
+    # A JSON string or number is a valid YAML flow scalar, so no YAML writer is needed.
+    return json.dumps(value)
+
+
+def _flat_results(results: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for k, v in results.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            rows += _flat_results(v, key + "/")
+        else:
+            rows.append((key, v))
+    return rows
+
+
+def results_rows(results: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(split, accuracy)`` rows of a results.json ``accuracy`` (nested keys joined by ``/``;
+    numbers to two decimals, as the run's own results.md prints them)."""
+    return [
+        (k, f"{float(v):.2f}" if isinstance(v, int | float) and not isinstance(v, bool) else str(v))
+        for k, v in _flat_results(results)
+    ]
+
+
+def model_card(
+    *,
+    repo_id: str,
+    meta: Mapping[str, Any],
+    record: Mapping[str, Any],
+    revision: str | None = None,
+) -> str:
+    """The Hub model card (``README.md``) of a pushed prompt.
+
+    Args:
+      repo_id: ``USER/NAME``, for the loading examples.
+      meta: the prompt file's header (:func:`export_meta`).
+      record: the run's ``results.json`` (``{}`` when the run has none).
+      revision: the branch pushed to (named in the loading examples unless ``main``).
+
+    Returns:
+      Markdown with YAML front matter (``library_name``, ``tags``, ``base_model`` when the
+      backbone is a Hub id, ``datasets``).
+    """
+    method = str(meta.get("method", "unknown"))
+    backbone = str((meta.get("backbone") or {}).get("name") or meta.get("model") or "unknown")
+    dataset = meta.get("dataset") or record.get("dataset")
+    ref = f"hf://{repo_id}" + (f"@{revision}" if revision and revision != "main" else "")
+    front = ["---", "library_name: jaxprompt", "tags:"]
+    front += [f"- {_yaml_scalar(t)}" for t in ("prompt-learning", "clip", method)]
+    base = hub_base_model(backbone)
+    if base:
+        front.append(f"base_model: {_yaml_scalar(base)}")
+    if dataset:
+        front += ["datasets:", f"- {_yaml_scalar(str(dataset))}"]
+    front.append("---")
+
+    def field(key: str) -> str:
+        value = meta.get(key, record.get(key))
+        return "n/a" if value is None or value == "" else f"`{value}`"
+
+    body = [
+        f"# {repo_id}",
+        "",
+        f"A learned prompt for a frozen CLIP, trained with jaxprompt (method `{method}`). "
+        "The prompt is one "
+        f"`prompt.safetensors` file (no pickle); the run's full config is `config.json`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| method | `{method}` |",
+        f"| backbone | `{backbone}` |",
+        f"| dataset | {field('dataset')} |",
+        f"| protocol | {field('protocol')} |",
+        f"| shots | {field('shots')} |",
+        f"| seed | {field('seed')} |",
+        "",
+        "## Results",
+        "",
+    ]
+    rows = results_rows(record.get("accuracy") or meta.get("results") or {})
+    if rows:
+        body += ["| split | accuracy (%) |", "|---|---|"]
+        body += [f"| {k} | {v} |" for k, v in rows]
+    else:
+        body.append("The run has no results.json.")
+    classes = list(meta.get("classnames") or [])
+    body += [
+        "",
+        "## Use",
+        "",
+        "In Python (downloads the file once, into the Hugging Face cache):",
+        "",
+        "```python",
+        "import jaxprompt as jp",
+        "",
+        f'clip = jp.load_clip("{backbone}")',
+        f'method, prompt, meta = jp.load_prompt("{ref}", clip=clip)',
+        'task = jp.make_task(clip, ["cat", "dog"], template=meta.get("template"))',
+        "logits = method.logits(prompt, clip, task, images)  # images: [N, H, W, 3]",
+        "```",
+        "",
+        "From the command line:",
+        "",
+        "```bash",
+        f"jaxprompt predict --prompt {ref} --classes "
+        f"{','.join(classes[:3]) or 'cat,dog'} --top_k 3 IMAGES_OR_FOLDER",
+        "```",
+        "",
+        "## Citation",
+        "",
+        "```bibtex",
+        "\n\n".join(citations(method)),
+        "```",
+        "",
+    ]
+    return "\n".join(front + [""] + body)
+
+
+def push_run(
+    *,
+    workdir: str,
+    repo: str,
+    private: bool = False,
+    revision: str | None = None,
+) -> str:
+    """Exports a run's prompt and uploads it, a model card and ``config.json`` to the Hub.
+
+    Everything is checked and written to a temporary folder first (repo id, run directory,
+    checkpoint, backbone); only then is the repository created (``exist_ok``: an existing one
+    keeps its visibility) and the folder uploaded as one commit.
+
+    Args:
+      workdir: the run directory.
+      repo: ``USER/NAME`` (``hf://`` prefix allowed).
+      private: create the repository private.
+      revision: the branch to push to (created from ``main`` when missing); ``None``: main.
+
+    Returns:
+      The ``hf://`` reference that loads the prompt.
+
+    Raises:
+      ValueError: a bad repo id, or a run that cannot be exported.
+      FileNotFoundError: no run directory, checkpoint or config.json.
+    """
+    import huggingface_hub
+
+    from jaxprompt import share
+
+    repo_id, rev_in_ref = share.parse_hub_ref(repo)
+    if rev_in_ref:
+        raise ValueError(f"--repo {repo!r}: give the branch with --revision, not '@'")
+    run = epath.Path(workdir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"no run directory {workdir}")
+    if not (run / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{workdir} has no {CONFIG_NAME}: train the run first")
+    results_path = run / "results.json"
+    record = json.loads(results_path.read_text()) if results_path.exists() else {}
+    with tempfile.TemporaryDirectory(prefix="jaxprompt-push-") as tmp:
+        prompt_path = export_run(workdir, os.path.join(tmp, share.HUB_FILENAME))
+        meta = share.read_prompt_file(prompt_path)[1]
+        card = model_card(repo_id=repo_id, meta=meta, record=record, revision=revision)
+        with open(os.path.join(tmp, CARD_NAME), "w") as f:
+            f.write(card)
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            f.write((run / CONFIG_NAME).read_text())
+        # Nothing has touched the Hub before this point: bad input never half-publishes.
+        api = huggingface_hub.HfApi()
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=tmp,
+            repo_type="model",
+            revision=revision,
+            commit_message=f"jaxprompt push: {meta.get('method')} on {meta.get('dataset')}",
+        )
+    return f"hf://{repo_id}" + (f"@{revision}" if revision and revision != "main" else "")
+
+
+def push_main(args: list[str]) -> int:
+    """``jaxprompt push``: returns the exit code."""
+    from jaxprompt.app import runners
+
+    ap = _Parser(
+        prog="jaxprompt push", description="Publishes a run's prompt on the Hugging Face Hub."
+    )
+    ap.add_argument("--workdir", required=True, help="the run directory")
+    ap.add_argument("--repo", required=True, help="the Hub model repository, USER/NAME")
+    ap.add_argument("--private", action="store_true", help="create the repository private")
+    ap.add_argument("--revision", default=None, help="branch to push to (default main)")
+    if any(a in ("-h", "--help") for a in args):
+        ap.print_help()
+        return 0
+    try:
+        ns = ap.parse_args(args)
+        ref = push_run(workdir=ns.workdir, repo=ns.repo, private=ns.private, revision=ns.revision)
+    except (*runners.USER_ERRORS, OSError) as e:
+        # OSError: the Hub's HTTP errors (no token, no permission) and network failures.
+        return flags_lib.fail(flags_lib.one_line(e))
+    print(ref)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 # predict
 # ------------------------------------------------------------------------------------------------
 
@@ -241,7 +550,9 @@ def predict_main(args: list[str]) -> int:
     from jaxprompt.app import runners
 
     ap = _Parser(prog="jaxprompt predict", description="Classifies images with a shared prompt.")
-    ap.add_argument("--prompt", required=True, help="a .safetensors prompt (or old .npz)")
+    ap.add_argument(
+        "--prompt", required=True, help="a .safetensors prompt (or old .npz), or hf://USER/NAME"
+    )
     ap.add_argument("--classes", required=True, help="a,b,c or a file with one name per line")
     ap.add_argument("--clip", default=None, help="the backbone (default: the file's)")
     ap.add_argument("--top_k", type=int, default=5, help="labels printed per image")
