@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if cmd in ("export", "push", "predict"):
         from jaxprompt.app import share
 
-        return share.export_main(args) if cmd == "export" else share.predict_main(args)
+        main_fn = {"export": share.export_main, "push": share.push_main}.get(cmd)
+        return (main_fn or share.predict_main)(args)
     return _run(cmd, [argv[0], *args])
 
 

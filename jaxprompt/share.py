@@ -230,10 +230,10 @@ def parse_hub_ref(ref: str) -> tuple[str, str | None]:
     # ".." and "--" are reserved by the Hub (its cache names folders with "--").
     if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id:
         raise ValueError(
-            f"{ref!r} is not a Hub repository: write USER/NAME (letters, digits, '-', '_', '.')"
+            f"not a Hub repository: {ref!r}; write USER/NAME (letters, digits, '-', '_', '.')"
         )
     if "@" in body and not revision:
-        raise ValueError(f"{ref!r} has an empty revision after '@'")
+        raise ValueError(f"empty revision after '@' in {ref!r}")
     return repo_id, revision or None
 
 

@@ -217,7 +217,7 @@ def test_export_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys
     assert "no run directory" in err[0] and "no checkpoint" in err[1]
 
 
-@pytest.mark.parametrize("cmd", ["export", "predict"])
+@pytest.mark.parametrize("cmd", ["export", "push", "predict"])
 def test_help_exits_0(cmd, capsys):
     assert cli.main(["jaxprompt", cmd, "--help"]) == 0
     assert capsys.readouterr().out.startswith(f"usage: jaxprompt {cmd}")
@@ -241,3 +241,175 @@ def test_prompt_file_on_a_bucket(gcs, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert gcs.exists("gs://bucket/shared/p.safetensors")
     assert not gcs.exists("gs://bucket/shared/p.safetensors.tmp")
+
+
+# ------------------------------------------------------------------------------------------------
+# The Hugging Face Hub, stood in for at the client boundary (no network)
+# ------------------------------------------------------------------------------------------------
+
+
+class FakeHub:
+    """A local Hub: files under ``root/<user>/<name>/<revision>/``, and every call recorded.
+
+    It replaces exactly what jaxprompt calls: ``HfApi.create_repo``, ``HfApi.create_branch``,
+    ``HfApi.upload_folder`` and ``huggingface_hub.hf_hub_download`` (looked up on the module at
+    call time), with the real ones' keyword arguments.
+    """
+
+    def __init__(self, root):
+        self.root = root
+        self.calls = []
+        self.repos = {}  # repo_id -> private
+
+    def files(self, repo_id, revision="main"):
+        d = self.root / repo_id / revision
+        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+    def install(self, monkeypatch):
+        import huggingface_hub
+        from huggingface_hub import utils as hf_utils
+
+        hub = self
+
+        def create_repo(self, repo_id, *, repo_type=None, private=None, exist_ok=False, **kw):
+            hub.calls.append(("create_repo", repo_id))
+            assert repo_type == "model"
+            if repo_id in hub.repos and not exist_ok:
+                raise hf_utils.HfHubHTTPError(f"409 {repo_id} exists")
+            hub.repos.setdefault(repo_id, bool(private))
+            (hub.root / repo_id / "main").mkdir(parents=True, exist_ok=True)
+            return f"https://huggingface.co/{repo_id}"
+
+        def create_branch(self, repo_id, *, branch, repo_type=None, exist_ok=False, **kw):
+            hub.calls.append(("create_branch", repo_id, branch))
+            dst = hub.root / repo_id / branch
+            if not dst.exists():
+                shutil.copytree(hub.root / repo_id / "main", dst)
+
+        def upload_folder(self, *, repo_id, folder_path, repo_type=None, revision=None, **kw):
+            hub.calls.append(("upload_folder", repo_id, revision))
+            assert repo_id in hub.repos, "upload before create_repo"
+            dst = hub.root / repo_id / (revision or "main")
+            assert dst.is_dir(), f"no branch {revision}"
+            shutil.copytree(folder_path, dst, dirs_exist_ok=True)
+
+        def hf_hub_download(repo_id, filename, *, revision=None, repo_type=None, **kw):
+            hub.calls.append(("download", repo_id, filename, revision))
+            if repo_id not in hub.repos:
+                raise hf_utils.RepositoryNotFoundError(f"404 {repo_id}")
+            path = hub.root / repo_id / (revision or "main") / filename
+            if not path.exists():
+                raise hf_utils.EntryNotFoundError(f"404 {filename}")
+            return str(path)
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
+        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+        return self
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    return FakeHub(tmp_path / "hub").install(monkeypatch)
+
+
+def _front_matter(card):
+    assert card.startswith("---\n")
+    text = card.split("---\n")[1]
+    try:
+        import yaml
+    except ImportError:  # the card is still checked line by line below
+        return None
+    return yaml.safe_load(text)
+
+
+@pytest.mark.slow
+def test_push_uploads_prompt_card_and_config_and_loads_back(run, hub, tiny_clip, toy, capsys):
+    capsys.readouterr()
+    assert cli.main(["jaxprompt", "push", "--workdir", run, "--repo", "user/name"]) == 0
+    assert capsys.readouterr().out.strip() == "hf://user/name"
+    assert hub.files("user/name") == ["README.md", "config.json", NAME]
+    assert hub.repos == {"user/name": False}
+    main = hub.root / "user" / "name" / "main"
+    assert json.loads((main / "config.json").read_text()) == json.load(
+        open(os.path.join(run, "config.json"))
+    )
+    # The card: front matter, the run's fields, its results as results.json has them, citations.
+    card = (main / "README.md").read_text()
+    record = json.load(open(os.path.join(run, "results.json")))
+    backbone = json.load(open(os.path.join(run, "config.json")))["clip"]["name"]
+    front = _front_matter(card)
+    if front is not None:
+        assert front["library_name"] == "jaxprompt"
+        assert front["tags"] == ["prompt-learning", "clip", "coop"]
+        assert front["datasets"] == ["toy_textures"]
+        assert "base_model" not in front  # the tiny CLIP is a local folder, not a Hub id
+    assert "| method | `coop` |" in card and f"| backbone | `{backbone}` |" in card
+    assert "| protocol | `base2new` |" in card and "| shots | `2` |" in card
+    assert "| seed | `1` |" in card
+    rows = dict(
+        ln.strip("|").replace(" ", "").split("|")
+        for ln in card.split("## Results")[1].split("##")[0].splitlines()
+        if ln.startswith("| ") and "accuracy" not in ln
+    )
+    assert {k: float(v) for k, v in rows.items()} == {
+        k: round(float(v), 2) for k, v in record["accuracy"].items()
+    }
+    assert "@article{zhou2022coop" in card and "Learning to Prompt for Vision-Language" in card
+    assert "@inproceedings{radford2021clip" in card
+    assert 'jp.load_prompt("hf://user/name"' in card and "--prompt hf://user/name" in card
+    # The round trip: the Hub's prompt is the local export's, arrays and header.
+    method, prompt, meta = jp.load_prompt("hf://user/name", clip=tiny_clip)
+    _, local, local_meta = jp.load_prompt(os.path.join(run, NAME))
+    assert method.name == "coop" and meta == local_meta
+    assert checkpoint.flatten(prompt).keys() == checkpoint.flatten(local).keys()
+    for k, v in checkpoint.flatten(local).items():
+        np.testing.assert_array_equal(checkpoint.flatten(prompt)[k], v)
+    # Another branch: created, pushed to, loaded by @revision; predict reads hf:// too.
+    assert cli.main(
+        ["jaxprompt", "push", "--workdir", run, "--repo", "user/name", "--revision", "v1"]
+    ) == 0  # fmt: skip
+    assert capsys.readouterr().out.strip() == "hf://user/name@v1"
+    assert hub.files("user/name", "v1") == ["README.md", "config.json", NAME]
+    assert "hf://user/name@v1" in (hub.root / "user/name/v1/README.md").read_text()
+    _, p1, _ = jp.load_prompt("hf://user/name@v1")
+    np.testing.assert_array_equal(p1["ctx"], local["ctx"])
+    ds, _, new, examples = toy
+    img = hub.root.parent / "x.png"
+    data.pipeline.to_pil_rgb(ds.fetch(examples[0])).save(img)
+    code = cli.main(
+        ["jaxprompt", "predict", "--prompt", "hf://user/name@v1", "--classes", ",".join(new),
+         "--json", str(img)]
+    )  # fmt: skip
+    assert code == 0 and json.loads(capsys.readouterr().out)["image"] == str(img)
+    # A repository or revision the Hub does not have: one line, exit 2.
+    code = cli.main(["jaxprompt", "predict", "--prompt", "hf://user/other", "--classes", "a,b",
+                     str(img)])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "hf://user/other" in err[0], err
+
+
+def test_push_bad_input_is_one_line_exit_2_and_uploads_nothing(hub, tmp_path, capsys):
+    capsys.readouterr()
+    for repo in ("noslash", "a/b/c", "user/na me", "-user/name", "user/name@v1", "us--er/x"):
+        code = cli.main(["jaxprompt", "push", "--workdir", str(tmp_path), f"--repo={repo}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and repr(repo) in err[0], (repo, err)
+    missing = tmp_path / "nope"
+    assert cli.main(["jaxprompt", "push", "--workdir", str(missing), "--repo", "u/n"]) == 2
+    assert "no run directory" in capsys.readouterr().err
+    assert cli.main(["jaxprompt", "push", "--workdir", str(tmp_path), "--repo", "u/n"]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert cli.main(["jaxprompt", "push", "--repo", "u/n"]) == 2
+    assert hub.calls == [] and not hub.root.exists()
+    assert not missing.exists()
+
+
+def test_hub_references_parse_and_a_bad_one_is_a_value_error():
+    assert share.parse_hub_ref("hf://user/name") == ("user/name", None)
+    assert share.parse_hub_ref("hf://org-1/clip.coop_v2@v1.0") == ("org-1/clip.coop_v2", "v1.0")
+    assert share.is_hub_ref("hf://a/b") and not share.is_hub_ref("a/b.safetensors")
+    for bad in ("hf://", "hf://name", "hf://a/b/c", "hf://a/b@", "hf://a/../b"):
+        with pytest.raises(ValueError, match="hf://"):
+            share.parse_hub_ref(bad)
