@@ -413,3 +413,16 @@ def test_hub_references_parse_and_a_bad_one_is_a_value_error():
     for bad in ("hf://", "hf://name", "hf://a/b/c", "hf://a/b@", "hf://a/../b"):
         with pytest.raises(ValueError, match="hf://"):
             share.parse_hub_ref(bad)
+
+
+def test_hub_download_errors_are_one_line_file_not_found(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import utils as hf_utils
+
+    def offline(repo_id, filename, **kw):
+        raise hf_utils.LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(FileNotFoundError, match="not in the Hub cache") as e:
+        jp.load_prompt("hf://user/name")
+    assert "\n" not in str(e.value) and "hf://user/name" in str(e.value)
