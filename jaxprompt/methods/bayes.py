@@ -29,7 +29,9 @@ Cost: every call runs L x C text sequences (unconditional, shared by the batch) 
 B x L x C (conditional). They are built by a ``jax.vmap`` of the prompt builder over samples
 (and images), flattened into one sequence axis, optionally cut into ``lax.map`` chunks, run with
 rematerialised text blocks, and split over the mesh's ``data`` axis when the images carry a
-sharding (see :func:`sample_logits`).
+sharding (see :func:`sample_logits`). By default (``shared_prefix``) each sample's (and image's)
+``[SOT] (ctx + r)`` prefix runs once and the C class suffixes attend to it, so the chunks and
+the split are over those prefix groups instead of single sequences.
 
 Deviations from the reference, on purpose: parameters are float32 masters (the reference trains
 fp16 parameters with plain SGD); the conditional variant accepts batches larger than 1 (the

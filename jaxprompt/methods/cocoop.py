@@ -12,7 +12,8 @@ context vector, so each image gets its own prompts:
 The loss is CoOp's cross-entropy on these per-image logits. The reference loops over the images
 of a batch (and runs batch 1); here the per-image text pass is a ``jax.vmap`` over the batch, so
 the text tower sees B x C sequences, and its blocks are rematerialised by default to keep the
-backward pass at one layer's activations.
+backward pass at one layer's activations. By default (``shared_prefix``) each image's
+``[SOT] ctx(x)`` prefix runs once and the class suffixes attend to it.
 
 The text side depends on the image, so this method has no ``encode_classes`` / ``classify``.
 """
