@@ -18,6 +18,10 @@ one token: longer than BPE). Real BPE prompts fall in between, and so does their
 
     python benchmarks/text_tower.py --classes 100
     python benchmarks/text_tower.py --only prefix --classes 1000   # the issue's setting
+    python benchmarks/text_tower.py --only cocoop --classes 100    # CoCoOp step temporaries
+
+``--only cocoop`` compiles (does not run) a CoCoOp training step, batch ``--batch``, context
+``--n-ctx``, shared vs plain, and reports XLA's temporaries; ``cocoop_memory`` is plain / shared.
 """
 
 from __future__ import annotations
@@ -74,6 +78,30 @@ def compiled_grad(clip: jp.Clip, task: jp.Task, ctx: jax.Array, *, shared_prefix
     return lambda: jax.block_until_ready(step(ctx, clip, task))
 
 
+def cocoop_temp_bytes(
+    clip: jp.Clip, task: jp.Task, *, batch: int, n_ctx: int, shared_prefix: bool
+) -> int:
+    """XLA temporaries of a CoCoOp train step (value_and_grad of the loss), compile only.
+
+    CoCoOp runs B x C text sequences per step (one context per image), so its step is the one
+    whose memory the prefix sharing (one prefix group per image) should cut most.
+    """
+    method = jp.methods.cocoop(n_ctx, init_words=None, shared_prefix=shared_prefix)
+    prompt = method.init(jax.random.key(0), clip, task)
+    size = clip.spec.image_size
+    data = {
+        "image": jnp.zeros((batch, size, size, 3), jnp.float32),
+        "label": jnp.arange(batch, dtype=jnp.int32) % len(task),
+    }
+
+    def loss(prompt, clip, task, data):
+        return method.loss(prompt, clip, task, data, None)[0]
+
+    step = jax.jit(jax.value_and_grad(loss))
+    compiled = step.lower(prompt, clip, task, data).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
 def interleaved(fns: dict, repeats: int) -> dict:
     """Median seconds per function, alternating them so machine load hits all alike."""
     times = {k: [] for k in fns}
@@ -99,7 +127,8 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=4, help="context of the truncation runs")
     ap.add_argument("--prefix-ctx", type=int, default=16, help="context of the prefix runs")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--only", choices=("all", "truncation", "prefix"), default="all")
+    ap.add_argument("--only", choices=("all", "truncation", "prefix", "cocoop"), default="all")
+    ap.add_argument("--batch", type=int, default=4, help="images per CoCoOp step (--only cocoop)")
     ap.add_argument("--preset", choices=("vit-b/16", "tiny"), default="vit-b/16")
     ap.add_argument(
         "--vocab", choices=("both", "word", "char"), default="both", help="token-count brackets"
@@ -152,10 +181,23 @@ def main() -> None:
                 result[f"{label}_plain_s"] = round(t["plain"], 4)
                 result[f"{label}_shared_s"] = round(t["shared"], 4)
                 result[f"{label}_prefix_speedup"] = round(t["plain"] / t["shared"], 2)
+            if args.only == "cocoop":
+                # Compile only (no run): the temporaries XLA plans for one training step.
+                mem = {
+                    k: cocoop_temp_bytes(
+                        clip, task, batch=args.batch, n_ctx=args.n_ctx, shared_prefix=k == "shared"
+                    )
+                    for k in ("shared", "plain")
+                }
+                result["batch"] = args.batch
+                result["n_ctx"] = args.n_ctx
+                result[f"{label}_cocoop_shared_temp_mib"] = round(mem["shared"] / 2**20, 1)
+                result[f"{label}_cocoop_plain_temp_mib"] = round(mem["plain"] / 2**20, 1)
+                result[f"{label}_cocoop_memory"] = round(mem["plain"] / mem["shared"], 2)
     # The headline numbers: the conservative prompts (character-level: longer, so the least
     # to gain from either), or the only vocabulary measured.
     head = "char" if "char" in vocabularies else next(iter(vocabularies))
-    for key in ("speedup", "prefix_speedup"):
+    for key in ("speedup", "prefix_speedup", "cocoop_memory"):
         if f"{head}_{key}" in result:
             result[key] = result[f"{head}_{key}"]
     print(json.dumps(result))

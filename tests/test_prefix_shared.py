@@ -311,3 +311,44 @@ def test_promptsrc_teacher_shared_equals_plain(tiny_clip):
     )
     assert got.shape == (len(MANY_LENGTHS), tiny_clip.spec.embed_dim)
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+def test_cocoop_shared_equals_plain(tiny_clip, batch):
+    """One prefix group per image (ctx + meta_net shift), the class suffixes shared."""
+    task = jp.make_task(tiny_clip, MANY_LENGTHS)
+    labels = {**batch, "label": jnp.asarray([0, 1, 2, 5])}
+    shared = jp.methods.cocoop(init_words=None, n_ctx=3, meta_ratio=2)
+    plain = jp.methods.cocoop(init_words=None, n_ctx=3, meta_ratio=2, shared_prefix=False)
+    assert shared.config["shared_prefix"] and not plain.config["shared_prefix"]
+    prompt = shared.init(jax.random.key(3), tiny_clip, task)
+    prompt = {**prompt, "ctx": prompt["ctx"] * 20}  # far from zero, so the context matters
+    got = _method_outputs(shared, prompt, tiny_clip, task, labels)
+    want = _method_outputs(plain, prompt, tiny_clip, task, labels)
+    assert float(jnp.max(jnp.abs(want[2]["meta_net"]["linear2"]["kernel"]))) > 0
+    _assert_same(got, want)
+    # TPT + CoCoOp encodes one image's tuned context through class_features.
+    tuned = shared.frozen_image.tuned(prompt, jnp.ones((tiny_clip.spec.embed_dim,)))
+    np.testing.assert_allclose(
+        shared.frozen_image.class_features(tuned, tiny_clip, task),
+        plain.frozen_image.class_features(tuned, tiny_clip, task),
+        atol=ATOL,
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_bayes_shared_equals_plain(tiny_clip, batch, conditional, chunk):
+    """One prefix group per Monte Carlo sample (x image when conditional); chunked too."""
+    task = jp.make_task(tiny_clip, MANY_LENGTHS)
+    labels = {**batch, "label": jnp.asarray([0, 1, 2, 5])}
+    kw = dict(init_words=None, n_ctx=2, conditional=conditional, mc_samples=3, chunk=chunk)
+    shared = jp.methods.bayes(**kw)
+    plain = jp.methods.bayes(**kw, shared_prefix=False)
+    assert shared.config["shared_prefix"] and not plain.config["shared_prefix"]
+    prompt = shared.init(jax.random.key(4), tiny_clip, task)
+    prompt = {**prompt, "ctx": prompt["ctx"] * 20}
+    got = _method_outputs(shared, prompt, tiny_clip, task, labels)
+    want = _method_outputs(plain, prompt, tiny_clip, task, labels)
+    assert float(jnp.max(jnp.abs(want[2]["ctx"]))) > 0
+    _assert_same(got, want)

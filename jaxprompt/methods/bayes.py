@@ -29,7 +29,9 @@ Cost: every call runs L x C text sequences (unconditional, shared by the batch) 
 B x L x C (conditional). They are built by a ``jax.vmap`` of the prompt builder over samples
 (and images), flattened into one sequence axis, optionally cut into ``lax.map`` chunks, run with
 rematerialised text blocks, and split over the mesh's ``data`` axis when the images carry a
-sharding (see :func:`sample_logits`).
+sharding (see :func:`sample_logits`). By default (``shared_prefix``) each sample's (and image's)
+``[SOT] (ctx + r)`` prefix runs once and the C class suffixes attend to it, so the chunks and
+the split are over those prefix groups instead of single sequences.
 
 Deviations from the reference, on purpose: parameters are float32 masters (the reference trains
 fp16 parameters with plain SGD); the conditional variant accepts batches larger than 1 (the
@@ -223,7 +225,53 @@ def _encode_sequences(
     return out.reshape(total, -1)[:n]
 
 
-def _forward(prompt, clip, task, images, eps, *, remat, chunk, shard_axis):
+def _encode_groups(
+    clip: clip_lib.Clip,
+    prefixes: Array,
+    suffix: Array,
+    eot: Array,
+    *,
+    remat: bool,
+    chunk: int | None,
+    mesh: Any,
+    axis: str | None,
+) -> Array:
+    """Prefix-shared text features of G prefix groups [G, P, D] x C suffixes -> [G, C, E].
+
+    Every group (one Monte Carlo context, or one per sample and image) runs its prefix once and
+    the task's class suffixes [C, S, D] attend to it (:func:`~jaxprompt.clip.encode_text_shared`).
+    ``chunk`` counts sequences as in :func:`_encode_sequences`, so a step runs
+    ``max(1, chunk // C)`` groups; groups are padded (with group 0, dropped afterwards) to a
+    multiple of the step and of the mesh axis, and each step's groups are split over it.
+    """
+    g, n_cls = prefixes.shape[0], suffix.shape[0]
+    shards = 1 if mesh is None else mesh.shape[axis]
+    step = g if chunk is None else min(max(1, chunk // n_cls), g)
+    step = -(-step // shards) * shards  # whole groups per device within a step
+    total = -(-g // step) * step
+    if total > g:
+        filler = jnp.broadcast_to(prefixes[:1], (total - g,) + prefixes.shape[1:])
+        prefixes = jnp.concatenate([prefixes, filler])
+    prefixes = prefixes.reshape((total // step, step) + prefixes.shape[1:])
+    if mesh is not None:
+        # Split the groups over the data axis, as the plain path splits its sequences.
+        prefixes = jax.lax.with_sharding_constraint(prefixes, NamedSharding(mesh, P(None, axis)))
+
+    def one_group(prefix: Array) -> Array:
+        return clip_lib.encode_text_shared(clip, prefix, suffix, eot, remat=remat)
+
+    def one_step(pre: Array) -> Array:
+        # vmap over the prefixes only: the suffixes are the same for every group.
+        return jax.vmap(one_group)(pre)
+
+    if prefixes.shape[0] == 1:
+        out = one_step(prefixes[0])[None]
+    else:
+        out = jax.lax.map(one_step, prefixes)
+    return out.reshape((total,) + out.shape[2:])[:g]
+
+
+def _forward(prompt, clip, task, images, eps, *, remat, chunk, shard_axis, shared_prefix=True):
     """``(s [L, B, C], mean, logvar)``: one image pass serves the logits and the KL."""
     conditional = is_conditional(prompt)
     # The image tower has no prompt: its features are constants of the prompt.
@@ -237,27 +285,41 @@ def _forward(prompt, clip, task, images, eps, *, remat, chunk, shard_axis):
         )
     r = residuals(mean, logvar, eps)  # [L, D] or [L, B, D], float32
     ctx = prompt["ctx"]
-
-    def prompts_for(r_one: Array) -> Array:
-        # The same residual on every context vector (broadcast over tokens and classes).
-        embeds, _ = clip_lib.prompted_text_inputs(clip, task, ctx + r_one[None, :])
-        return embeds  # [C, T, D]
-
-    _, eot = clip_lib.prompted_text_inputs(clip, task, ctx)  # [C], the same for every sample
-    n_cls = eot.shape[0]
-    if conditional:
-        # Image-major order [B, L, C]: under a data-sharded batch, each device's slice of the
-        # flattened sequences belongs to its own images, so the split needs no communication.
-        embeds = jax.vmap(jax.vmap(prompts_for))(jnp.swapaxes(r, 0, 1))  # [B, L, C, T, D]
-    else:
-        embeds = jax.vmap(prompts_for)(r)  # [L, C, T, D]
-    lead = embeds.shape[:-3]
-    flat = embeds.reshape((-1,) + embeds.shape[-2:])
-    eot_flat = jnp.tile(eot, math.prod(lead))  # class-minor, matching the flattening
     mesh = _sequence_mesh(images, shard_axis)
-    txt = _encode_sequences(
-        clip, flat, eot_flat, remat=remat, chunk=chunk, mesh=mesh, axis=shard_axis
-    )
+    if conditional:
+        # Image-major order [B, L, ...]: under a data-sharded batch, each device's slice of the
+        # flattened groups (or sequences) belongs to its own images, so the split needs no
+        # communication.
+        r = jnp.swapaxes(r, 0, 1)  # [B, L, D]
+    lead = r.shape[:-1]
+
+    if shared_prefix:
+        # One prefix [SOT] (ctx + r) per sample (and image); the class suffixes are shared.
+        _, suffix, eot = clip_lib.shared_text_inputs(clip, task, ctx)
+        n_cls = eot.shape[0]
+
+        def prefix_of(r_one: Array) -> Array:
+            return clip_lib.shared_text_inputs(clip, task, ctx + r_one[None, :])[0]
+
+        prefixes = jax.vmap(prefix_of)(r.reshape((-1, r.shape[-1])))  # [G, 1 + n, D]
+        txt = _encode_groups(
+            clip, prefixes, suffix, eot, remat=remat, chunk=chunk, mesh=mesh, axis=shard_axis
+        )
+    else:
+
+        def prompts_for(r_one: Array) -> Array:
+            # The same residual on every context vector (broadcast over tokens and classes).
+            embeds, _ = clip_lib.prompted_text_inputs(clip, task, ctx + r_one[None, :])
+            return embeds  # [C, T, D]
+
+        _, eot = clip_lib.prompted_text_inputs(clip, task, ctx)  # [C], the same for every sample
+        n_cls = eot.shape[0]
+        embeds = jax.vmap(prompts_for)(r.reshape((-1, r.shape[-1])))  # [G, C, T, D]
+        flat = embeds.reshape((-1,) + embeds.shape[-2:])
+        eot_flat = jnp.tile(eot, math.prod(lead))  # class-minor, matching the flattening
+        txt = _encode_sequences(
+            clip, flat, eot_flat, remat=remat, chunk=chunk, mesh=mesh, axis=shard_axis
+        )
     txt = clip_lib.normalize(txt).reshape(lead + (n_cls, -1))
     scale = clip_lib.logit_scale(clip)
     if conditional:
@@ -277,6 +339,7 @@ def sample_logits(
     remat: bool = True,
     chunk: int | None = None,
     shard_axis: str | None = "data",
+    shared_prefix: bool = True,
 ) -> Array:
     """Per-sample CLIP logits for given standard-normal noise: ``[L, B, C]`` float32.
 
@@ -294,12 +357,22 @@ def sample_logits(
       chunk: run the text tower ``chunk`` sequences at a time (``lax.map``); None = all at once.
       shard_axis: mesh axis to split the text sequences over when a mesh is in scope (ambient
         or from the images' sharding); None disables the constraint.
+      shared_prefix: encode each sample's ``[SOT] (ctx + r)`` once for all classes
+        (:func:`~jaxprompt.clip.encode_text_shared`); False takes the plain path. Same values.
 
     Returns:
       ``s[l, b, c] = exp(logit_scale) * cos(image_b, text(ctx + r, class c))``.
     """
     s, _, _ = _forward(
-        prompt, clip, task, images, eps, remat=remat, chunk=chunk, shard_axis=shard_axis
+        prompt,
+        clip,
+        task,
+        images,
+        eps,
+        remat=remat,
+        chunk=chunk,
+        shard_axis=shard_axis,
+        shared_prefix=shared_prefix,
     )
     return s
 
@@ -318,6 +391,7 @@ def bayes(
     remat: bool = True,
     chunk: int | None = None,
     shard_axis: str | None = "data",
+    shared_prefix: bool = True,
 ) -> base.PromptMethod:
     """Bayesian prompt learning (BPL), unconditional or image-conditional posterior.
 
@@ -371,6 +445,11 @@ def bayes(
         variant's B x L x C sequences per evaluation batch.
       shard_axis: mesh axis over which the text sequences are split (see
         :func:`sample_logits`); None leaves placement to XLA.
+      shared_prefix: encode each Monte Carlo context's ``[SOT] (ctx + r)`` once for all classes
+        (:func:`~jaxprompt.clip.encode_text_shared`, one prefix group per sample, or per sample
+        and image when conditional; ``chunk`` then runs ``chunk // C`` groups a step). Same
+        values, about ``(1 + n + L) / L`` times less text-tower work; ``False`` takes the plain
+        path (for comparison).
 
     Returns:
       A :class:`~jaxprompt.methods.base.PromptMethod` named ``"bayes"``.
@@ -413,7 +492,15 @@ def bayes(
         batch = images.shape[0] if conditional else None
         eps = draw_noise(key, mc_samples, clip.spec.text_width, batch)
         return _forward(
-            prompt, clip, task, images, eps, remat=remat, chunk=chunk, shard_axis=shard_axis
+            prompt,
+            clip,
+            task,
+            images,
+            eps,
+            remat=remat,
+            chunk=chunk,
+            shard_axis=shard_axis,
+            shared_prefix=shared_prefix,
         )
 
     def logits(prompt, clip, task, images, *, key=None):
@@ -449,5 +536,6 @@ def bayes(
             remat=remat,
             chunk=chunk,
             shard_axis=shard_axis,
+            shared_prefix=shared_prefix,
         ),
     )

@@ -12,7 +12,8 @@ context vector, so each image gets its own prompts:
 The loss is CoOp's cross-entropy on these per-image logits. The reference loops over the images
 of a batch (and runs batch 1); here the per-image text pass is a ``jax.vmap`` over the batch, so
 the text tower sees B x C sequences, and its blocks are rematerialised by default to keep the
-backward pass at one layer's activations.
+backward pass at one layer's activations. By default (``shared_prefix``) each image's
+``[SOT] ctx(x)`` prefix runs once and the class suffixes attend to it.
 
 The text side depends on the image, so this method has no ``encode_classes`` / ``classify``.
 """
@@ -52,6 +53,7 @@ def cocoop(
     meta_ratio: int = 16,
     init_std: float = 0.02,
     remat: bool = True,
+    shared_prefix: bool = True,
 ) -> base.PromptMethod:
     """CoCoOp.
 
@@ -75,6 +77,10 @@ def cocoop(
       init_std: standard deviation of the random context initialisation.
       remat: rematerialise the text blocks in the backward pass (B x C text sequences per
         step make this the memory bound of CoCoOp).
+      shared_prefix: encode each image's ``[SOT] ctx(x)`` once for all classes
+        (:func:`~jaxprompt.clip.encode_text_shared`, one prefix group per image, the class
+        suffixes shared): the same features with about ``(1 + n + L) / L`` times less
+        text-tower work and activation memory. ``False`` takes the plain path (for comparison).
 
     Returns:
       A :class:`~jaxprompt.methods.base.PromptMethod` named ``"cocoop"``.
@@ -116,8 +122,13 @@ def cocoop(
 
         def one_image(shift_b, img_b):
             ctx = prompt["ctx"] + shift_b[None, :]  # [n, D]: the same shift on every vector
-            embeds, eot = clip_lib.prompted_text_inputs(clip, task, ctx)
-            txt = clip_lib.normalize(clip_lib.encode_text(clip, embeds, eot, remat=remat))
+            # Under the vmap only the prefix carries the batch axis: the class suffixes are
+            # the task's, so they are embedded once and shared by every image's group.
+            txt = clip_lib.normalize(
+                clip_lib.prompted_text_features(
+                    clip, task, ctx, remat=remat, shared_prefix=shared_prefix
+                )
+            )
             return scale * txt @ img_b  # [C]
 
         # vmap rather than a Python loop over images: one traced text pass serves any batch
@@ -129,8 +140,10 @@ def cocoop(
         return {"ctx": prompt["ctx"] + meta_net(prompt["meta_net"], feature)[None, :]}
 
     def class_features(tuned_prompt, clip, task):
-        embeds, eot = clip_lib.prompted_text_inputs(clip, task, tuned_prompt["ctx"])
-        return clip_lib.encode_text(clip, embeds, eot, remat=remat)
+        # TPT+CoCoOp encodes the classes through here: the same prefix sharing as training.
+        return clip_lib.prompted_text_features(
+            clip, task, tuned_prompt["ctx"], remat=remat, shared_prefix=shared_prefix
+        )
 
     return base.PromptMethod(
         init=init,
@@ -146,5 +159,6 @@ def cocoop(
             meta_ratio=meta_ratio,
             init_std=init_std,
             remat=remat,
+            shared_prefix=shared_prefix,
         ),
     )
