@@ -12,12 +12,12 @@ source is ``toy_textures``, the targets its other styles (domain shift) and ``to
 PromptSRC's recipe here: depth 3, 20 epochs, GPA mean 6 / std 10; MaPLe: depth 3, 2 epochs,
 lr 0.0026.
 
-Toy world (source ``toy_textures``; seed 1 only, docs/toy_results_xdomain.md; measured
-before issue 15's data changes), top-1 % on photo / sketch / night / cartoon / colours:
+Toy world (source ``toy_textures``; seed 1 only, docs/toy_results_xdomain.md, 2026-12-02),
+top-1 % on photo / sketch / night / cartoon / colours:
 
     zeroshot   67.88 / 28.00 / 40.12 / 36.75 / 28.75
-    coop       71.88 / 26.62 / 38.00 / 39.00 / 12.88
-    promptsrc  72.75 / 38.88 / 45.62 / 45.75 / 14.00
+    coop       71.25 / 25.88 / 36.50 / 39.12 / 12.38
+    promptsrc  76.25 / 33.12 / 42.75 / 42.62 / 17.12
 
 The other presets and seeds 2-3 have not been measured here yet.
 """
