@@ -9,9 +9,9 @@ Aircraft, DTD, EuroSAT).
 Toy world (``dataset=toy_textures``, 16 shots of all 16 classes, mean of seeds 1-3,
 docs/toy_results_fewshot.md), top-1 %:
 
-    zeroshot   67.88      ivlp       74.37      cocoop     78.08
-    coop       76.38      maple      69.12      bayes      70.71
-    promptsrc  76.58
+    zeroshot   67.88      ivlp       74.79      cocoop     78.71
+    coop       76.08      maple      66.29      bayes      70.96
+    promptsrc  77.58
 """
 
 import os
