@@ -11,6 +11,14 @@ resized crop of a 512 px uint8 canvas, flip, normalise) as ``jaxprompt train`` r
 with the state donated. Prints one JSON line per (method, class count) on stdout; progress goes
 to stderr.
 
+* Two text paths (``--paths``, both by default): ``shared``, the prefix-shared text encoder
+  every method uses by default (``[SOT] ctx`` encoded once per prefix group, the class suffixes
+  attending to its cached keys and values), and ``plain``, every class's full sequence
+  (``shared_prefix=False``, the pre-issue-16 path). Both are compiled and their steps
+  alternate, so machine load hits both alike. The first path's figures are the line's
+  top-level keys; the other's sit under its name (``"plain": {...}``), and
+  ``prefix_step_speedup`` (plain / shared step time), ``prefix_flops_ratio`` and
+  ``prefix_temp_ratio`` compare them.
 * ``step_s``: median of ``--steps`` timed steps after one warm-up step; ``compile_s``: the
   ahead-of-time ``lower().compile()`` of the step, timed separately.
 * ``flops``: XLA's cost analysis of the compiled step (``flops_source``). It counts what the
@@ -27,10 +35,12 @@ to stderr.
   line (best so far: a busy moment cannot lower it); ``mfu = flops / step_s / peak`` and
   ``mfu_model_analytic`` the same with the analytic model FLOPs. ``loadavg_1m`` records other
   work on the machine.
-* PromptSRC also reports ``teacher_seconds_100``: building the frozen 60-template teacher text
-  features for 100 classes with :func:`jaxprompt.methods.promptsrc.teacher_text_features`
-  (chunked, truncated to the longest template sequence), jitted as ``with_teacher`` does;
-  compile time separately. Inside the timed step the teacher is a cached [C, E] constant, as
+* PromptSRC also reports ``teacher_seconds_<C>`` for each ``--teacher-classes`` count C (100
+  by default; ``--teacher-classes 100 1000`` for both of the issue's sizes): building the
+  frozen 60-template teacher text features with
+  :func:`jaxprompt.methods.promptsrc.teacher_text_features`, jitted as ``with_teacher`` does,
+  on each path (``teacher_seconds_plain_<C>``; ``teacher_speedup_<C>`` is their ratio); compile
+  time separately. Inside the timed step the teacher is a cached [C, E] constant, as
   with ``with_teacher``, but filled with random unit vectors (computing it for 1000 classes,
   60,000 sequences, would take longer than the step benchmark itself and is not part of a
   step).
@@ -46,6 +56,7 @@ rematerialised) takes minutes per step and XLA's CPU compiler gives its step 16.
 temporary buffers (the process peaked at 20.3 GiB); ``--methods`` selects a subset.
 
     python benchmarks/train_step.py                                 # 5 methods x 50, 1000 classes
+    python benchmarks/train_step.py --methods promptsrc --classes 50 --teacher-classes 100 1000
     python benchmarks/train_step.py --methods coop promptsrc --classes 100 --steps 5
     python benchmarks/train_step.py --preset tiny --classes 5       # a quick check (tests)
 """
@@ -176,17 +187,21 @@ class MatmulPeak:
 # ------------------------------------------------------------------------------------------------
 
 
-def tower_flops(n: int, length: int, width: int, layers: int) -> tuple[float, float, float]:
+def tower_flops(
+    n: int, length: int, width: int, layers: int, *, keys: int | None = None
+) -> tuple[float, float, float]:
     """Matmul FLOPs of ``layers`` pre-LN blocks (MLP 4x width) on n sequences of ``length``.
 
     Returns (forward, backward, recomputation). Forward per layer: q, k, v, out (8 D^2) and the
-    MLP (16 D^2) per token, QK^T and PV (2 L^2 D each per sequence). Backward with respect to
-    the inputs only (the weights get no gradient): the same dense work, and four L^2 D products
-    for attention. A rematerialised block recomputes its forward except the second MLP matmul,
-    whose output no gradient needs (XLA removes it).
+    MLP (16 D^2) per token, QK^T and PV (2 L K D each per sequence, K = ``keys``, the attended
+    positions: ``length`` itself, or a cached prefix plus the suffix on the prefix-shared path).
+    Backward with respect to the inputs only (the weights get no gradient): the same dense work,
+    and four L K D products for attention. A rematerialised block recomputes its forward except
+    the second MLP matmul, whose output no gradient needs (XLA removes it).
     """
+    keys = length if keys is None else keys
     dense = 24.0 * n * length * width**2
-    attn = 4.0 * n * length**2 * width
+    attn = 4.0 * n * length * keys * width
     fc2 = 8.0 * n * length * width**2
     return layers * (dense + attn), layers * (dense + 2 * attn), layers * (dense - fc2 + attn)
 
@@ -203,12 +218,18 @@ def prefix_tokens(clip: jp.Clip, name: str, cfg: dict) -> int:
 
 
 def analytic_flops(
-    clip: jp.Clip, task: jp.Task, name: str, cfg: dict, batch: int
+    clip: jp.Clip, task: jp.Task, name: str, cfg: dict, batch: int, *, shared: bool = False
 ) -> tuple[float, float]:
-    """(executed, model) matmul FLOPs of one train step; executed adds rematerialisation."""
+    """(executed, model) matmul FLOPs of one train step; executed adds rematerialisation.
+
+    ``shared``: the prefix-shared text path, where ``[SOT] ctx`` runs once per prefix group
+    (once, or once per image for CoCoOp) and the class suffixes attend to its cached keys.
+    """
     s = clip.spec
     classes = len(task)
-    text_len = 1 + prefix_tokens(clip, name, cfg) + int(task.token_ids.shape[1])
+    prefix = 1 + prefix_tokens(clip, name, cfg)
+    suffix = int(task.token_ids.shape[1])
+    text_len = prefix + suffix
     patches = (s.image_size // s.patch_size) ** 2
     patch_embed = 2.0 * batch * patches * (3 * s.patch_size**2) * s.vision_width
     vis_proj = 2.0 * batch * s.vision_width * s.embed_dim
@@ -218,7 +239,13 @@ def analytic_flops(
         return patch_embed + vis_proj + fwd + (bwd + vis_proj if grad else 0.0)
 
     n_text = classes * batch if name == "cocoop" else classes
-    t_fwd, t_bwd, t_re = tower_flops(n_text, text_len, s.text_width, s.text_layers)
+    if shared:
+        groups = batch if name == "cocoop" else 1
+        p = tower_flops(groups, prefix, s.text_width, s.text_layers)
+        q = tower_flops(n_text, suffix, s.text_width, s.text_layers, keys=text_len)
+        t_fwd, t_bwd, t_re = (a + b for a, b in zip(p, q, strict=True))
+    else:
+        t_fwd, t_bwd, t_re = tower_flops(n_text, text_len, s.text_width, s.text_layers)
     t_proj = 2.0 * n_text * s.text_width * s.embed_dim
     text = t_fwd + t_bwd + 2 * t_proj
     logits = 2.0 * 2 * batch * classes * s.embed_dim  # forward and backward
@@ -271,27 +298,46 @@ def random_teacher(classes: int, dim: int) -> np.ndarray:
     return g / np.linalg.norm(g, axis=-1, keepdims=True)
 
 
-def time_teacher(clip: jp.Clip, cfg: dict, classes: int) -> dict[str, Any]:
-    """Seconds to build PromptSRC's teacher for ``classes`` classes, as ``with_teacher`` does."""
+def time_teacher(clip: jp.Clip, cfg: dict, classes: int, paths: list[str]) -> dict[str, Any]:
+    """Seconds to build PromptSRC's teacher for ``classes`` classes, as ``with_teacher`` does.
+
+    One jitted call per path (``shared``: each template's words before the class name encoded
+    once, :func:`jaxprompt.methods.zeroshot.template_features`; ``plain``: every template x class
+    sequence in full, ``chunk`` at a time), compile timed separately. Keys end in the class
+    count; the plain path's carry ``_plain``.
+    """
     task = jp.make_task(clip, classnames(classes))
     tmpl = tuple(cfg.get("templates") or templates_lib.PROMPTSRC_60)
     chunk = cfg.get("chunk", 1024)
-    fn = jax.jit(lambda c, t: teacher_text_features(c, t, tmpl, chunk=chunk))
-    t = time.perf_counter()
-    compiled = fn.lower(clip, task).compile()
-    compile_s = time.perf_counter() - t
-    t = time.perf_counter()
-    jax.block_until_ready(compiled(clip, task))
-    run_s = time.perf_counter() - t
     names = [n.replace("_", " ") for n in task.names]
     ids, _ = clip_lib.tokenize(clip, [tm.format(n) for tm in tmpl for n in names])
-    return {
-        f"teacher_seconds_{classes}": round(run_s, 3),
-        f"teacher_compile_s_{classes}": round(compile_s, 2),
-        "teacher_sequences": len(tmpl) * len(names),
-        "teacher_tokens": int(ids.shape[1]),
+    out: dict[str, Any] = {
+        f"teacher_sequences_{classes}": len(tmpl) * len(names),
+        f"teacher_tokens_{classes}": int(ids.shape[1]),
         "teacher_chunk": chunk,
     }
+    for path in paths:
+        shared = path == "shared"
+        fn = jax.jit(
+            lambda c, t, shared=shared: teacher_text_features(
+                c, t, tmpl, chunk=chunk, shared_prefix=shared
+            )
+        )
+        t = time.perf_counter()
+        compiled = fn.lower(clip, task).compile()
+        compile_s = time.perf_counter() - t
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(clip, task))
+        run_s = time.perf_counter() - t
+        tag = "" if shared else "_plain"
+        out[f"teacher_seconds{tag}_{classes}"] = round(run_s, 3)
+        out[f"teacher_compile_s{tag}_{classes}"] = round(compile_s, 2)
+        log(f"promptsrc teacher, {classes} classes, {path}: {run_s:.2f}s")
+    if len(paths) == 2:
+        out[f"teacher_speedup_{classes}"] = round(
+            out[f"teacher_seconds_plain_{classes}"] / out[f"teacher_seconds_{classes}"], 2
+        )
+    return out
 
 
 def make_batch(clip: jp.Clip, batch: int, classes: int, augment: bool) -> dict[str, Any]:
@@ -308,16 +354,13 @@ def make_batch(clip: jp.Clip, batch: int, classes: int, augment: bool) -> dict[s
     }
 
 
-def bench_one(
-    clip: jp.Clip,
-    name: str,
-    preset: dict,
-    classes: int,
-    args: argparse.Namespace,
+def compile_path(
+    clip: jp.Clip, name: str, preset: dict, task: jp.Task, args: argparse.Namespace, path: str
 ) -> dict[str, Any]:
-    cfg = scaled_kwargs(preset["method"], clip)
+    """The method's jitted train step on one text path, compiled, with its state and batch."""
+    cfg = {**scaled_kwargs(preset["method"], clip), "shared_prefix": path == "shared"}
     method = jp.methods.get(name, **cfg)
-    task = jp.make_task(clip, classnames(classes))
+    classes = len(task)
     if name == "promptsrc":
         method = with_cached_teacher(method, random_teacher(classes, clip.spec.embed_dim))
     optim = preset["optim"]
@@ -333,55 +376,102 @@ def bench_one(
     state = train_lib.init_train_state(method, tx, key, clip, task)
     batch = make_batch(clip, args.batch, classes, args.augment)
     step = jax.jit(train_lib.make_train_step(method, tx, augment=augment), donate_argnums=0)
-
     t = time.perf_counter()
     compiled = step.lower(state, clip, task, batch, key).compile()
     compile_s = time.perf_counter() - t
     flops = flops_of(compiled)
     log(
-        f"{name} C={classes}: compiled in {compile_s:.1f}s, {flops / 1e12:.3f} TFLOP/step, "
-        f"temp {temp_gib(compiled)} GiB"
+        f"{name} C={classes} {path}: compiled in {compile_s:.1f}s, "
+        f"{flops / 1e12:.3f} TFLOP/step, temp {temp_gib(compiled)} GiB"
     )
-    executed, model = analytic_flops(clip, task, name, cfg, args.batch)
+    executed, model = analytic_flops(clip, task, name, cfg, args.batch, shared=path == "shared")
+    return {
+        "compiled": compiled,
+        "state": state,
+        "batch": batch,
+        "key": key,
+        "cfg": cfg,
+        "lr": optim["lr"],
+        "remat": bool(method.config.get("remat", False)),
+        "stats": {
+            "compile_s": round(compile_s, 2),
+            "flops": flops,
+            "flops_analytic": executed,
+            "flops_analytic_model": model,
+            "xla_over_analytic": round(flops / executed, 3),
+            "temp_gib": temp_gib(compiled),
+        },
+    }
+
+
+def bench_one(
+    clip: jp.Clip,
+    name: str,
+    preset: dict,
+    classes: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One method at one class count, on each text path of ``args.paths``.
+
+    The first path's figures are the line's top-level keys; every other path's sit under its
+    name (``"plain": {...}``). Steps alternate between the paths, so machine load hits both.
+    """
+    task = jp.make_task(clip, classnames(classes))
+    runs = {path: compile_path(clip, name, preset, task, args, path) for path in args.paths}
+    first = runs[args.paths[0]]
     out = {
         "method": name,
         "classes": classes,
         "batch": args.batch,
-        "compile_s": round(compile_s, 2),
-        "flops": flops,
+        "path": args.paths[0],
+        **first["stats"],
         "flops_source": "xla_cost_analysis",
-        "flops_analytic": executed,
-        "flops_analytic_model": model,
-        "xla_over_analytic": round(flops / executed, 3),
-        "remat": bool(method.config.get("remat", False)),
-        "temp_gib": temp_gib(compiled),
-        "method_config": {k: v for k, v in cfg.items() if k != "templates"},
-        "lr": optim["lr"],
+        "remat": first["remat"],
+        "method_config": {
+            k: v for k, v in first["cfg"].items() if k not in ("templates", "shared_prefix")
+        },
+        "lr": first["lr"],
     }
-    if args.compile_only:
-        return out
-
-    t = time.perf_counter()
-    state, metrics = compiled(state, clip, task, batch, key)
-    jax.block_until_ready((state, metrics))
-    warmup_s = time.perf_counter() - t
-    log(f"{name} C={classes}: warm-up step {warmup_s:.2f}s")
-    times = []
-    for i in range(args.steps):
-        t = time.perf_counter()
-        state, metrics = compiled(state, clip, task, batch, key)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t)
-        log(f"{name} C={classes}: step {i + 1}/{args.steps} {times[-1]:.2f}s")
-    step_s = statistics.median(times)
-    return {
-        **out,
-        "step_s": round(step_s, 4),
-        "step_s_all": [round(x, 4) for x in times],
-        "warmup_step_s": round(warmup_s, 3),
-        "tflops_per_s": round(flops / step_s / 1e12, 4),
-        "loss": float(metrics["loss"]),
-    }
+    for path in args.paths[1:]:
+        out[path] = dict(runs[path]["stats"])
+    if not args.compile_only:
+        times: dict[str, list[float]] = {path: [] for path in runs}
+        for i in range(args.steps + 1):  # step 0 is the warm-up
+            for path, run in runs.items():
+                t = time.perf_counter()
+                run["state"], metrics = run["compiled"](
+                    run["state"], clip, task, run["batch"], run["key"]
+                )
+                jax.block_until_ready((run["state"], metrics))
+                run["loss"] = float(metrics["loss"])
+                dt = time.perf_counter() - t
+                if i == 0:
+                    run["stats"]["warmup_step_s"] = round(dt, 3)
+                else:
+                    times[path].append(dt)
+                log(f"{name} C={classes} {path}: step {i}/{args.steps} {dt:.2f}s")
+        for path, run in runs.items():
+            step_s = statistics.median(times[path])
+            run["stats"].update(
+                step_s=round(step_s, 4),
+                step_s_all=[round(x, 4) for x in times[path]],
+                tflops_per_s=round(run["stats"]["flops"] / step_s / 1e12, 4),
+                loss=run["loss"],
+            )
+        out.update(
+            {k: first["stats"][k] for k in ("warmup_step_s", "step_s", "step_s_all", "tflops_per_s")}
+        )
+        out["loss"] = first["loss"]
+        for path in args.paths[1:]:
+            out[path] = dict(runs[path]["stats"])
+    if args.paths == ["shared", "plain"]:
+        plain, shared = runs["plain"]["stats"], runs["shared"]["stats"]
+        out["prefix_flops_ratio"] = round(plain["flops"] / shared["flops"], 2)
+        if plain["temp_gib"] and shared["temp_gib"]:
+            out["prefix_temp_ratio"] = round(plain["temp_gib"] / shared["temp_gib"], 2)
+        if "step_s" in shared:
+            out["prefix_step_speedup"] = round(plain["step_s"] / shared["step_s"], 2)
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -391,7 +481,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     ap.add_argument("--preset", default="vit-b/16", help="model shapes (tiny: a quick check)")
-    ap.add_argument("--teacher-classes", type=int, default=100, help="0: skip the teacher timing")
+    ap.add_argument(
+        "--teacher-classes",
+        nargs="+",
+        type=int,
+        default=[100],
+        help="class counts for the teacher timing (0: skip it)",
+    )
+    ap.add_argument(
+        "--paths",
+        nargs="+",
+        default=["shared", "plain"],
+        choices=("shared", "plain"),
+        help="text paths to measure: prefix-shared (the default) and/or plain",
+    )
     ap.add_argument(
         "--peak-sizes", nargs="+", type=int, default=None, help="matmul sides for the peak"
     )
@@ -408,7 +511,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.steps < 1:
         ap.error("--steps must be >= 1")
     n_names = len(all_classnames())
-    if not all(1 <= c <= n_names for c in [*args.classes, args.teacher_classes or 1]):
+    args.teacher_classes = [c for c in args.teacher_classes if c]
+    if len(set(args.paths)) != len(args.paths):
+        ap.error("--paths: give each path once")
+    if not all(1 <= c <= n_names for c in [*args.classes, *args.teacher_classes]):
         ap.error(f"class counts must be in 1..{n_names} (the ImageNet class names)")
 
     dev = jax.devices()[0]
@@ -427,7 +533,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     all_presets = presets()
     # Vocabulary: every class name used and the teacher's template words, one token per word.
-    words = sorted({n for c in [*args.classes, args.teacher_classes] for n in classnames(c)})
+    words = sorted({n for c in [*args.classes, *args.teacher_classes] for n in classnames(c)})
     words += [*templates_lib.PROMPTSRC_60, "a photo of a"]
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
@@ -445,8 +551,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 and not teacher
                 and not args.compile_only
             ):
-                teacher = time_teacher(clip, all_presets[name]["method"], args.teacher_classes)
-                log(f"promptsrc teacher for {args.teacher_classes} classes: {teacher}")
+                for n in args.teacher_classes:
+                    teacher.update(time_teacher(clip, all_presets[name]["method"], n, args.paths))
             log(f"{name} C={classes}: start")
             r = bench_one(clip, name, all_presets[name], classes, args)
             if not args.compile_only:

@@ -47,8 +47,15 @@ def test_train_step_prints_one_json_line_per_method():
         # XLA counts elementwise work too; the matmul-only estimate should be the same order.
         assert 0.5 < r["xla_over_analytic"] < 3, r
     promptsrc = lines[-1]
-    assert promptsrc["teacher_seconds_3"] > 0
-    assert promptsrc["teacher_sequences"] == 60 * 3
+    assert promptsrc["teacher_seconds_3"] > 0 and promptsrc["teacher_seconds_plain_3"] > 0
+    assert promptsrc["teacher_sequences_3"] == 60 * 3
+    for r in lines:
+        # Both text paths, compiled and timed in the one process.
+        assert r["path"] == "shared" and r["plain"]["step_s"] > 0
+        assert r["prefix_step_speedup"] == round(r["plain"]["step_s"] / r["step_s"], 2)
+        # The prefix-shared path does less text work by construction (XLA's count and ours).
+        assert r["flops_analytic"] < r["plain"]["flops_analytic"]
+        assert r["flops"] < r["plain"]["flops"], r
     # CoCoOp rematerialises its text tower: the executed estimate exceeds the model FLOPs.
     cocoop = lines[1]
     assert cocoop["remat"] and cocoop["flops_analytic"] > cocoop["flops_analytic_model"]
