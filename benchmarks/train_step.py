@@ -458,9 +458,8 @@ def bench_one(
                 tflops_per_s=round(run["stats"]["flops"] / step_s / 1e12, 4),
                 loss=run["loss"],
             )
-        out.update(
-            {k: first["stats"][k] for k in ("warmup_step_s", "step_s", "step_s_all", "tflops_per_s")}
-        )
+        timed = ("warmup_step_s", "step_s", "step_s_all", "tflops_per_s")
+        out.update({k: first["stats"][k] for k in timed})
         out["loss"] = first["loss"]
         for path in args.paths[1:]:
             out[path] = dict(runs[path]["stats"])
