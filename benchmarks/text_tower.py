@@ -51,7 +51,7 @@ def classnames(n: int) -> list[str]:
     return [names[i] for i in idx]
 
 
-def build_clip(directory: str, words: list[str], preset: str) -> jp.Clip:
+def build_clip(directory: str, words: list[str], preset: str, dtype: str = "float32") -> jp.Clip:
     # Only the text tower is measured: keep the vision tower minimal to save init time.
     testing.save_random_clip(
         directory,
@@ -63,7 +63,7 @@ def build_clip(directory: str, words: list[str], preset: str) -> jp.Clip:
         image_size=32,
         patch_size=16,
     )
-    return jp.load_clip(directory)
+    return jp.load_clip(directory, dtype=dtype)
 
 
 def compiled_grad(clip: jp.Clip, task: jp.Task, ctx: jax.Array, *, shared_prefix: bool = False):
@@ -131,6 +131,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="images per CoCoOp step (--only cocoop)")
     ap.add_argument("--preset", choices=("vit-b/16", "tiny"), default="vit-b/16")
     ap.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="frozen towers' dtype"
+    )
+    ap.add_argument(
         "--vocab", choices=("both", "word", "char"), default="both", help="token-count brackets"
     )
     args = ap.parse_args()
@@ -141,13 +144,16 @@ def main() -> None:
         "classes": args.classes,
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "dtype": args.dtype,
+        "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
     }
     vocabularies = {"word": [f"a photo of a {n}" for n in names], "char": []}
     if args.vocab != "both":
         vocabularies = {args.vocab: vocabularies[args.vocab]}
     for label, words in vocabularies.items():
         with tempfile.TemporaryDirectory() as d:
-            clip = build_clip(d, words, args.preset)
+            clip = build_clip(d, words, args.preset, args.dtype)
             task = jp.make_task(clip, names)
             width = clip.spec.text_width
             if args.only in ("all", "truncation"):

@@ -30,9 +30,10 @@ to stderr.
   matmul, whose output no gradient needs); ``flops_analytic_model`` leaves the recomputation
   out (the usual "model FLOPs"); ``xla_over_analytic`` is their ratio (a little above 1: XLA
   also counts elementwise work and the augmentation).
-* ``peak_tflops_per_s``: the best of several runs of jitted float32 n x n matmuls (2 n^3
-  FLOPs) on the same device, measured in the same process at the start and again after every
-  line (best so far: a busy moment cannot lower it); ``mfu = flops / step_s / peak`` and
+* ``peak_tflops_per_s``: the best of several runs of jitted n x n matmuls (2 n^3 FLOPs) in
+  the towers' ``--dtype`` on the same device, measured in the same process at the start and
+  again after every line (best so far: a busy moment cannot lower it);
+  ``mfu = flops / step_s / peak`` and
   ``mfu_model_analytic`` the same with the analytic model FLOPs. ``loadavg_1m`` records other
   work on the machine.
 * PromptSRC also reports ``teacher_seconds_<C>`` for each ``--teacher-classes`` count C (100
@@ -160,13 +161,13 @@ class MatmulPeak:
     machine one measurement can land in a busy moment, and a low peak would inflate the MFU.
     """
 
-    def __init__(self, sizes: list[int], repeats: int):
+    def __init__(self, sizes: list[int], repeats: int, dtype: str = "float32"):
         self.repeats = repeats
         self.best = 0.0
         self.measurements = 0
         self._fns = []
         for i, n in enumerate(sizes):
-            a = jax.random.normal(jax.random.key(i), (n, n), jnp.float32)
+            a = jax.random.normal(jax.random.key(i), (n, n), jnp.dtype(dtype))
             mm = jax.jit(jnp.matmul).lower(a, a).compile()
             jax.block_until_ready(mm(a, a))
             self._fns.append((n, mm, a))
@@ -481,6 +482,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     ap.add_argument("--preset", default="vit-b/16", help="model shapes (tiny: a quick check)")
     ap.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype of the frozen towers (prompts, logits and losses stay float32)",
+    )
+    ap.add_argument(
         "--teacher-classes",
         nargs="+",
         type=int,
@@ -517,9 +524,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ap.error(f"class counts must be in 1..{n_names} (the ImageNet class names)")
 
     dev = jax.devices()[0]
-    sizes = args.peak_sizes or ([1024, 2048] if args.preset == "vit-b/16" else [256])
-    peak = MatmulPeak(sizes, args.peak_repeats)
-    log(f"matmul peak {sizes} float32: {peak.measure() / 1e12:.4f} TFLOP/s on {dev}")
+    # Accelerators reach their peak only on large products.
+    big = [4096, 8192] if dev.platform != "cpu" else [1024, 2048]
+    sizes = args.peak_sizes or (big if args.preset == "vit-b/16" else [256])
+    peak = MatmulPeak(sizes, args.peak_repeats, args.dtype)
+    log(f"matmul peak {sizes} {args.dtype}: {peak.measure() / 1e12:.4f} TFLOP/s on {dev}")
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     common = {
         "benchmark": "train_step",
@@ -527,6 +536,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "host": host_cpu(),
         "cpu_cores_usable": len(affinity) if affinity else os.cpu_count(),
         "shapes": f"{args.preset} (random weights)",
+        "dtype": args.dtype,
+        "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
         "augment": args.augment,
     }
 
@@ -537,7 +548,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         testing.save_random_clip(d, words=words, preset=args.preset)
-        clip = jp.load_clip(d)
+        clip = jp.load_clip(d, dtype=args.dtype)
     log(f"random {args.preset} CLIP built in {time.perf_counter() - t:.1f}s")
 
     teacher: dict[str, Any] = {}
@@ -558,7 +569,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 best = peak.measure()
                 r["peak_tflops_per_s"] = round(best / 1e12, 4)
                 r["peak_source"] = (
-                    f"jitted float32 n x n matmuls, n in {sizes}, best of "
+                    f"jitted {args.dtype} n x n matmuls, n in {sizes}, best of "
                     f"{args.peak_repeats * peak.measurements} runs each over the process"
                 )
                 r["mfu"] = round(r["flops"] / r["step_s"] / best, 4)

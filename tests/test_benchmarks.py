@@ -76,3 +76,39 @@ def test_text_tower_prefix_speedup_prints_json():
     assert r["prefix_ctx"] == 4 and r["word_prefix_tokens"] == 5
     assert r["word_plain_s"] > 0 and r["word_shared_s"] > 0
     assert r["prefix_speedup"] == r["word_prefix_speedup"] > 0
+
+
+ACCELERATOR = os.path.join(REPO, "benchmarks", "accelerator.sh")
+
+
+def _accelerator(*args):
+    return subprocess.run(
+        ["bash", ACCELERATOR, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_accelerator_script_refuses_a_cpu_only_host():
+    out = _accelerator()
+    assert out.returncode == 2 and out.stdout == ""
+    (line,) = out.stderr.strip().splitlines()
+    assert "jax sees only the CPU" in line and "--allow-cpu" in line
+
+
+def test_accelerator_script_reports_pieces_left_out_of_its_budget():
+    # No time left: every piece (two benchmarks x two dtypes) says so in JSON, nothing runs.
+    # The pieces themselves are the benchmarks tested above; on an accelerator the script
+    # runs them in full (the figures in the README's benchmark section).
+    out = _accelerator("--allow-cpu", "--preset", "tiny", "--budget", "0")
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(ln) for ln in out.stdout.splitlines()]
+    assert [(r["benchmark"], r["timed_out"]) for r in lines] == [
+        ("text_tower", True),
+        ("train_step", True),
+    ] * 2
+    assert "--dtype bfloat16" in lines[0]["args"] and "--dtype float32" in lines[2]["args"]
+    bad = _accelerator("--budget", "soon")
+    assert bad.returncode == 2 and "whole numbers" in bad.stderr

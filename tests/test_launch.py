@@ -253,8 +253,12 @@ SHELLCHECK = shutil.which("shellcheck") or shutil.which(
 def test_scripts_are_shellcheck_clean():
     # -x follows the shared helpers the scripts source (launch/common.sh), checked as well.
     common = os.path.join(ROOT, "launch", "common.sh")
+    accelerator = os.path.join(ROOT, "benchmarks", "accelerator.sh")
     res = subprocess.run(
-        [SHELLCHECK, "-x", TPU, HOST, GPU, common], capture_output=True, text=True, timeout=60
+        [SHELLCHECK, "-x", TPU, HOST, GPU, common, accelerator],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert res.returncode == 0, res.stdout
 
@@ -561,9 +565,7 @@ def _readme_sweep_on_toy(env: dict[str, str]) -> tuple[list[str], str]:
 
 
 @pytest.mark.slow
-def test_simulated_worker_sweeps_on_a_bucket_and_resumes_after_a_preemption(
-    stubs, tmp_path, gcs
-):
+def test_simulated_worker_sweeps_on_a_bucket_and_resumes_after_a_preemption(stubs, tmp_path, gcs):
     """The README's sweep line on a simulated worker, runs in the bucket: killed once the
     second run's first checkpoint is in the bucket, the same command skips the finished run,
     resumes the second from its checkpoint and writes the summary of both."""
@@ -707,7 +709,15 @@ def test_keep_reports_a_failed_job_instead_of_recreating(stubs, tmp_path):
     stub = _stateful_gcloud(tmp, worker_env)
     keep_env = {**env, "PATH": f"{stub / 'bin'}:{env['PATH']}", "STUB_DIR": str(stub),
                 "JP_POLL_S": "1"}  # fmt: skip
-    args = ["keep", "--", "sweep", "--config", "fewshot:nosuchmethod", "--root", "gs://my-bucket/jp"]
+    args = [
+        "keep",
+        "--",
+        "sweep",
+        "--config",
+        "fewshot:nosuchmethod",
+        "--root",
+        "gs://my-bucket/jp",
+    ]
     res = subprocess.run(["bash", TPU, *args], env=keep_env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert res.returncode == 1, res.stdout + res.stderr
