@@ -477,7 +477,7 @@ def test_predict_on_a_tpt_prompt_equals_the_library_episode(run, tpt_export, toy
     checkpoint, not the exported file) gives the same top-k and probabilities."""
     import jax
 
-    from jaxprompt.methods import tpt as tpt_lib
+    from jaxprompt.methods.tpt import adamw_torch, episode, views_from_images
 
     _, path = tpt_export
     ds, _, new, examples = toy
@@ -503,17 +503,21 @@ def test_predict_on_a_tpt_prompt_equals_the_library_episode(run, tpt_export, toy
     trained, _ = checkpoint.load_prompt(run)
     base = methods.coop(n_ctx=4, remat=True)
     task = jp.make_task(clip, new, template=ds.spec.template)
-    tx = tpt_lib.adamw_torch(5e-3, weight_decay=0.01)
+    tx = adamw_torch(5e-3, weight_decay=0.01)
     size = clip.spec.image_size
+
+    @jax.jit
+    def library(x, i):
+        views = views_from_images(jax.random.fold_in(jax.random.key(0), i), x[None], 16, True)[0]
+        tuned = episode(base, tx, trained, clip, task, views, steps=1, keep=0.1)
+        return tuned, base.logits(trained, clip, task, views[:1])[0]
+
     for i, (f, r) in enumerate(zip(files, recs, strict=True)):
         x = data.eval_transform(open(f, "rb").read(), size)
-        key = jax.random.fold_in(jax.random.key(0), i)
-        views = tpt_lib.views_from_images(key, np.asarray(x)[None], 16, True)[0]
-        logits = tpt_lib.episode(base, tx, trained, clip, task, views, steps=1, keep=0.1)
+        logits, untuned = library(np.asarray(x), i)
         probs = np.asarray(jax.nn.softmax(logits))
         order = np.argsort(-probs)[:3]
         assert [t["label"] for t in r["top_k"]] == [new[j] for j in order]
         np.testing.assert_allclose([t["prob"] for t in r["top_k"]], probs[order], atol=1e-4)
         # Tuning moved the prediction off the untuned CoOp one (the episode ran).
-        untuned = np.asarray(jax.nn.softmax(base.logits(trained, clip, task, views[:1])[0]))
-        assert not np.allclose(untuned, probs, atol=1e-6)
+        assert not np.allclose(np.asarray(jax.nn.softmax(untuned)), probs, atol=1e-6)

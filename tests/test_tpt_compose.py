@@ -295,7 +295,9 @@ BASES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(BASES))
-def test_adapt_preset_per_base_from_an_exported_prompt(preset, tiny_clip, tiny_clip_dir, tmp_path):
+def test_adapt_preset_per_base_from_an_exported_prompt(
+    preset, tiny_clip, tiny_clip_dir, tmp_path, capsys
+):
     """Each base's preset runs TPT from a prompt file (.safetensors, as `jaxprompt export`
     writes) on the toy world and writes results; without init_from it is a one-line error."""
     name, kwargs = BASES[preset]
@@ -311,9 +313,12 @@ def test_adapt_preset_per_base_from_an_exported_prompt(preset, tiny_clip, tiny_c
     args = [
         "--config", f"{ADAPT}:{preset},dataset=toy_textures,runlocal=true",
         f"--config.clip.name={tiny_clip_dir}", "--config.data.limit=0",
-        "--config.data.every=200", "--config.method.views=8",  # 4 images, 8 views each
+        "--config.data.every=200", "--config.method.views=8", "--config.method.keep=0.25",
     ]  # fmt: skip
+    # 4 images, 8 views each, 2 kept. Without the trained prompt: a one-line error.
+    capsys.readouterr()
     assert _cli(*args, workdir=tmp_path / "no_init") == 2
+    assert "init_from" in capsys.readouterr().err
     assert _cli(*args, f"--config.init_from={path}", workdir=tmp_path / "run") == 0
     res = json.load(open(tmp_path / "run" / "results.json"))
     assert res["base"] == name and res["n"] == 4 and set(res["accuracy"]) == {"zero_shot", "tpt"}

@@ -126,7 +126,7 @@ def export_run(workdir: str, out: str | None = None) -> str:
                 return os.fspath(own)
             tmp = epath.Path(out).parent / (epath.Path(out).name + ".tmp")
             tmp.write_bytes(own.read_bytes())
-            tmp.rename(out)
+            tmp.replace(out)
             return os.fspath(out)
         raise FileNotFoundError(f"{workdir} has no checkpoint: train the run first")
     prompt, meta = checkpoint.load_prompt(workdir)

@@ -271,7 +271,7 @@ def save_carry(path: str, prompt: Any, state: Any, batches: int) -> None:
     np.savez(buf, **arrays)
     tmp = epath.Path(path + ".tmp")
     tmp.write_bytes(buf.getvalue())
-    tmp.rename(path)
+    tmp.replace(path)  # over the previous batch's carry
 
 
 def load_carry(path: str, prompt_like: Any, state_like: Any) -> tuple[Any, Any, int]:
