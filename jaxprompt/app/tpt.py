@@ -12,8 +12,23 @@ axis of the mesh. The step-0 logits of view 0 are the initial prompt's (zero-sho
 prediction, so both accuracies come from one pass.
 
 The run directory gets ``config.json``, ``progress.json`` (counts so far and the input
-iterator's position: an interrupted run resumes there), and at the end ``results.json`` and
-``results.md``. A run whose ``results.json`` exists is skipped.
+iterator's position: an interrupted run resumes there), and at the end ``results.json``,
+``results.md`` and ``prompt.safetensors``: TPT (its optimiser, steps, views, keep) around the
+prompt every episode started from, so ``jaxprompt export`` / ``predict`` / ``push`` take an
+adapt run as they take a training run.
+
+Online TPT (``method.reset = "online"``, :func:`make_online_step`): each image starts from the
+prompt the previous test image ended with (with ``method.carry_optimizer``, its AdamW state
+too), in test-split order, across batches. The carry is written to ``carry.npz`` before each
+progress file, and a resumed run reads it back, so an interrupted online run ends exactly as
+an uninterrupted one; at the end ``carry.npz`` holds the prompt the last image ended with.
+
+Any trained prompt can be the starting point (``init_from``: a run directory, a
+``.safetensors``/``.npz`` prompt file, ``hf://USER/NAME``): its meta names the base method, so
+IVLP, MaPLe, PromptSRC and Bayesian prompts are tuned as CoOp ones are (see
+:mod:`jaxprompt.methods.tpt` for the path each takes).
+
+A run whose ``results.json`` exists is skipped.
 """
 
 from __future__ import annotations

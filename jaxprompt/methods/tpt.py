@@ -47,6 +47,20 @@ never from its name:
   sees view 0's *un-normalised* feature (``cocoop_unnormalized=True``), unlike CoCoOp itself.
 * any other method (no ``frozen_image``: vision prompts): the whole prompt is tuned through
   ``base.logits`` on the views, per image. Correct, but none of the sharing above applies.
+  That covers IVLP, MaPLe and PromptSRC prompts (every leaf, vision prompts included) and
+  Bayesian prompts, whose logits are the Monte Carlo predictive at the method's fixed
+  evaluation key: the episode is deterministic and the entropy's gradient reaches the mean
+  and log-variance through the reparameterised samples. (A conditional Bayesian prompt draws
+  its noise per row of each call, so the selected views see other draws than at selection.)
+
+Online TPT (``tpt(reset="online")``, :func:`online_episodes`; TPT's issue #16) drops the reset:
+test sample ``t`` starts from the prompt sample ``t - 1`` was tuned to (and, with
+``carry_optimizer``, from its AdamW state), in the order given. Batched, it stays the
+sequential definition: the samples of a batch are a ``lax.scan``, each seeing the previous
+one's prompt, and the carry passes from one batch to the next (``jaxprompt adapt`` keeps it
+across the whole test split, in test-split order), so the result does not depend on the batch
+size. Only the image tower's forward for all views of a batch is shared. Bases whose tuned
+context depends on the image (CoCoOp) have no prompt to carry and are refused.
 """
 
 from __future__ import annotations
