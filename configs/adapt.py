@@ -17,6 +17,17 @@ Presets:
   tpt_coop:   the prompt starts from a trained CoOp context (``--config.init_from`` = a run
               directory or an exported ``.npz``; 4 tokens, class-agnostic, as the paper's).
   tpt_cocoop: TPT + CoCoOp from a trained CoCoOp run (``--config.init_from``).
+  tpt_ivlp, tpt_maple, tpt_promptsrc, tpt_bayes: test-time tuning of a trained IVLP, MaPLe,
+              PromptSRC or Bayesian prompt (``--config.init_from`` = its run directory or its
+              ``jaxprompt export`` file); every leaf of the prompt, vision prompts included, is
+              tuned through the base's own logits on the views.
+
+Online TPT (``adapt:tpt,online=true`` or ``--config.method.reset=online``): the prompt tuned on
+test image i is where image i + 1 starts (``--config.method.carry_optimizer=true`` carries the
+AdamW state too), in the order of the test split; within a batch the images run one after
+another (a scan), so the result does not depend on the batch size. The carry is saved with the
+progress file (``carry.npz``) so an interrupted run resumes exactly; at the end ``carry.npz``
+holds the prompt the last image ended with. Episodic reset stays the default.
 
 Toy world (shipped toy CLIP, mean of seeds 1-3, docs/toy_results.md), top-1 % on sketch /
 night / cartoon: ``tpt`` (every 5th test image, ``data.every=5``) 27.92 / 31.88 / 31.25 against
@@ -38,8 +49,19 @@ PRESETS = {
     # The base's hyperparameters come from the loaded run's meta; these are the fallbacks.
     "tpt_coop": dict(base="coop", base_kwargs=dict(n_ctx=4, remat=True)),
     "tpt_cocoop": dict(base="cocoop", base_kwargs=dict(n_ctx=4, init_words="a photo of a")),
+    # Test-time tuning of any trained prompt: the whole prompt pytree (vision prompts included)
+    # is tuned through the base's own logits on the views (TPT's generic path). The base and
+    # its hyperparameters come from the trained run's meta; these are the fallbacks.
+    "tpt_ivlp": dict(base="ivlp", base_kwargs=dict(remat=True)),
+    "tpt_maple": dict(base="maple", base_kwargs=dict(remat=True)),
+    # PromptSRC's prompt is an IVLP prompt (the GPA aggregate when the run saved one); its
+    # regularisers play no part at test time.
+    "tpt_promptsrc": dict(base="promptsrc", base_kwargs=dict(remat=True)),
+    # Bayesian prompts: the logits are the MC predictive at the method's fixed evaluation key,
+    # so the entropy's gradient reaches the mean and variance through the samples.
+    "tpt_bayes": dict(base="bayes", base_kwargs=dict(remat=True)),
 }
-NEEDS_INIT = ("tpt_coop", "tpt_cocoop")
+NEEDS_INIT = ("tpt_coop", "tpt_cocoop", "tpt_ivlp", "tpt_maple", "tpt_promptsrc", "tpt_bayes")
 # POUF (specs/pouf.md): unsupervised adaptation on unlabeled target data, run by
 # jaxprompt.app.pouf.run_pouf. pouf: CoOp context (4 tokens from "a photo of a") and
 # logit_scale; pouf_full: every CLIP weight (the fixed prompt "a photo of a {}"); pouf_mlm:
@@ -67,6 +89,7 @@ def get_config(arg=None):
         batch_size=8,
         limit=0,
         every=1,
+        online=False,
     )
     toy = common.is_toy(arg.dataset)
     p = PRESETS[preset]
@@ -75,7 +98,10 @@ def get_config(arg=None):
     c.protocol = "adapt"
     c.preset = preset
     c.seed = arg.seed  # the views of test image i come from fold_in(key(seed), i)
-    c.init_from = ""  # a run directory or exported .npz with the initial prompt
+    # The initial prompt: a run directory, or a prompt file (.safetensors from `jaxprompt
+    # export`, an old .npz, hf://USER/NAME). Required by the presets that tune a trained prompt.
+    c.init_from = ""
+    c.needs_init_from = preset in NEEDS_INIT
     c.method = ml_collections.ConfigDict(
         {
             "name": "tpt",
@@ -94,6 +120,13 @@ def get_config(arg=None):
                 "eps": 1e-8,
             },
             "cocoop_unnormalized": True,
+            # "episodic" (TPT: every test image starts from the initial prompt, fresh
+            # optimiser state) or "online" (each image starts from the prompt the previous
+            # image of the test split ended with; within a batch the images run one after
+            # another in test-split order, a scan, so the result is the sequential one).
+            "reset": "online" if arg.online else "episodic",
+            # online only: carry the AdamW state from image to image too
+            "carry_optimizer": False,
         }
     )
     c.clip = ml_collections.ConfigDict(

@@ -205,7 +205,7 @@ def save_prompt(path: str | os.PathLike, prompt: PyTree, meta: Mapping[str, Any]
     path = epath.Path(path)
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_bytes(data)
-    tmp.rename(path)
+    tmp.replace(path)  # a re-export overwrites
     return os.fspath(path)
 
 

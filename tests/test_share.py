@@ -426,3 +426,98 @@ def test_hub_download_errors_are_one_line_file_not_found(monkeypatch):
     with pytest.raises(FileNotFoundError, match="not in the Hub cache") as e:
         jp.load_prompt("hf://user/name")
     assert "\n" not in str(e.value) and "hf://user/name" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# TPT prompts: an adapt run exported, then predict tunes per image
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tpt_export(run, tiny_clip_dir, tmp_path_factory):
+    """TPT + CoOp on the toy world (the trained CoOp run as the base), exported."""
+    root = tmp_path_factory.mktemp("tpt_share")
+    workdir = str(root / "tpt_coop")
+    adapt_config = os.path.join(REPO, "configs", "adapt.py")
+    code = cli.main(
+        [
+            "jaxprompt", "adapt", "--config",
+            f"{adapt_config}:tpt_coop,dataset=toy_textures,runlocal=true",
+            f"--config.clip.name={tiny_clip_dir}", f"--config.init_from={run}",
+            "--config.data.limit=0", "--config.data.every=100", "--workdir", workdir,
+        ]
+    )  # fmt: skip
+    assert code == 0
+    out = str(root / "tpt.safetensors")
+    assert cli.main(["jaxprompt", "export", "--workdir", workdir, "--out", out]) == 0
+    return workdir, out
+
+
+@pytest.mark.slow
+def test_tpt_export_names_tpt_around_the_trained_base(run, tpt_export):
+    _, path = tpt_export
+    prompt, meta = share.read_prompt_file(path)
+    assert meta["method"] == "tpt" and meta["protocol"] == "adapt"
+    cfg = meta["method_config"]
+    assert cfg["base"]["method"] == "coop" and cfg["base"]["method_config"]["n_ctx"] == 4
+    assert (cfg["views"], cfg["keep"], cfg["steps"], cfg["reset"]) == (16, 0.1, 1, "episodic")
+    assert cfg["optimizer"]["name"] == "adamw" and cfg["optimizer"]["weight_decay"] == 0.01
+    assert set(meta["results"]) == {"zero_shot", "tpt"}
+    # The prompt is the trained CoOp context every episode starts from.
+    trained, _ = checkpoint.load_prompt(run)
+    np.testing.assert_array_equal(prompt["ctx"], np.asarray(trained["ctx"]))
+    method, _, _ = share.load_prompt(path)
+    assert method.name == "tpt" and method.config["base"].name == "coop"
+
+
+@pytest.mark.slow
+def test_predict_on_a_tpt_prompt_equals_the_library_episode(run, tpt_export, toy, tmp_path):
+    """predict tunes the base prompt on each image's views; the same episode through the
+    library (views from fold_in(key(0), i), episode(), the trained ctx read from the run's
+    checkpoint, not the exported file) gives the same top-k and probabilities."""
+    import jax
+
+    from jaxprompt.methods.tpt import adamw_torch, episode, views_from_images
+
+    _, path = tpt_export
+    ds, _, new, examples = toy
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, x in enumerate(examples[:3]):
+        data.pipeline.to_pil_rgb(ds.fetch(x)).save(folder / f"{i}.png")
+    files = sorted(str(p) for p in folder.iterdir())
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxprompt", "predict", "--prompt", path, "--classes",
+         ",".join(new), "--top_k", "3", "--json", *files],
+        capture_output=True, text=True, cwd=REPO, check=False,
+        env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    recs = [json.loads(ln) for ln in out.stdout.splitlines() if ln.strip()]
+    assert [r["image"] for r in recs] == files
+    for r in recs:
+        assert len(r["top_k"]) == 3 and set(r["probs"]) == set(new)
+        assert abs(sum(r["probs"].values()) - 1.0) < 1e-4
+
+    clip = jp.load_clip(share.read_prompt_file(path)[1]["backbone"]["name"])
+    trained, _ = checkpoint.load_prompt(run)
+    base = methods.coop(n_ctx=4, remat=True)
+    task = jp.make_task(clip, new, template=ds.spec.template)
+    tx = adamw_torch(5e-3, weight_decay=0.01)
+    size = clip.spec.image_size
+
+    @jax.jit
+    def library(x, i):
+        views = views_from_images(jax.random.fold_in(jax.random.key(0), i), x[None], 16, True)[0]
+        tuned = episode(base, tx, trained, clip, task, views, steps=1, keep=0.1)
+        return tuned, base.logits(trained, clip, task, views[:1])[0]
+
+    for i, (f, r) in enumerate(zip(files, recs, strict=True)):
+        x = data.eval_transform(open(f, "rb").read(), size)
+        logits, untuned = library(np.asarray(x), i)
+        probs = np.asarray(jax.nn.softmax(logits))
+        order = np.argsort(-probs)[:3]
+        assert [t["label"] for t in r["top_k"]] == [new[j] for j in order]
+        np.testing.assert_allclose([t["prob"] for t in r["top_k"]], probs[order], atol=1e-4)
+        # Tuning moved the prediction off the untuned CoOp one (the episode ran).
+        assert not np.allclose(np.asarray(jax.nn.softmax(untuned)), probs, atol=1e-6)

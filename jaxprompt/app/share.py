@@ -12,7 +12,15 @@ the given names. ``push`` exports the prompt, writes a model card (``README.md``
 both with the run's ``config.json`` to a Hugging Face Hub model repository, from which
 ``jp.load_prompt("hf://USER/NAME")`` and ``predict --prompt hf://USER/NAME`` load it. Every bad
 input is a one-line error with exit code 2, and nothing is written.
-Prompts of test-time methods (TPT) are not supported by ``predict`` yet.
+
+``predict`` on a TPT prompt (``jaxprompt export --workdir ADAPT_RUN``: TPT around the prompt the
+run's episodes started from, a trained one with ``init_from``) tunes that base prompt on each
+image as the run did: the file's ``views`` (view 0 the image's eval crop, the others random
+resized crops + flips of it, AugMix when the file says so, made on device from
+``fold_in(fold_in(key(seed), i), 0)`` for the i-th image), the confident ``keep`` fraction, the
+file's optimiser and ``steps`` from the file's prompt, then top-k of view 0's tuned logits.
+Each image starts from the file's prompt (an online run's file too: images on the command
+line are not a test split to carry a prompt through).
 """
 
 from __future__ import annotations
@@ -110,6 +118,16 @@ def export_run(workdir: str, out: str | None = None) -> str:
     if not epath.Path(workdir).is_dir():
         raise FileNotFoundError(f"no run directory {workdir}")
     if checkpoint.latest_step(workdir) is None:
+        # A test-time run (`jaxprompt adapt`, TPT) has no checkpoint: it writes its prompt
+        # file itself when it finishes (TPT around the prompt its episodes started from).
+        own = epath.Path(workdir) / DEFAULT_NAME
+        if own.exists() and share.read_prompt_file(own)[1].get("protocol") == "adapt":
+            if out is None or epath.Path(out) == own:
+                return os.fspath(own)
+            tmp = epath.Path(out).parent / (epath.Path(out).name + ".tmp")
+            tmp.write_bytes(own.read_bytes())
+            tmp.replace(out)
+            return os.fspath(out)
         raise FileNotFoundError(f"{workdir} has no checkpoint: train the run first")
     prompt, meta = checkpoint.load_prompt(workdir)
     if "method" not in meta:
@@ -514,9 +532,11 @@ def predict(
     Returns:
       ``(image paths, probabilities [N, C] numpy float32)``.
 
+    A test-time method (its config names ``views``: TPT) runs one image at a time, the i-th
+    image's views drawn from ``fold_in(key(seed), i)`` (see the module docstring).
+
     Raises:
       BackboneMismatchError: ``clip_name`` is not the backbone the prompt was learned on.
-      ValueError: a prompt of a method predict does not support (TPT).
     """
     import jax
     import numpy as np
@@ -526,9 +546,7 @@ def predict(
     from jaxprompt.app import experiment
 
     paths = list_images(images)
-    meta = share.read_prompt_file(prompt_path)[1]  # TPT and the backbone, before loading
-    if meta.get("method") == "tpt":
-        raise ValueError("predict does not support TPT prompts yet (test-time tuning per image)")
+    meta = share.read_prompt_file(prompt_path)[1]  # the backbone, before loading
     name = clip_name or (meta.get("backbone") or {}).get("name") or meta.get("model")
     if not name:
         raise ValueError(f"{prompt_path} names no backbone: pass --clip")
@@ -537,11 +555,16 @@ def predict(
     task = clip_lib.make_task(clip, list(classes), template=meta.get("template"))
     logits_fn = jax.jit(lambda p, c, t, x, k: method.logits(p, c, t, x, key=k))
     key = jax.random.key(seed)
+    # A test-time method declares its views per image: one image per call (its views are the
+    # batch), each with its own key, so an image's views do not depend on its neighbours.
+    per_image = int(method.config.get("views", 0) or 0) > 1
+    size = 1 if per_image else _BATCH
     out = []
-    for i in range(0, len(paths), _BATCH):
-        chunk = paths[i : i + _BATCH]
+    for i in range(0, len(paths), size):
+        chunk = paths[i : i + size]
         x = np.stack([_load_image(p, clip.spec.image_size) for p in chunk])
-        out.append(np.asarray(jax.nn.softmax(logits_fn(prompt, clip, task, x, key), axis=-1)))
+        k = jax.random.fold_in(key, i) if per_image else key
+        out.append(np.asarray(jax.nn.softmax(logits_fn(prompt, clip, task, x, k), axis=-1)))
     return paths, np.concatenate(out).astype(np.float32)
 
 

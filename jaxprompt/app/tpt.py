@@ -12,8 +12,23 @@ axis of the mesh. The step-0 logits of view 0 are the initial prompt's (zero-sho
 prediction, so both accuracies come from one pass.
 
 The run directory gets ``config.json``, ``progress.json`` (counts so far and the input
-iterator's position: an interrupted run resumes there), and at the end ``results.json`` and
-``results.md``. A run whose ``results.json`` exists is skipped.
+iterator's position: an interrupted run resumes there), and at the end ``results.json``,
+``results.md`` and ``prompt.safetensors``: TPT (its optimiser, steps, views, keep) around the
+prompt every episode started from, so ``jaxprompt export`` / ``predict`` / ``push`` take an
+adapt run as they take a training run.
+
+Online TPT (``method.reset = "online"``, :func:`make_online_step`): each image starts from the
+prompt the previous test image ended with (with ``method.carry_optimizer``, its AdamW state
+too), in test-split order, across batches. The carry is written to ``carry.npz`` before each
+progress file, and a resumed run reads it back, so an interrupted online run ends exactly as
+an uninterrupted one; at the end ``carry.npz`` holds the prompt the last image ended with.
+
+Any trained prompt can be the starting point (``init_from``: a run directory, a
+``.safetensors``/``.npz`` prompt file, ``hf://USER/NAME``): its meta names the base method, so
+IVLP, MaPLe, PromptSRC and Bayesian prompts are tuned as CoOp ones are (see
+:mod:`jaxprompt.methods.tpt` for the path each takes).
+
+A run whose ``results.json`` exists is skipped.
 """
 
 from __future__ import annotations
@@ -35,10 +50,11 @@ from jaxprompt import clip as clip_lib
 from jaxprompt import data as data_lib
 from jaxprompt import methods as methods_lib
 from jaxprompt import sharding as shard_lib
+from jaxprompt import share as share_lib
 from jaxprompt.app import console, experiment
 from jaxprompt.app import rundir as rundir_lib
 from jaxprompt.data import augment as aug_lib
-from jaxprompt.methods.tpt import episodes, make_optimizer, num_selected
+from jaxprompt.methods.tpt import RESETS, episodes, make_optimizer, num_selected, online_episodes
 
 log = logging.getLogger("jaxprompt")
 
@@ -47,7 +63,18 @@ PROGRESS = "progress.json"
 # The ImageNet family gets crops + flips only; every other dataset AugMix (spec section 2.1).
 IMAGENET_FAMILY = ("ImageNet", "ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
 
-__all__ = ["batch_views", "initial_prompt", "make_adapt_step", "run_adapt", "use_augmix"]
+__all__ = [
+    "batch_views",
+    "initial_prompt",
+    "load_carry",
+    "make_adapt_step",
+    "make_online_step",
+    "run_adapt",
+    "save_carry",
+    "use_augmix",
+]
+
+CARRY = "carry.npz"  # online TPT: the carried prompt (and optimiser state) after a batch
 
 
 def use_augmix(setting: str | bool, dataset: str) -> bool:
@@ -76,7 +103,10 @@ def initial_prompt(
 
     Args:
       init_from: ``""`` (the base's own initialisation, e.g. "a photo of a"), a run directory
-        (``checkpoint.load_prompt``) or an exported ``.npz`` file (``checkpoint.load_exported``).
+        (``checkpoint.load_prompt``), or a prompt file: ``.safetensors`` (``jaxprompt
+        export``), an old ``.npz`` export, or ``hf://USER/NAME[@REV]``
+        (``share.read_prompt_file``). A file of a wrapper (a TPT export: its meta names a
+        ``base``) gives that base and its prompt.
       base_name: the configured base method, used when the loaded meta names none.
       base_kwargs: its keyword arguments (a loaded run's own ``method_config`` wins).
       clip: the frozen CLIP.
@@ -93,16 +123,21 @@ def initial_prompt(
         base = methods_lib.get(base_name, **dict(base_kwargs))
         return base, base.init(key, clip, task), "init"
     source = epath.Path(init_from)  # local or gs://
-    if source.is_dir():
+    if share_lib.is_hub_ref(init_from) or source.is_file():
+        prompt, meta = share_lib.read_prompt_file(init_from)
+    elif source.is_dir():
         prompt, meta = ckpt_lib.load_prompt(init_from)
-    elif source.is_file():
-        prompt, meta = ckpt_lib.load_exported(init_from)
     else:
         raise experiment.ConfigError(
-            f"config.init_from={init_from!r} is neither a run directory nor an exported .npz"
+            f"config.init_from={init_from!r} is neither a run directory nor a prompt file "
+            "(.safetensors, .npz or hf://USER/NAME)"
         )
     name = meta.get("method", base_name)
     kwargs = dict(meta.get("method_config") or base_kwargs)
+    wrapped = kwargs.get("base")
+    if isinstance(wrapped, Mapping) and "method" in wrapped:
+        # A wrapper's file (e.g. a TPT export): its prompt is its base's.
+        name, kwargs = str(wrapped["method"]), dict(wrapped.get("method_config") or {})
     base = methods_lib.get(name, **kwargs)
     if base.config.get("remat") is False:
         # Test-time tuning backpropagates through C text sequences: bound the memory where
@@ -193,6 +228,89 @@ def make_adapt_step(
     return step
 
 
+def make_online_step(
+    base: methods_lib.PromptMethod,
+    tx: Any,
+    *,
+    steps: int,
+    views: int,
+    keep: float,
+    augmix: bool,
+    image_size: int,
+    carry_optimizer: bool = False,
+):
+    """The per-batch step of online TPT (``method.reset = "online"``).
+
+    The batch's images are taken in the order of their test-split positions
+    (``batch["index"]``; padding rows last, and masked so they leave the carry alone) and run
+    as :func:`~jaxprompt.methods.tpt.online_episodes`: image ``i`` starts from the prompt (and,
+    with ``carry_optimizer``, the optimiser state) that image ``i - 1`` ended with, across
+    batches too. That is the sequential definition exactly, whatever the batch size. The
+    zero-shot column is the initial prompt's prediction on view 0 (``base.logits``).
+
+    Returns:
+      ``step(prompt0, carry_prompt, carry_state, clip, task, batch, key) -> (sums, prompt,
+      state)`` with ``sums`` as in :func:`make_adapt_step`.
+    """
+
+    def step(prompt0, prompt, state, clip, task, batch, key):
+        v = batch_views(key, batch, views=views, augmix=augmix, image_size=image_size)
+        order = jnp.argsort(jnp.asarray(batch["index"]))
+        labels = jnp.asarray(batch["label"], jnp.int32)[order]
+        mask = jnp.asarray(batch["mask"], bool)[order]
+        out = online_episodes(
+            base, tx, prompt, clip, task, v[order], steps=steps, keep=keep,
+            carry_optimizer=carry_optimizer, opt_state=state, mask=mask,
+        )  # fmt: skip
+        zero_shot = base.logits(prompt0, clip, task, v[order, 0])
+        sums = {
+            "tpt": _sums(out["logits"], labels, mask)["correct"],
+            "zero_shot": _sums(zero_shot, labels, mask)["correct"],
+            "count": jnp.sum(mask.astype(jnp.int32)),
+        }
+        return sums, out["prompt"], out["opt_state"]
+
+    return step
+
+
+def save_carry(path: str, prompt: Any, state: Any, batches: int) -> None:
+    """Writes online TPT's carry (prompt, optimiser state leaves, batches done) as one ``.npz``
+    (no pickle), to a temporary name then renamed."""
+    import io
+
+    arrays = {f"prompt.{k}": v for k, v in ckpt_lib.flatten(jax.device_get(prompt)).items()}
+    for i, leaf in enumerate(jax.tree.leaves(jax.device_get(state))):
+        arrays[f"opt.{i}"] = np.asarray(leaf)
+    arrays["batches"] = np.asarray(batches, np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    tmp = epath.Path(path + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)  # over the previous batch's carry
+
+
+def load_carry(path: str, prompt_like: Any, state_like: Any) -> tuple[Any, Any, int]:
+    """Reads :func:`save_carry`'s file -> ``(prompt, state, batches)``, shaped like the given
+    trees (``state_like`` ``None``: no optimiser state carried)."""
+    import io
+
+    with np.load(io.BytesIO(epath.Path(path).read_bytes())) as z:
+        flat = {k: z[k] for k in z.files}
+    prompt = ckpt_lib.unflatten_dict(flat, "prompt")
+    want = jax.tree.map(np.shape, prompt_like)
+    if jax.tree.map(np.shape, prompt) != want:
+        raise experiment.ConfigError(f"{path} holds a prompt that does not fit this run")
+    prompt = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), prompt)
+    state = None
+    if state_like is not None:
+        leaves, tree = jax.tree.flatten(state_like)
+        saved = [flat[f"opt.{i}"] for i in range(len(leaves))]
+        state = jax.tree.unflatten(
+            tree, [jnp.asarray(a, x.dtype) for a, x in zip(saved, leaves, strict=True)]
+        )
+    return prompt, state, int(flat["batches"])
+
+
 def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
     """Runs TPT over the configured dataset's test split (see ``configs/adapt.py``).
 
@@ -214,9 +332,16 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
     tx = make_optimizer(m["optimizer"])
     n_views, keep, steps = int(m["views"]), float(m["keep"]), int(m["steps"])
     num_selected(n_views, keep)
-    if cfg.get("preset") in ("tpt_coop", "tpt_cocoop") and not cfg.get("init_from"):
+    reset = str(m.get("reset", "episodic"))
+    carry_optimizer = bool(m.get("carry_optimizer", False))
+    if reset not in RESETS:
+        raise experiment.ConfigError(f"method.reset must be one of {RESETS}, got {reset!r}")
+    if carry_optimizer and reset != "online":
+        raise experiment.ConfigError("method.carry_optimizer=true needs method.reset=online")
+    if cfg.get("needs_init_from") and not cfg.get("init_from"):
         raise experiment.ConfigError(
-            f"preset {cfg['preset']} starts from a trained prompt: set --config.init_from=DIR"
+            f"preset {cfg.get('preset')} starts from a trained prompt: set "
+            "--config.init_from=DIR (a run directory) or a prompt file (.safetensors)"
         )
     ds = experiment._load(d["dataset"], cfg, {})
     clip = experiment.resolve_clip(cfg["clip"]["name"], cfg["clip"]["dtype"])
@@ -226,6 +351,12 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
     base, prompt, source = initial_prompt(
         cfg.get("init_from", ""), m["base"], m.get("base_kwargs", {}), clip, task, key
     )
+    online = reset == "online"
+    if online and base.frozen_image is not None and base.frozen_image.per_image:
+        raise experiment.ConfigError(
+            f"online TPT carries the tuned prompt, but {base.name}'s tuned context depends on "
+            "the image: use method.reset=episodic with this base"
+        )
     augmix = use_augmix(d.get("augmix", "auto"), ds.spec.name)
     examples = list(ds.split["test"])[:: max(1, int(d.get("every", 1)))]
     if int(d.get("limit", 0)) > 0:
@@ -252,16 +383,30 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
         seed=int(cfg["seed"]),
         prefetch=2,  # a batch of 8 holds 8 x 63 crops: ~75 MB at 224 px
     )
-    step = jax.jit(
-        make_adapt_step(
-            base, tx, steps=steps, views=n_views, keep=keep, augmix=augmix, image_size=size,
-            cocoop_unnormalized=bool(m.get("cocoop_unnormalized", True)),
-        )
-    )  # fmt: skip
+    if online:
+        online_step = jax.jit(
+            make_online_step(
+                base, tx, steps=steps, views=n_views, keep=keep, augmix=augmix,
+                image_size=size, carry_optimizer=carry_optimizer,
+            )
+        )  # fmt: skip
+    else:
+        step = jax.jit(
+            make_adapt_step(
+                base, tx, steps=steps, views=n_views, keep=keep, augmix=augmix, image_size=size,
+                cocoop_unnormalized=bool(m.get("cocoop_unnormalized", True)),
+            )
+        )  # fmt: skip
     clip = shard_lib.shard_clip(clip, mesh)
     task = shard_lib.replicate(task, mesh)
+    prompt0 = prompt
     prompt = shard_lib.replicate(prompt, mesh)
     dkey = shard_lib.replicate(key, mesh)
+    # Online TPT: the prompt (and optimiser state) carried from image to image, saved beside
+    # the progress file so a resumed run carries on from exactly where it stopped.
+    carry_path = os.path.join(workdir, CARRY)
+    carry_prompt = prompt
+    carry_state = tx.init(prompt0) if carry_optimizer else None
 
     totals = {"tpt": 0, "zero_shot": 0, "count": 0}
     start = 0
@@ -275,6 +420,14 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
     if saved is not None:
         batches.set_state(saved["iterator"])
         totals, start = saved["totals"], int(saved["batches"])
+        if online:
+            carry_prompt, carry_state, done = load_carry(carry_path, prompt0, carry_state)
+            if done != start:
+                raise experiment.ConfigError(
+                    f"{carry_path} is from batch {done} but {PROGRESS} from batch {start}: "
+                    "remove both to start the run again"
+                )
+            carry_prompt = shard_lib.replicate(carry_prompt, mesh)
         log.info("resuming at batch %d (%d images done)", start, totals["count"])
     log.info(
         "TPT on %s: %d test images, %d classes, %d views (keep %d), %d step(s), augmix=%s, "
@@ -291,7 +444,13 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
         # index + count, ... (eval_iterator's sharding), batch j rows j*B .. j*B + B - 1.
         rows = np.arange(j * batch_size, (j + 1) * batch_size)
         local_batch["index"] = (index + rows * count).astype(np.int32)
-        sums = step(prompt, clip, task, shard_lib.put_batch(local_batch, mesh), dkey)
+        put = shard_lib.put_batch(local_batch, mesh)
+        if online:
+            sums, carry_prompt, carry_state = online_step(
+                prompt, carry_prompt, carry_state, clip, task, put, dkey
+            )
+        else:
+            sums = step(prompt, clip, task, put, dkey)
         sums = jax.device_get(sums)
         for k in totals:
             totals[k] += int(sums[k])
@@ -303,6 +462,8 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
         )
         last = j == n_batches - 1
         if ((j + 1) % int(cfg.get("save_every", 50)) == 0 and not last) and index == 0:
+            if online:  # the carry first: a progress file never points past its carry
+                save_carry(carry_path, carry_prompt, carry_state, j + 1)
             rundir_lib.write_json(
                 progress,
                 {"batches": j + 1, "totals": totals, "iterator": batches.get_state()},
@@ -327,8 +488,33 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
         "steps": steps,
         "views": n_views,
         "augmix": augmix,
+        "reset": reset,
         "wall_time_s": round(time.time() - t0, 1),
     }
+    if online:
+        record["carry_optimizer"] = carry_optimizer
+        if index == 0:  # the prompt the last test image ended with, kept with the results
+            save_carry(carry_path, carry_prompt, carry_state, n_batches)
+    if index == 0:
+        # The run as one shareable file: TPT around the prompt every episode starts from
+        # (`jaxprompt export` / `predict` / `push` take it from here).
+        tpt_method = methods_lib.get(
+            "tpt", base=base, optimizer=dict(m["optimizer"]), steps=steps, views=n_views,
+            keep=keep, augmix=augmix, reset=reset, carry_optimizer=carry_optimizer,
+            cocoop_unnormalized=bool(m.get("cocoop_unnormalized", True)),
+        )  # fmt: skip
+        header = share_lib.prompt_meta(
+            method="tpt",
+            method_config=dict(tpt_method.config),
+            backbone_name=str(cfg["clip"]["name"]),
+            fingerprint=share_lib.backbone_fingerprint(clip),
+            classnames=names,
+            extra={
+                "protocol": "adapt", "dataset": ds.spec.name, "template": ds.spec.template,
+                "seed": int(cfg["seed"]), "results": accuracy, "init_from": source,
+            },
+        )  # fmt: skip
+        share_lib.save_prompt(os.path.join(workdir, share_lib.HUB_FILENAME), prompt0, header)
     record = run.write_results(record)
     if index == 0 and epath.Path(progress).exists():
         epath.Path(progress).unlink()

@@ -47,6 +47,20 @@ never from its name:
   sees view 0's *un-normalised* feature (``cocoop_unnormalized=True``), unlike CoCoOp itself.
 * any other method (no ``frozen_image``: vision prompts): the whole prompt is tuned through
   ``base.logits`` on the views, per image. Correct, but none of the sharing above applies.
+  That covers IVLP, MaPLe and PromptSRC prompts (every leaf, vision prompts included) and
+  Bayesian prompts, whose logits are the Monte Carlo predictive at the method's fixed
+  evaluation key: the episode is deterministic and the entropy's gradient reaches the mean
+  and log-variance through the reparameterised samples. (A conditional Bayesian prompt draws
+  its noise per row of each call, so the selected views see other draws than at selection.)
+
+Online TPT (``tpt(reset="online")``, :func:`online_episodes`; TPT's issue #16) drops the reset:
+test sample ``t`` starts from the prompt sample ``t - 1`` was tuned to (and, with
+``carry_optimizer``, from its AdamW state), in the order given. Batched, it stays the
+sequential definition: the samples of a batch are a ``lax.scan``, each seeing the previous
+one's prompt, and the carry passes from one batch to the next (``jaxprompt adapt`` keeps it
+across the whole test split, in test-split order), so the result does not depend on the batch
+size. Only the image tower's forward for all views of a batch is shared. Bases whose tuned
+context depends on the image (CoCoOp) have no prompt to carry and are refused.
 """
 
 from __future__ import annotations
@@ -65,7 +79,21 @@ from jaxprompt.methods import base as base_lib
 Array = jax.Array
 Prompt = base_lib.Prompt
 
-__all__ = ["adamw_torch", "episode", "episodes", "make_optimizer", "num_selected", "tpt"]
+__all__ = [
+    "RESETS",
+    "adamw_torch",
+    "episode",
+    "episodes",
+    "make_optimizer",
+    "num_selected",
+    "online_episodes",
+    "tpt",
+    "views_from_images",
+]
+
+# How the prompt starts each test sample: TPT's own reset to the initial prompt ("episodic"),
+# or the prompt tuned on the previous sample ("online", see online_episodes).
+RESETS = ("episodic", "online")
 
 # Bases whose image features do not depend on the prompt: the views are encoded once, without
 # gradient, and only the text side is tuned.
@@ -218,9 +246,12 @@ def _initial_tuned(base, prompt, feats0, cocoop_unnormalized):
 
 
 def _episode_core(
-    base, tx, prompt, clip, task, views, feats, *, steps, keep, cocoop_unnormalized
+    base, tx, prompt, clip, task, views, feats, *, steps, keep, cocoop_unnormalized, state=None
 ) -> dict[str, Any]:
-    """One episode the plain way (the reference's order of work); ``feats`` may be None."""
+    """One episode the plain way (the reference's order of work); ``feats`` may be None.
+
+    ``state`` is the optimiser state to start from (``None``: a fresh one, TPT's reset); the
+    returned dict carries the final one under ``"opt_state"`` (online TPT carries it on)."""
     kind = _kind(base)
     scale = clip_lib.logit_scale(clip)
     n_views = views.shape[0] if views is not None else feats.shape[0]
@@ -247,13 +278,14 @@ def _episode_core(
     def loss(p):
         return losses.marginal_entropy(logits_at(p, selected))
 
-    tuned, _ = _optimise(tx, tuned0, loss, steps)
+    tuned, state = _optimise(tx, tuned0, loss, steps, state)
     return {
         "logits": logits_at(tuned, all_views[:1])[0],
         "initial": z0[0],
         "selected": selected,
         "loss": losses.marginal_entropy(z0[selected]),
         "prompt": tuned,
+        "opt_state": state,
     }
 
 
@@ -354,6 +386,7 @@ def episodes(
         out = jax.vmap(lambda v: _episode_core(base, tx, prompt, clip, task, v, None, **opts))(
             views
         )
+        out.pop("opt_state")
         return out if details else out["logits"]
 
     # One image-tower call over all B x V views (the tower is frozen: no gradient).
@@ -366,10 +399,103 @@ def episodes(
         out = jax.vmap(lambda f: _episode_core(base, tx, prompt, clip, task, None, f, **opts))(
             feats
         )
+        out.pop("opt_state")
         return out if details else out["logits"]
 
     out = _shared_text_episodes(base, tx, prompt, clip, task, feats, steps=steps, keep=keep)
     return out if details else out["logits"]
+
+
+def online_episodes(
+    base: base_lib.PromptMethod,
+    tx: optax.GradientTransformation,
+    prompt: Prompt,
+    clip: clip_lib.Clip,
+    task: clip_lib.Task,
+    views: Array,
+    *,
+    steps: int = 1,
+    keep: float = 0.1,
+    carry_optimizer: bool = False,
+    opt_state: Any = None,
+    mask: Array | None = None,
+) -> dict[str, Any]:
+    """Online TPT: B episodes in order, each starting from the prompt the previous one tuned.
+
+    Sample ``b`` runs exactly :func:`episode`'s steps (views, step-0 selection with the prompt
+    it starts from, ``steps`` optimiser steps, prediction on view 0) but from the prompt that
+    sample ``b - 1`` ended with instead of the initial one; with ``carry_optimizer`` the
+    optimiser state is carried too (otherwise it starts fresh per sample, as in TPT). This is
+    the sequential definition itself, a ``lax.scan`` over the samples in the order given (the
+    batch is only a unit of work: B = 1 called B times with the carry passed on gives the same
+    numbers). Image features of all B x V views still come from one image-tower call when the
+    base's image side is frozen. Episodic TPT (:func:`episodes`) is the special case where
+    nothing is carried.
+
+    Args:
+      base: the method whose prompt is tuned; its tuned pytree must be its prompt (CoOp,
+        zero-shot, vision-prompt bases), not an image-dependent context (CoCoOp).
+      tx: the test-time optimiser.
+      prompt: the prompt the first sample starts from (the carry from the previous batch).
+      clip: the frozen CLIP.
+      task: the class set.
+      views: ``[B, V, H, W, 3]`` normalised views, in the order the samples are seen.
+      steps: optimiser steps per sample.
+      keep: fraction of views kept.
+      carry_optimizer: carry the optimiser state from sample to sample.
+      opt_state: the carried optimiser state to start from (``None``: ``tx.init(prompt)``);
+        used only with ``carry_optimizer``.
+      mask: ``[B]`` bool; a ``False`` row (padding) is computed but leaves the carry as it was.
+
+    Returns:
+      A dict: ``"logits"`` [B, C] view 0 after tuning, ``"initial"`` [B, C] view 0 with the
+      prompt each sample started from, ``"selected"`` [B, k], ``"loss"`` [B] step-0 marginal
+      entropies, ``"prompt"`` the carried prompt after the last (unmasked) sample and
+      ``"opt_state"`` the carried optimiser state (``None`` without ``carry_optimizer``).
+
+    Raises:
+      ValueError: a base whose tuned context depends on the image, or bad shapes.
+    """
+    views = jnp.asarray(views, jnp.float32)
+    if views.ndim != 5:
+        raise ValueError(f"online_episodes takes [B, V, H, W, 3] views, got shape {views.shape}")
+    kind = _kind(base)
+    if kind == "per_image":
+        raise ValueError(
+            f"online TPT carries the tuned prompt, but {base.name}'s tuned context depends on "
+            "the image: use episodic TPT with this base"
+        )
+    n_img, n_views = views.shape[:2]
+    num_selected(n_views, keep)
+    mask = jnp.ones((n_img,), bool) if mask is None else jnp.asarray(mask, bool)
+    if kind == "shared":
+        flat = views.reshape((n_img * n_views,) + views.shape[2:])
+        data = jax.lax.stop_gradient(clip_lib.encode_image(clip, flat))
+        data = data.reshape(n_img, n_views, -1)  # [B, V, E]: one image-tower call
+    else:
+        data = views
+    fresh = tx.init(prompt)
+    state0 = fresh if (opt_state is None or not carry_optimizer) else opt_state
+
+    def keep_if(m, new, old):
+        return jax.tree.map(lambda a, b: jnp.where(m, a, b), new, old)
+
+    def step(carry, x):
+        p, s = carry
+        d, m = x
+        v, f = (None, d) if kind == "shared" else (d, None)
+        out = _episode_core(
+            base, tx, p, clip, task, v, f, steps=steps, keep=keep, cocoop_unnormalized=True,
+            state=s if carry_optimizer else None,
+        )  # fmt: skip
+        p = keep_if(m, out["prompt"], p)
+        if carry_optimizer:
+            s = keep_if(m, out["opt_state"], s)
+        ys = {k: out[k] for k in ("logits", "initial", "selected", "loss")}
+        return (p, s), ys
+
+    (p, s), ys = jax.lax.scan(step, (prompt, state0), (data, mask))
+    return {**ys, "prompt": p, "opt_state": s if carry_optimizer else None}
 
 
 def _shared_text_episodes(base, tx, prompt, clip, task, feats, *, steps, keep):
@@ -432,8 +558,10 @@ def default_base() -> base_lib.PromptMethod:
     return coop(n_ctx=4, init_words="a photo of a", remat=True)
 
 
-def _views_from_images(key: Array, images: Array, n_views: int, augmix: bool) -> Array:
+def views_from_images(key: Array, images: Array, n_views: int, augmix: bool) -> Array:
     """TPT views made on device from already-normalised images [B, S, S, 3] -> [B, V, S, S, 3].
+
+    Image ``b``'s views come from ``fold_in(key, b)``; view 0 is the image itself.
 
     The runner (``jaxprompt adapt``) crops from the full decoded image; here only the eval crop
     is at hand, so the random resized crops come from it (view 0 is the image itself).
@@ -466,6 +594,8 @@ def tpt(
     keep: float = 0.1,
     augmix: bool = False,
     cocoop_unnormalized: bool = True,
+    reset: str = "episodic",
+    carry_optimizer: bool = False,
 ) -> base_lib.PromptMethod:
     """TPT as a method transformer: ``logits`` runs one whole episode per sample.
 
@@ -482,6 +612,12 @@ def tpt(
       keep: fraction of views kept for the loss (TPT: 0.1, so 6 of 64).
       augmix: AugMix views (TPT's fine-grained datasets) when ``logits`` makes the views.
       cocoop_unnormalized: see :func:`episode`.
+      reset: ``"episodic"`` (TPT: every sample starts from the initial prompt and a fresh
+        optimiser state) or ``"online"`` (each sample starts from the prompt tuned on the one
+        before, :func:`online_episodes`). Online ``logits`` carries the prompt through the
+        rows of one call, in row order, starting from ``prompt``; carrying it from one call to
+        the next is the caller's (``jaxprompt adapt`` does, over the whole test split).
+      carry_optimizer: online only: carry the optimiser state from sample to sample too.
 
     Returns:
       A :class:`PromptMethod` named ``"tpt"`` whose prompt is the base's initial prompt.
@@ -499,6 +635,15 @@ def tpt(
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     num_selected(views, keep)
+    if reset not in RESETS:
+        raise ValueError(f"reset must be one of {RESETS}, got {reset!r}")
+    if carry_optimizer and reset != "online":
+        raise ValueError("carry_optimizer=True needs reset='online'")
+    if reset == "online" and _kind(base_m) == "per_image":
+        raise ValueError(
+            f"online TPT carries the tuned prompt, but {base_m.name}'s tuned context depends "
+            "on the image: use reset='episodic' with this base"
+        )
     opts = dict(steps=steps, keep=keep, cocoop_unnormalized=cocoop_unnormalized)
 
     def as_views(x, key):
@@ -510,12 +655,17 @@ def tpt(
                 f"tpt takes images [B, H, W, 3] or views [B, V, H, W, 3], got {x.shape}"
             )
         key = jax.random.key(0) if key is None else key
-        return _views_from_images(key, x, views, augmix)
+        return views_from_images(key, x, views, augmix)
 
     def init(key, clip, task):
         return base_m.init(key, clip, task)
 
     def logits(prompt, clip, task, images, *, key=None):
+        if reset == "online":
+            return online_episodes(
+                base_m, tx, prompt, clip, task, as_views(images, key), steps=steps, keep=keep,
+                carry_optimizer=carry_optimizer,
+            )["logits"]  # fmt: skip
         return episodes(base_m, tx, prompt, clip, task, as_views(images, key), **opts)
 
     def loss(prompt, clip, task, batch, key):
@@ -547,6 +697,8 @@ def tpt(
             keep=keep,
             augmix=augmix,
             cocoop_unnormalized=cocoop_unnormalized,
+            reset=reset,
+            carry_optimizer=carry_optimizer,
         ),
     )
 
