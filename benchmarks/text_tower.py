@@ -19,9 +19,16 @@ one token: longer than BPE). Real BPE prompts fall in between, and so does their
     python benchmarks/text_tower.py --classes 100
     python benchmarks/text_tower.py --only prefix --classes 1000   # the issue's setting
     python benchmarks/text_tower.py --only cocoop --classes 100    # CoCoOp step temporaries
+    python benchmarks/text_tower.py --only bayes --classes 100     # Bayesian prompts, L = 10
+    python benchmarks/text_tower.py --only memory --classes 1000 --vocab word  # both, the issue's
 
-``--only cocoop`` compiles (does not run) a CoCoOp training step, batch ``--batch``, context
-``--n-ctx``, shared vs plain, and reports XLA's temporaries; ``cocoop_memory`` is plain / shared.
+The memory modes compile (do not run) one training step (value_and_grad of the method's loss),
+batch ``--batch`` (4), context ``--n-ctx`` (4), remat on, shared vs plain, and report XLA's
+temporaries in MiB. ``--only cocoop``: CoCoOp, ``cocoop_memory`` = plain / shared. ``--only
+bayes``: Bayesian prompts with ``--mc-samples`` (10, the method's default) Monte Carlo samples,
+the unconditional posterior (``bayes_memory``) and the conditional one (``bayes_cond_memory``,
+B x L prefix groups; ``--bayes-variants`` picks one). ``--only memory`` runs both. The
+``*_shared_temp_mib`` / ``*_plain_temp_mib`` keys carry the two paths' figures.
 """
 
 from __future__ import annotations
@@ -78,6 +85,23 @@ def compiled_grad(clip: jp.Clip, task: jp.Task, ctx: jax.Array, *, shared_prefix
     return lambda: jax.block_until_ready(step(ctx, clip, task))
 
 
+def step_temp_bytes(method, clip: jp.Clip, task: jp.Task, *, batch: int) -> int:
+    """XLA temporaries of one training step (value_and_grad of ``method.loss``), compile only."""
+    prompt = method.init(jax.random.key(0), clip, task)
+    size = clip.spec.image_size
+    data = {
+        "image": jnp.zeros((batch, size, size, 3), jnp.float32),
+        "label": jnp.arange(batch, dtype=jnp.int32) % len(task),
+    }
+
+    def loss(prompt, clip, task, data):
+        return method.loss(prompt, clip, task, data, jax.random.key(1))[0]
+
+    step = jax.jit(jax.value_and_grad(loss))
+    compiled = step.lower(prompt, clip, task, data).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
 def cocoop_temp_bytes(
     clip: jp.Clip, task: jp.Task, *, batch: int, n_ctx: int, shared_prefix: bool
 ) -> int:
@@ -87,19 +111,33 @@ def cocoop_temp_bytes(
     whose memory the prefix sharing (one prefix group per image) should cut most.
     """
     method = jp.methods.cocoop(n_ctx, init_words=None, shared_prefix=shared_prefix)
-    prompt = method.init(jax.random.key(0), clip, task)
-    size = clip.spec.image_size
-    data = {
-        "image": jnp.zeros((batch, size, size, 3), jnp.float32),
-        "label": jnp.arange(batch, dtype=jnp.int32) % len(task),
-    }
+    return step_temp_bytes(method, clip, task, batch=batch)
 
-    def loss(prompt, clip, task, data):
-        return method.loss(prompt, clip, task, data, None)[0]
 
-    step = jax.jit(jax.value_and_grad(loss))
-    compiled = step.lower(prompt, clip, task, data).compile()
-    return int(compiled.memory_analysis().temp_size_in_bytes)
+def bayes_temp_bytes(
+    clip: jp.Clip,
+    task: jp.Task,
+    *,
+    batch: int,
+    n_ctx: int,
+    mc_samples: int,
+    conditional: bool,
+    shared_prefix: bool,
+) -> int:
+    """XLA temporaries of a Bayesian-prompt train step, compile only.
+
+    The method's defaults otherwise (remat on, no chunking): L x C text sequences per step
+    (unconditional, one prefix group per sample) or B x L x C (conditional, one per sample and
+    image).
+    """
+    method = jp.methods.bayes(
+        n_ctx,
+        init_words=None,
+        mc_samples=mc_samples,
+        conditional=conditional,
+        shared_prefix=shared_prefix,
+    )
+    return step_temp_bytes(method, clip, task, batch=batch)
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
@@ -127,8 +165,19 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=4, help="context of the truncation runs")
     ap.add_argument("--prefix-ctx", type=int, default=16, help="context of the prefix runs")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--only", choices=("all", "truncation", "prefix", "cocoop"), default="all")
-    ap.add_argument("--batch", type=int, default=4, help="images per CoCoOp step (--only cocoop)")
+    ap.add_argument(
+        "--only",
+        choices=("all", "truncation", "prefix", "cocoop", "bayes", "memory"),
+        default="all",
+    )
+    ap.add_argument("--batch", type=int, default=4, help="images per step (memory modes)")
+    ap.add_argument("--mc-samples", type=int, default=10, help="Bayes Monte Carlo samples")
+    ap.add_argument(
+        "--bayes-variants",
+        choices=("both", "unconditional", "conditional"),
+        default="both",
+        help="which Bayesian posteriors --only bayes / memory measures",
+    )
     ap.add_argument("--preset", choices=("vit-b/16", "tiny"), default="vit-b/16")
     ap.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="frozen towers' dtype"
@@ -187,7 +236,7 @@ def main() -> None:
                 result[f"{label}_plain_s"] = round(t["plain"], 4)
                 result[f"{label}_shared_s"] = round(t["shared"], 4)
                 result[f"{label}_prefix_speedup"] = round(t["plain"] / t["shared"], 2)
-            if args.only == "cocoop":
+            if args.only in ("cocoop", "memory"):
                 # Compile only (no run): the temporaries XLA plans for one training step.
                 mem = {
                     k: cocoop_temp_bytes(
@@ -200,10 +249,37 @@ def main() -> None:
                 result[f"{label}_cocoop_shared_temp_mib"] = round(mem["shared"] / 2**20, 1)
                 result[f"{label}_cocoop_plain_temp_mib"] = round(mem["plain"] / 2**20, 1)
                 result[f"{label}_cocoop_memory"] = round(mem["plain"] / mem["shared"], 2)
+            if args.only in ("bayes", "memory"):
+                variants = {"bayes": False, "bayes_cond": True}
+                if args.bayes_variants != "both":
+                    variants = {
+                        k: v
+                        for k, v in variants.items()
+                        if v == (args.bayes_variants == "conditional")
+                    }
+                for name, conditional in variants.items():
+                    mem = {
+                        k: bayes_temp_bytes(
+                            clip,
+                            task,
+                            batch=args.batch,
+                            n_ctx=args.n_ctx,
+                            mc_samples=args.mc_samples,
+                            conditional=conditional,
+                            shared_prefix=k == "shared",
+                        )
+                        for k in ("shared", "plain")
+                    }
+                    result[f"{label}_{name}_shared_temp_mib"] = round(mem["shared"] / 2**20, 1)
+                    result[f"{label}_{name}_plain_temp_mib"] = round(mem["plain"] / 2**20, 1)
+                    result[f"{label}_{name}_memory"] = round(mem["plain"] / mem["shared"], 2)
+                result["batch"] = args.batch
+                result["n_ctx"] = args.n_ctx
+                result["mc_samples"] = args.mc_samples
     # The headline numbers: the conservative prompts (character-level: longer, so the least
     # to gain from either), or the only vocabulary measured.
     head = "char" if "char" in vocabularies else next(iter(vocabularies))
-    for key in ("speedup", "prefix_speedup", "cocoop_memory"):
+    for key in ("speedup", "prefix_speedup", "cocoop_memory", "bayes_memory", "bayes_cond_memory"):
         if f"{head}_{key}" in result:
             result[key] = result[f"{head}_{key}"]
     print(json.dumps(result))

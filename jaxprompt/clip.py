@@ -585,13 +585,13 @@ def prompted_text_inputs(
     """
     n_cls = task.token_ids.shape[0]
     n = ctx.shape[-2]
-    check_context(clip, task, n)
-    dt = jnp.dtype(clip.spec.dtype)
-    ctx = jnp.broadcast_to(ctx.astype(dt), (n_cls,) + ctx.shape[-2:])
-    sot = embed_tokens(clip, jnp.full((n_cls, 1), clip.spec.sot_id, jnp.int32)).astype(dt)
-    names = embed_tokens(clip, task.token_ids).astype(dt)
-    seq = jnp.concatenate([sot, ctx, names], axis=1)  # [C, 1 + n + L, D], class at the end
-    eot = task.eot + 1 + n
+    if ctx.ndim not in (2, 3):
+        raise ValueError(f"ctx must be [n, D] or [C, n, D], got {tuple(ctx.shape)}")
+    # The sequence with the class at the end is the prefix-shared split put back together
+    # (one construction of both); the other positions reorder it below.
+    prefix, suffix, eot = _prefix_and_suffix(clip, task, ctx)
+    prefix = jnp.broadcast_to(prefix, (n_cls,) + prefix.shape[-2:])
+    seq = jnp.concatenate([prefix, suffix], axis=1)  # [C, 1 + n + L, D], class at the end
     if position == "end":
         return seq, eot
     if position not in ("middle", "front"):
@@ -690,6 +690,39 @@ def _shared_block(clip: Clip, p: PyTree, xp: Array, xs: Array) -> tuple[Array, A
     return finish(xp, op), finish(xs, os_)
 
 
+def _remat_layers(block, tower, n_layers, xp, xs, deep, deep_start):
+    """The shared tower's layers as a ``lax.scan`` of checkpointed blocks.
+
+    A scan's backward is a loop that recomputes one block at a time. An unrolled loop of
+    ``jax.checkpoint`` blocks leaves XLA free to schedule all the recomputations together
+    (it does, on CPU), which keeps every layer's [C, S, 4D] activations alive at once and
+    defeats the remat: at 1000 classes this is most of CoCoOp's and the Bayesian prompts'
+    step memory. The price is one stacked copy of the tower's weights per step.
+    """
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[tower[str(i)] for i in range(n_layers)])
+    if deep is None:
+        layers = (stacked,)
+    else:
+        # deep[i] goes in before layer i + 1: zero rows for layer 0 and the layers past the
+        # prompt depth, with a flag saying which rows to write.
+        n_deep = deep.shape[0]
+        deep_all = jnp.zeros((n_layers,) + deep.shape[1:], xp.dtype)
+        deep_all = deep_all.at[1 : 1 + n_deep].set(deep.astype(xp.dtype))
+        idx = jnp.arange(n_layers)
+        layers = (stacked, deep_all, (idx >= 1) & (idx <= n_deep))
+    block = jax.checkpoint(block)
+
+    def layer(carry, per_layer):
+        xp, xs = carry
+        if deep is not None:
+            _, d, flag = per_layer
+            xp = jnp.where(flag, xp.at[deep_start : deep_start + d.shape[0]].set(d), xp)
+        return block(per_layer[0], xp, xs), None
+
+    (xp, xs), _ = jax.lax.scan(layer, (xp, xs), layers)
+    return xp, xs
+
+
 def encode_text_shared(
     clip: Clip,
     prefix: Array,
@@ -720,7 +753,9 @@ def encode_text_shared(
         ``deep_start .. deep_start + n - 1`` before layer ``i + 1``. They must lie inside the
         prefix (per-class deep prompts break the sharing: use :func:`encode_text`).
       deep_start: first position deep prompts replace.
-      remat: rematerialise each block in the backward pass.
+      remat: rematerialise each block in the backward pass; the layers then run as a
+        ``lax.scan``, so the backward holds one layer's activations at a time (what bounds
+        CoCoOp's and the Bayesian prompts' step memory at many classes).
 
     Returns:
       [C, E] (or [G, C, E]) text features, float32, not normalised.
@@ -768,14 +803,16 @@ def encode_text_shared(
     # Positions are absolute: the suffix continues where the prefix ends.
     xp = prefix.astype(dt) + pos[:n_p]
     xs = suffix.astype(dt) + pos[n_p : n_p + n_s]
+    n_layers = clip.spec.text_layers
     tower = params["encoder"]["layers"]
     block = functools.partial(_shared_block, clip)
-    if remat:
-        block = jax.checkpoint(block)
-    for i in range(clip.spec.text_layers):
-        if 1 <= i <= n_deep:
-            xp = xp.at[deep_start : deep_start + deep.shape[1]].set(deep[i - 1].astype(dt))
-        xp, xs = block(tower[str(i)], xp, xs)
+    if not remat:
+        for i in range(n_layers):
+            if 1 <= i <= n_deep:
+                xp = xp.at[deep_start : deep_start + deep.shape[1]].set(deep[i - 1].astype(dt))
+            xp, xs = block(tower[str(i)], xp, xs)
+    else:
+        xp, xs = _remat_layers(block, tower, n_layers, xp, xs, deep, deep_start)
     # EOT normally lies in the suffix; a row whose EOT falls inside the prefix (an empty class
     # name after a template, say) reads the shared prefix row instead.
     rows = jnp.arange(xs.shape[0])
@@ -807,11 +844,20 @@ def shared_text_inputs(clip: Clip, task: Task, ctx: Array) -> tuple[Array, Array
     """
     if ctx.ndim != 2:
         raise ValueError(f"a shared prefix needs a [n, D] context, got {tuple(ctx.shape)}")
-    n = ctx.shape[0]
+    return _prefix_and_suffix(clip, task, ctx)
+
+
+def _prefix_and_suffix(clip: Clip, task: Task, ctx: Array) -> tuple[Array, Array, Array]:
+    """``[SOT] ctx`` ([..., 1 + n, D]), class tokens ([C, L, D]) and EOT positions ([C]).
+
+    ``ctx`` is [n, D] or [C, n, D]; the one place the prompted sequence's pieces are built.
+    """
+    n = ctx.shape[-2]
     check_context(clip, task, n)
     dt = jnp.dtype(clip.spec.dtype)
     sot = embed_tokens(clip, jnp.full((1,), clip.spec.sot_id, jnp.int32)).astype(dt)
-    prefix = jnp.concatenate([sot, ctx.astype(dt)], axis=0)
+    sot = jnp.broadcast_to(sot, ctx.shape[:-2] + sot.shape)
+    prefix = jnp.concatenate([sot, ctx.astype(dt)], axis=-2)
     suffix = embed_tokens(clip, task.token_ids).astype(dt)
     return prefix, suffix, task.eot + 1 + n
 

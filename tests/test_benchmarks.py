@@ -78,6 +78,25 @@ def test_text_tower_prefix_speedup_prints_json():
     assert r["prefix_speedup"] == r["word_prefix_speedup"] > 0
 
 
+@pytest.mark.slow
+def test_text_tower_memory_prints_json():
+    lines = _run(
+        "text_tower",
+        "--preset", "tiny",
+        "--only", "memory",
+        "--vocab", "word",
+        "--classes", "5",
+        "--mc-samples", "2",
+    )  # fmt: skip
+    (r,) = lines
+    assert (r["batch"], r["n_ctx"], r["mc_samples"]) == (4, 4, 2)
+    for name in ("cocoop", "bayes", "bayes_cond"):
+        shared = r[f"word_{name}_shared_temp_mib"]
+        plain = r[f"word_{name}_plain_temp_mib"]
+        assert shared > 0 and plain > 0
+        assert r[f"{name}_memory"] == r[f"word_{name}_memory"] > 0
+
+
 ACCELERATOR = os.path.join(REPO, "benchmarks", "accelerator.sh")
 
 

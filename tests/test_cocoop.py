@@ -117,3 +117,24 @@ def test_base_to_new_and_no_split_encoding(method, prompt, clip, new_task, image
     assert logits.shape == (4, len(new_task)) and np.all(np.isfinite(logits))
     # The text side depends on the image: there is no per-class-set encoding.
     assert method.encode_classes is None and method.classify is None
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_chunked_images_equal_the_whole_batch(prompt, clip, tiny_task, batch, chunk):
+    """``chunk`` images per lax.map step (3 pads the batch of 4): same logits, loss, grads."""
+    whole = jp.methods.get("cocoop", n_ctx=4, meta_ratio=RATIO)
+    part = jp.methods.get("cocoop", n_ctx=4, meta_ratio=RATIO, chunk=chunk)
+    assert part.config["chunk"] == chunk and whole.config["chunk"] is None
+    key = jax.random.key(0)
+    outs = []
+    for m in (whole, part):
+        logits = jax.jit(m.logits)(prompt, clip, tiny_task, batch["image"])
+        value, grad = jax.jit(
+            jax.value_and_grad(lambda q, m=m: m.loss(q, clip, tiny_task, batch, key)[0])
+        )(prompt)
+        outs.append((logits, value, grad))
+    # Tolerances as for batch 4 against four single images: the group shapes change XLA's
+    # float32 reduction order, which moves a logit (100 x cosine) by ~1e-5.
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(outs[0][1:]), jax.tree.leaves(outs[1][1:]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -352,3 +352,71 @@ def test_bayes_shared_equals_plain(tiny_clip, batch, conditional, chunk):
     want = _method_outputs(plain, prompt, tiny_clip, task, labels)
     assert float(jnp.max(jnp.abs(want[2]["ctx"]))) > 0
     _assert_same(got, want)
+
+
+@pytest.mark.parametrize("name", ["coop", "cocoop"])
+def test_shared_path_with_classes_split_over_model(tiny_clip, batch, name, monkeypatch):
+    """The shared path on a (data=2, model=4) mesh, classes split with ``constrain_classes``.
+
+    The trainer's placement (batch over ``data``, CLIP FSDP-split over ``model``, prompt and
+    task replicated) plus the opt-in class split around every prefix-shared encoding (the
+    class suffixes going in, the features coming out; under CoCoOp's vmap over images the
+    constraint applies to the class axis of each image's group). Logits, loss and prompt
+    gradients equal the single-device run.
+    """
+    from jaxprompt import sharding
+
+    names = [*MANY_LENGTHS, "blue car", "tree"]  # 8 classes: two per model shard
+    task = jp.make_task(tiny_clip, names)
+    labels = {**batch, "label": np.asarray([0, 1, 2, 7], np.int32)}
+    kw = dict(init_words=None, n_ctx=3)
+    method = jp.methods.get(name, **kw, **({"meta_ratio": 2} if name == "cocoop" else {}))
+    prompt = method.init(jax.random.key(5), tiny_clip, task)
+    prompt = {**prompt, "ctx": prompt["ctx"] * 20}
+    want = _method_outputs(method, prompt, tiny_clip, task, labels)
+
+    mesh = sharding.make_mesh(data=2, model=4)
+    real = clip_lib.encode_text_shared
+    seen = []
+
+    def split(clip, prefix, suffix, eot, **kwargs):
+        seen.append(suffix.shape)
+        suffix = sharding.constrain_classes(suffix, mesh)
+        return sharding.constrain_classes(real(clip, prefix, suffix, eot, **kwargs), mesh)
+
+    monkeypatch.setattr(clip_lib, "encode_text_shared", split)
+    clip = sharding.shard_clip(tiny_clip, mesh)
+    got = _method_outputs(
+        method,
+        sharding.replicate(prompt, mesh),
+        clip,
+        sharding.replicate(task, mesh),
+        sharding.put_batch(labels, mesh),
+    )
+    assert seen and all(s[0] == len(names) for s in seen)  # the split saw the class axis
+    _assert_same(got, want)
+
+
+def test_remat_bounds_the_shared_step_memory(deep_clip):
+    """With remat, a step's temporaries hold one layer's working set, not every layer's.
+
+    Compile only: 4 prefix groups x 300 classes through the 4-layer tiny tower. An unrolled
+    loop of checkpointed blocks let XLA schedule every recomputation at once (0.8x the
+    no-remat temporaries here); the scanned layers keep them at about a quarter.
+    """
+    task = jp.make_task(deep_clip, MANY_LENGTHS * 50)
+    prefix, suffix, eot = clip_lib.shared_text_inputs(deep_clip, task, _ctx(deep_clip, 4))
+    groups = 4
+    suffixes = jnp.broadcast_to(suffix, (groups,) + suffix.shape)
+    eots = jnp.broadcast_to(eot, (groups,) + eot.shape)
+    temp = {}
+    for remat in (True, False):
+
+        def loss(pre, remat=remat):
+            feats = clip_lib.encode_text_shared(deep_clip, pre, suffixes, eots, remat=remat)
+            return jnp.sum(feats**2)
+
+        prefixes = jnp.stack([prefix] * groups)
+        compiled = jax.jit(jax.grad(loss)).lower(prefixes).compile()
+        temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp[True] < 0.4 * temp[False], temp
