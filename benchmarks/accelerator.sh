@@ -14,12 +14,14 @@
 #   2. train_step.py: CoOp, CoCoOp and PromptSRC train steps at 1000 classes, batch 4, both
 #      text paths (step time, FLOPs, XLA temporaries, MFU against the measured matmul peak), and
 #      PromptSRC's 60-template teacher for 100 and 1000 classes on both paths.
+#   3. text_tower.py --only memory: XLA's temporaries of a CoCoOp and a Bayesian-prompt step at
+#      1000 classes, batch 4, both paths (compile only).
 # Exits 2 without running anything when jax sees no accelerator (--allow-cpu runs anyway: the
 # tests run it on CPU with --preset tiny to check its flow).
 set -uo pipefail
 
 usage() {
-  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
   echo "options: --budget S  --preset vit-b/16|tiny  --classes N  --teacher-classes N...  --allow-cpu"
 }
 
@@ -91,5 +93,7 @@ for dtype in bfloat16 float32; do
     --classes "$classes" --repeats 5
   run train_step --dtype "$dtype" --preset "$preset" --methods coop cocoop promptsrc \
     --classes "$classes" --steps 3 --teacher-classes "${teacher[@]}"
+  run text_tower --dtype "$dtype" --preset "$preset" --only memory --vocab word \
+    --classes "$classes"
 done
 echo "accelerator.sh: done in $((SECONDS - start))s" >&2

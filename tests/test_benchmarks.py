@@ -118,7 +118,7 @@ def test_accelerator_script_refuses_a_cpu_only_host():
 
 
 def test_accelerator_script_reports_pieces_left_out_of_its_budget():
-    # No time left: every piece (two benchmarks x two dtypes) says so in JSON, nothing runs.
+    # No time left: every piece (three runs x two dtypes) says so in JSON, nothing runs.
     # The pieces themselves are the benchmarks tested above; on an accelerator the script
     # runs them in full (the figures in the README's benchmark section).
     out = _accelerator("--allow-cpu", "--preset", "tiny", "--budget", "0")
@@ -127,7 +127,8 @@ def test_accelerator_script_reports_pieces_left_out_of_its_budget():
     assert [(r["benchmark"], r["timed_out"]) for r in lines] == [
         ("text_tower", True),
         ("train_step", True),
+        ("text_tower", True),
     ] * 2
-    assert "--dtype bfloat16" in lines[0]["args"] and "--dtype float32" in lines[2]["args"]
+    assert "--dtype bfloat16" in lines[0]["args"] and "--dtype float32" in lines[3]["args"]
     bad = _accelerator("--budget", "soon")
     assert bad.returncode == 2 and "whole numbers" in bad.stderr
