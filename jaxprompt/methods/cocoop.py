@@ -113,7 +113,7 @@ def cocoop(
             },
         }
 
-    def logits(prompt, clip, task, images, *, key=None):
+    def forward(prompt, clip, task, images, *, key=None):
         del key  # deterministic
         # The image tower has no prompt: its features are constants of the prompt.
         img = jax.lax.stop_gradient(clip_lib.normalize(clip_lib.encode_image(clip, images)))
@@ -129,11 +129,15 @@ def cocoop(
                     clip, task, ctx, remat=remat, shared_prefix=shared_prefix
                 )
             )
-            return scale * txt @ img_b  # [C]
+            return txt, scale * txt @ img_b  # [C, E] normalised, [C]
 
         # vmap rather than a Python loop over images: one traced text pass serves any batch
         # size, and under a data-sharded batch each device runs its own images' B/n x C texts.
-        return jax.vmap(one_image)(shift, img)  # [B, C]
+        text, logits = jax.vmap(one_image)(shift, img)  # [B, C, E], [B, C]
+        return base.Forward(logits=logits, image=img, text=text)
+
+    def logits(prompt, clip, task, images, *, key=None):
+        return forward(prompt, clip, task, images, key=key).logits
 
     def tuned(prompt, feature):
         # [n, D]: one image's generated context (the shift is the same on every vector).
@@ -153,6 +157,8 @@ def cocoop(
         frozen_image=base.FrozenImageSide(
             tuned=tuned, class_features=class_features, per_image=True
         ),
+        # Class features per image: [B, C, E].
+        features=base.PromptedFeatures(forward=forward, prompted_image=False),
         config=dict(
             n_ctx=n_ctx,
             init_words=init_words,
