@@ -6,7 +6,8 @@ prompt and rebuilt class prompts, on the new classes; report base, new and their
     jaxprompt train --config base2new:promptsrc,dataset=toy_textures,seed=1 \\
         --workdir runs/b2n/promptsrc/toy_textures/seed1
 
-Arguments after ``:``: the method (zeroshot, coop, cocoop, ivlp, maple, promptsrc, bayes), then
+Arguments after ``:``: the method (zeroshot, coop, cocoop, ivlp, maple, promptsrc, bayes, and
+self-regulation on other bases: coop+src, cocoop+src, maple+src, kgcoop), then
 ``dataset=``, ``shots=``, ``seed=``, ``runlocal=true`` (tiny smoke run).
 
 Toy world (``dataset=toy_textures``, the shipped toy CLIP; ``python benchmarks/toy_world.py``,

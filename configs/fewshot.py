@@ -4,7 +4,8 @@
         --workdir runs/fewshot/coop/toy_textures/4s/seed1
 
 PromptSRC's few-shot recipe: 50 epochs, GPA mean 30 / std 30 (45 / 5 for Cars, Flowers,
-Aircraft, DTD, EuroSAT).
+Aircraft, DTD, EuroSAT). The self-regulation presets (coop+src, cocoop+src, maple+src, kgcoop)
+keep their base-to-novel recipe here, GPA at 3/4 of the run (configs/common.py).
 
 Toy world (``dataset=toy_textures``, 16 shots of all 16 classes, mean of seeds 1-3,
 docs/toy_results_fewshot.md), top-1 %:

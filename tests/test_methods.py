@@ -24,6 +24,8 @@ import jaxprompt as jp
 from jaxprompt import checkpoint, sharding, train
 from jaxprompt.methods import base
 
+_T2 = ["a photo of a {}.", "a drawing of a {}."]
+
 # name -> [(variant id, kwargs factory)]: settings that fit the tiny 2-layer CLIP.
 TINY: dict[str, list[tuple[str, Callable[[], dict[str, Any]]]]] = {
     "zeroshot": [("zeroshot", dict)],
@@ -40,6 +42,18 @@ TINY: dict[str, list[tuple[str, Callable[[], dict[str, Any]]]]] = {
         ("bayes-cond", lambda: dict(mc_samples=2, conditional=True)),
     ],
     "pouf": [("pouf", lambda: dict(base=jp.methods.get("coop", n_ctx=4)))],
+    # Self-regulation and its presets, on tiny bases with a two-template teacher.
+    "selfreg": [
+        ("selfreg-bayes", lambda: dict(base="bayes", base_kwargs=dict(mc_samples=2), templates=_T2))
+    ],
+    "coop+src": [("coop+src", lambda: dict(base="coop", base_kwargs=dict(n_ctx=4), templates=_T2))],
+    "cocoop+src": [
+        ("cocoop+src", lambda: dict(base="cocoop", base_kwargs=dict(n_ctx=4), templates=_T2))
+    ],
+    "maple+src": [
+        ("maple+src", lambda: dict(base="maple", base_kwargs=dict(depth=2), templates=_T2))
+    ],
+    "kgcoop": [("kgcoop", lambda: dict(templates=["a photo of a {}."]))],
 }
 CLASS_SPECIFIC = {"coop-csc"}  # prompts sized by the class count: no transfer to new classes
 

@@ -216,6 +216,12 @@ _POUF = """@inproceedings{tanwisuth2023pouf,
   booktitle = {International Conference on Machine Learning (ICML)},
   year      = {2023}
 }"""
+_KGCOOP = """@inproceedings{yao2023kgcoop,
+  title     = {Visual-Language Prompt Tuning with Knowledge-guided Context Optimization},
+  author    = {Yao, Hantao and Zhang, Rui and Xu, Changsheng},
+  booktitle = {IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2023}
+}"""
 _CLIP = """@inproceedings{radford2021clip,
   title     = {Learning Transferable Visual Models From Natural Language Supervision},
   author    = {Radford, Alec and Kim, Jong Wook and Hallacy, Chris and Ramesh, Aditya and
@@ -230,6 +236,13 @@ CITATIONS: dict[str, str] = {
     "ivlp": _PROMPTSRC,
     "maple": _MAPLE,
     "promptsrc": _PROMPTSRC,
+    # Self-regulation on other bases is PromptSRC's regularisation (the base's paper is in
+    # the run's method config).
+    "selfreg": _PROMPTSRC,
+    "coop+src": _PROMPTSRC,
+    "cocoop+src": _PROMPTSRC,
+    "maple+src": _PROMPTSRC,
+    "kgcoop": _KGCOOP,
     "bayes": _BAYES,
     "tpt": _TPT,
     "pouf": _POUF,

@@ -14,9 +14,11 @@ from jaxprompt.methods.bayes import bayes
 from jaxprompt.methods.cocoop import cocoop
 from jaxprompt.methods.coop import coop
 from jaxprompt.methods.ivlp import ivlp
+from jaxprompt.methods.kgcoop import kgcoop
 from jaxprompt.methods.maple import maple
 from jaxprompt.methods.pouf import pouf
 from jaxprompt.methods.promptsrc import promptsrc
+from jaxprompt.methods.selfreg import cocoop_src, coop_src, maple_src, self_regulated
 from jaxprompt.methods.tpt import make_optimizer as tpt_optimizer
 from jaxprompt.methods.tpt import tpt
 from jaxprompt.methods.zeroshot import zeroshot
@@ -28,14 +30,19 @@ __all__ = [
     "PromptMethod",
     "bayes",
     "cocoop",
+    "cocoop_src",
     "coop",
+    "coop_src",
     "get",
     "ivlp",
+    "kgcoop",
     "maple",
+    "maple_src",
     "names",
     "pouf",
     "promptsrc",
     "register",
+    "self_regulated",
     "tpt",
     "zeroshot",
 ]
@@ -50,6 +57,12 @@ _REGISTRY: dict[str, Callable[..., PromptMethod]] = {
     "tpt": tpt,
     "bayes": bayes,
     "pouf": pouf,
+    # Self-regulation (PromptSRC's agreement with the frozen CLIP) on any base, and its presets.
+    "selfreg": self_regulated,
+    "coop+src": coop_src,
+    "cocoop+src": cocoop_src,
+    "maple+src": maple_src,
+    "kgcoop": kgcoop,
 }
 
 

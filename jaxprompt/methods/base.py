@@ -45,6 +45,51 @@ class FrozenImageSide(NamedTuple):
     per_image: bool = False
 
 
+class Forward(NamedTuple):
+    """One prompted forward pass, split into what a feature-regularising wrapper reads.
+
+    Returned by :attr:`PromptedFeatures.forward`. The self-regulation wrapper
+    (:func:`jaxprompt.methods.selfreg.self_regulated`) trains on ``CE(logits) + penalty`` (the
+    method's own loss) plus agreement terms between these features and the frozen CLIP's.
+
+    Attributes:
+      logits: [B, C] float32, what the method's ``logits`` returns for these images (for a
+        deterministic method ``scale * cos(image, text)``; Bayesian prompts: the log of the
+        Monte Carlo predictive).
+      image: [B, E] the L2-normalised image features the logits use. For a method whose image
+        side is prompt-free these are CLIP's frozen features.
+      text: [..., C, E] the L2-normalised class features the logits use: [C, E] for a
+        context shared by all images, [B, C, E] per image (CoCoOp), [L, C, E] or [B, L, C, E]
+        per Monte Carlo sample (Bayesian prompts). Leading axes are read as repetitions of
+        the class set.
+      penalty: the rest of the method's own loss, so that ``loss == CE(logits, labels) +
+        penalty`` (0 for methods trained with cross-entropy alone; Bayesian prompts: the
+        weighted posterior KL).
+      metrics: the method's own extra metrics (named so they do not collide with a wrapper's).
+    """
+
+    logits: Array
+    image: Array
+    text: Array
+    penalty: Array | float = 0.0
+    metrics: Mapping[str, Array] = {}
+
+
+class PromptedFeatures(NamedTuple):
+    """What a method declares so that a wrapper can regularise its features (self-regulation).
+
+    Attributes:
+      forward: ``forward(prompt, clip, task, images, *, key=None) -> Forward``: one forward pass
+        of the method (``key`` drives sampling where the method samples).
+      prompted_image: whether the image features depend on the prompt (IVLP, MaPLe); False
+        when the image side is CLIP's frozen encoder (CoOp, CoCoOp, Bayesian prompts), so a
+        wrapper neither regularises it nor encodes the images a second time.
+    """
+
+    forward: Callable[..., Forward]
+    prompted_image: bool
+
+
 class PromptMethod(NamedTuple):
     """A prompt-learning method.
 
@@ -69,6 +114,10 @@ class PromptMethod(NamedTuple):
         prompt aggregation, :mod:`jaxprompt.gpa`). Trainers use it if present.
       frozen_image: optional :class:`FrozenImageSide` for methods whose image features do not
         depend on the prompt (CoOp, CoCoOp, zero-shot); TPT takes its fast path from it.
+      features: optional :class:`PromptedFeatures`: the method's forward pass with its image
+        and class features, which the self-regulation wrapper
+        (:func:`jaxprompt.methods.selfreg.self_regulated`) needs; methods without it cannot be
+        wrapped.
     """
 
     init: Callable[..., Prompt]
@@ -81,6 +130,36 @@ class PromptMethod(NamedTuple):
     prepare: Callable[..., PromptMethod] | None = None
     aggregator: Callable[[int], Any] | None = None
     frozen_image: FrozenImageSide | None = None
+    features: PromptedFeatures | None = None
+
+
+def split_features(
+    encode_classes: Callable[..., Array],
+    encode_images: Callable[..., Array],
+    *,
+    prompted_image: bool,
+) -> PromptedFeatures:
+    """:class:`PromptedFeatures` of a method whose logits are ``cosine_logits`` of one image
+    encoding and one class encoding shared by the batch (CoOp, IVLP, MaPLe, zero-shot).
+
+    Args:
+      encode_classes: ``encode_classes(prompt, clip, task) -> [C, E]``.
+      encode_images: ``encode_images(prompt, clip, images) -> [B, E]``.
+      prompted_image: whether ``encode_images`` depends on the prompt.
+    """
+
+    def forward(prompt, clip, task, images, *, key=None):
+        del key  # deterministic
+        # cosine_logits' arithmetic, with the normalised features kept for the wrapper (one
+        # normalisation feeding both the logits and any agreement term, as PromptSRC has it).
+        text = clip_lib.normalize(encode_classes(prompt, clip, task))
+        image = clip_lib.normalize(encode_images(prompt, clip, images))
+        if not prompted_image:
+            image = jax.lax.stop_gradient(image)
+        logits = clip_lib.logit_scale(clip) * image @ text.T
+        return Forward(logits=logits, image=image, text=text)
+
+    return PromptedFeatures(forward=forward, prompted_image=prompted_image)
 
 
 def cosine_logits(clip: clip_lib.Clip, image_features: Array, text_features: Array) -> Array:
@@ -161,8 +240,9 @@ def with_fixed_words(clip: clip_lib.Clip, ctx: Array, fixed_ids: np.ndarray) -> 
 
 
 def check_base(base: Any, *, wrapper: str) -> PromptMethod:
-    """``base`` if it is a :class:`PromptMethod` a wrapper (TPT, POUF) can take, else a
-    one-line ``ValueError`` (names and dicts are resolved by ``jaxprompt.methods.get``)."""
+    """``base`` if it is a :class:`PromptMethod` a wrapper (TPT, POUF, self-regulation) can
+    take, else a one-line ``ValueError`` (names and dicts are resolved by
+    ``jaxprompt.methods.get``)."""
     if not isinstance(base, PromptMethod):
         raise ValueError(
             f"{wrapper}: base must be a PromptMethod, got {type(base).__name__}; for a name "

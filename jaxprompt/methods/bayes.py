@@ -272,7 +272,8 @@ def _encode_groups(
 
 
 def _forward(prompt, clip, task, images, eps, *, remat, chunk, shard_axis, shared_prefix=True):
-    """``(s [L, B, C], mean, logvar)``: one image pass serves the logits and the KL."""
+    """``(s [L, B, C], mean, logvar, img [B, E], txt [L, C, E] or [B, L, C, E])``: one image
+    pass serves the logits and the KL; features normalised."""
     conditional = is_conditional(prompt)
     # The image tower has no prompt: its features are constants of the prompt.
     img = jax.lax.stop_gradient(clip_lib.normalize(clip_lib.encode_image(clip, images)))
@@ -326,7 +327,7 @@ def _forward(prompt, clip, task, images, eps, *, remat, chunk, shard_axis, share
         s = scale * jnp.einsum("be,blce->lbc", img, txt)
     else:
         s = scale * jnp.einsum("be,lce->lbc", img, txt)
-    return s, mean, logvar
+    return s, mean, logvar, img, txt
 
 
 def sample_logits(
@@ -363,7 +364,7 @@ def sample_logits(
     Returns:
       ``s[l, b, c] = exp(logit_scale) * cos(image_b, text(ctx + r, class c))``.
     """
-    s, _, _ = _forward(
+    s, _, _, _, _ = _forward(
         prompt,
         clip,
         task,
@@ -506,12 +507,12 @@ def bayes(
     def logits(prompt, clip, task, images, *, key=None):
         if key is None:
             key = jax.random.key(DEFAULT_EVAL_SEED)
-        s, _, _ = forward(prompt, clip, task, images, key)
+        s, _, _, _, _ = forward(prompt, clip, task, images, key)
         return losses.mc_log_predictive(s)  # [B, C], log of the mean probability over samples
 
     def loss(prompt, clip, task, batch, key):
         labels = batch["label"]
-        s, mean, logvar = forward(prompt, clip, task, batch["image"], key)
+        s, mean, logvar, _, _ = forward(prompt, clip, task, batch["image"], key)
         nll = losses.mc_nll(s, labels)  # log-mean-exp of the per-sample likelihoods
         # [D] (unconditional) or [B, D] (per image, so the mean also runs over the batch).
         kl = losses.gaussian_kl(mean, logvar)
@@ -521,10 +522,27 @@ def bayes(
         sigma = jnp.mean(jnp.exp(0.5 * logvar))
         return total, {"nll": nll, "kl": kl, "accuracy": acc, "sigma": sigma}
 
+    def features_forward(prompt, clip, task, images, *, key=None):
+        # For self-regulation: CE on the log predictive IS the Monte Carlo NLL (its rows
+        # log-sum-exp to 0), so CE(logits) + penalty is this method's own loss. The class
+        # features are every sample's (normalised): [L, C, E], or [B, L, C, E] conditional.
+        if key is None:
+            key = jax.random.key(DEFAULT_EVAL_SEED)
+        s, mean, logvar, img, txt = forward(prompt, clip, task, images, key)
+        kl = losses.gaussian_kl(mean, logvar)
+        return base.Forward(
+            logits=losses.mc_log_predictive(s),
+            image=img,
+            text=txt,
+            penalty=kl_weight * kl,
+            metrics={"posterior_kl": kl, "sigma": jnp.mean(jnp.exp(0.5 * logvar))},
+        )
+
     return base.PromptMethod(
         init=init,
         logits=logits,
         loss=loss,
+        features=base.PromptedFeatures(forward=features_forward, prompted_image=False),
         name="bayes",
         config=dict(
             n_ctx=n_ctx,

@@ -128,7 +128,7 @@ def cocoop(
             },
         }
 
-    def logits(prompt, clip, task, images, *, key=None):
+    def forward(prompt, clip, task, images, *, key=None):
         del key  # deterministic
         # The image tower has no prompt: its features are constants of the prompt.
         img = jax.lax.stop_gradient(clip_lib.normalize(clip_lib.encode_image(clip, images)))
@@ -144,25 +144,33 @@ def cocoop(
                     clip, task, ctx, remat=remat, shared_prefix=shared_prefix
                 )
             )
-            return scale * txt @ img_b  # [C]
+            return txt, scale * txt @ img_b  # [C, E] normalised, [C]
 
         # vmap rather than a Python loop over images: one traced text pass serves any batch
         # size, and under a data-sharded batch each device runs its own images' B/n x C texts.
         n_img = shift.shape[0]
         if chunk is None or chunk >= n_img:
-            return jax.vmap(one_image)(shift, img)  # [B, C]
-        # Groups of `chunk` images, one lax.map step each. Image b = i * steps + j goes to
-        # step j: every step takes rows spread over the batch, so with the batch split over
-        # devices in contiguous blocks each device keeps working on its own images.
-        steps = -(-n_img // chunk)
-        pad = steps * chunk - n_img
+            text, logits = jax.vmap(one_image)(shift, img)  # [B, C, E], [B, C]
+        else:
+            # Groups of `chunk` images, one lax.map step each. Image b = i * steps + j goes to
+            # step j: every step takes rows spread over the batch, so with the batch split
+            # over devices in contiguous blocks each device keeps working on its own images.
+            steps = -(-n_img // chunk)
+            pad = steps * chunk - n_img
 
-        def grouped(x):
-            x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad,) + x.shape[1:])])
-            return jnp.swapaxes(x.reshape((chunk, steps) + x.shape[1:]), 0, 1)
+            def grouped(x):
+                x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad,) + x.shape[1:])])
+                return jnp.swapaxes(x.reshape((chunk, steps) + x.shape[1:]), 0, 1)
 
-        out = jax.lax.map(lambda a: jax.vmap(one_image)(*a), (grouped(shift), grouped(img)))
-        return jnp.swapaxes(out, 0, 1).reshape((steps * chunk,) + out.shape[2:])[:n_img]
+            def ungrouped(y):
+                return jnp.swapaxes(y, 0, 1).reshape((steps * chunk,) + y.shape[2:])[:n_img]
+
+            out = jax.lax.map(lambda a: jax.vmap(one_image)(*a), (grouped(shift), grouped(img)))
+            text, logits = jax.tree.map(ungrouped, out)
+        return base.Forward(logits=logits, image=img, text=text)
+
+    def logits(prompt, clip, task, images, *, key=None):
+        return forward(prompt, clip, task, images, key=key).logits
 
     def tuned(prompt, feature):
         # [n, D]: one image's generated context (the shift is the same on every vector).
@@ -182,6 +190,8 @@ def cocoop(
         frozen_image=base.FrozenImageSide(
             tuned=tuned, class_features=class_features, per_image=True
         ),
+        # Class features per image: [B, C, E].
+        features=base.PromptedFeatures(forward=forward, prompted_image=False),
         config=dict(
             n_ctx=n_ctx,
             init_words=init_words,

@@ -150,4 +150,5 @@ def ivlp(
         ),
         encode_classes=encode_classes,
         classify=classify,
+        features=base.split_features(encode_classes, encode_images, prompted_image=True),
     )

@@ -173,16 +173,18 @@ def maple(
         full = base.with_fixed_words(clip, prompt["ctx"], fixed_ids)
         return clip_lib.prompted_text_features(clip, task, full, deep=deep, remat=remat)
 
-    def classify(prompt, clip, classes, images):
+    def encode_images(prompt, clip, images):
         vision_ctx, deep_vision = vision_prompts(prompt)
-        feats = clip_lib.encode_image(
+        return clip_lib.encode_image(
             clip,
             images,
             prompts=vision_ctx,
             deep=deep_vision if deep_vision.shape[0] else None,
             remat=remat,
         )
-        return base.cosine_logits(clip, feats, classes)
+
+    def classify(prompt, clip, classes, images):
+        return base.cosine_logits(clip, encode_images(prompt, clip, images), classes)
 
     logits = base.split_logits(encode_classes, classify)
 
@@ -201,4 +203,5 @@ def maple(
         ),
         encode_classes=encode_classes,
         classify=classify,
+        features=base.split_features(encode_classes, encode_images, prompted_image=True),
     )

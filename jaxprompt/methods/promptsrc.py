@@ -5,8 +5,10 @@ Adaptation without Forgetting", ICCV 2023, arXiv 2307.06948; reference
 github.com/muzairkhattak/PromptSRC @bb95c77 (``trainers/promptsrc.py``).
 
 The prompts are IVLP's (:func:`jaxprompt.methods.ivlp.ivlp`: deep, independent text and vision
-tokens; this module uses that constructor's public method, which is the paper's own framing:
-PromptSRC = IVLP + self-regulation). Per training step, with B images and the C classes of the
+tokens), and the regularisers are the self-regulation wrapper's
+(:func:`jaxprompt.methods.selfreg.self_regulated`, which puts them on any base): this module is
+that wrapper on IVLP, the paper's own framing (PromptSRC = IVLP + self-regulation). Per
+training step, with B images and the C classes of the
 split (all normalised features, logits at CLIP's frozen scale 100)::
 
     g_p = norm(text(prompted, all C classes))      f_p = norm(image(prompted, x))
@@ -23,8 +25,8 @@ split (all normalised features, logits at CLIP's frozen scale 100)::
   CLIP as the target distribution; the L1 means run over all elements; the text L1 covers all
   C classes, not just the batch labels.
 * Evaluation uses only the prompted path (``logits`` is IVLP's): no templates, no teacher.
-* Gaussian prompt aggregation (GPA) is applied by the trainer (:mod:`jaxprompt.gpa`); this
-  method only carries its settings (``gpa_mean``, ``gpa_std`` in ``config``; see
+* Gaussian prompt aggregation (GPA) is applied by the trainer (:mod:`jaxprompt.gpa`) through
+  the method's ``aggregator`` hook (settings ``gpa_mean``, ``gpa_std`` in ``config``; see
   :func:`gpa_aggregator`).
 
 Teacher text features. ``loss`` receives only the Task, so by default it encodes the 60 x C
@@ -39,62 +41,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 from jaxprompt import clip as clip_lib
-from jaxprompt import gpa, losses
+from jaxprompt import gpa
 from jaxprompt import templates as templates_lib
 from jaxprompt.methods import base
 from jaxprompt.methods.ivlp import ivlp
-from jaxprompt.methods.zeroshot import template_features
+from jaxprompt.methods.selfreg import (
+    TEACHER_KEY,
+    cache_teacher,
+    resolve_templates,
+    self_regulated,
+    teacher_text_features,
+)
 
-TEACHER_KEY = "teacher_text"
-
-
-def teacher_text_features(
-    clip: clip_lib.Clip,
-    task: clip_lib.Task,
-    templates: Sequence[str] = templates_lib.PROMPTSRC_60,
-    *,
-    chunk: int | None = 1024,
-    shared_prefix: bool = True,
-) -> jax.Array:
-    r"""PromptSRC's frozen text features: the template mean of unnormalised features.
-
-    .. math::
-        g_c = \mathrm{normalize}\Big(\frac{1}{K} \sum_{k=1}^{K}
-              \mathrm{text}(\mathrm{tokenize}(T_k(c)))\Big)
-
-    Unlike CLIP's prompt ensembling, the per-template features are NOT normalised before the
-    mean. Class names have ``_`` replaced by spaces. Sequences are tokenized together and
-    truncated to the longest one (exact: the text tower is causal), and encoded ``chunk`` at a
-    time to bound memory (60 x 1000 sequences for ImageNet).
-
-    Args:
-      clip: the frozen model.
-      task: the class set (its static ``names`` are read).
-      templates: template strings with ``{}`` (PromptSRC: the 60 of
-        :data:`jaxprompt.templates.PROMPTSRC_60`).
-      chunk: sequences per encoder call (``None``: all at once) on the plain path.
-      shared_prefix: encode each template's words before the class name once for all classes
-        (:func:`jaxprompt.methods.zeroshot.template_features`, one template at a time; same
-        features); ``False``: every sequence in full, ``chunk`` at a time.
-
-    Returns:
-      [C, E] float32 L2-normalised features, a constant (``stop_gradient``).
-    """
-    names = [n.replace("_", " ") for n in task.names]
-    texts = [t.format(n) for t in templates for n in names]  # template-major: [K * C]
-    ids, eot = clip_lib.tokenize(clip, texts)
-    if shared_prefix:
-        k, c = len(templates), len(names)
-        feats = template_features(clip, ids.reshape(k, c, -1), eot.reshape(k, c))
-    else:
-        feats = clip_lib.encode_token_ids(clip, jnp.asarray(ids), jnp.asarray(eot), chunk=chunk)
-    feats = feats.reshape(len(templates), len(names), -1)  # [K, C, E]
-    return jax.lax.stop_gradient(clip_lib.normalize(jnp.mean(feats, axis=0)))
+__all__ = ["TEACHER_KEY", "gpa_aggregator", "promptsrc", "teacher_text_features", "with_teacher"]
 
 
 def promptsrc(
@@ -114,7 +74,7 @@ def promptsrc(
     remat: bool = False,
     shared_prefix: bool = True,
 ) -> base.PromptMethod:
-    """PromptSRC.
+    """PromptSRC: ``self_regulated(ivlp(...))`` with the paper's weights and GPA.
 
     Prompt pytree: IVLP's, ``{"ctx": [n_t, D_text], "vision_ctx": [n_v, D_vision],
     "deep_text": [depth-1, n_t, D_text], "deep_vision": [depth-1, n_v, D_vision]}``.
@@ -135,7 +95,7 @@ def promptsrc(
       templates: teacher templates, or the name of a set in
         :data:`jaxprompt.templates.TEMPLATE_SETS`.
       gpa_mean: GPA Gaussian mean in 1-indexed epochs (15 base-to-novel, 6 cross-dataset,
-        30 or 45 few-shot). Stored in ``config`` for the trainer; not used by the loss.
+        30 or 45 few-shot). Used by the ``aggregator`` hook; not by the loss.
       gpa_std: GPA standard deviation in epochs (1 base-to-novel, 10 cross-dataset, 30 or 5
         few-shot).
       chunk: sequences per call when encoding the teacher templates.
@@ -143,22 +103,15 @@ def promptsrc(
       remat: rematerialise the prompted blocks in the backward pass.
       shared_prefix: encode ``[SOT] ctx <fixed words>`` once for all classes on the prompted path
         (:func:`~jaxprompt.clip.encode_text_shared`: deep text prompts replace positions
-        inside that prefix, so it is the same for every class); ``False`` runs the plain
-        encoder on every class's full sequence (same features, for comparison).
+        inside that prefix, so it is the same for every class), and each teacher template's
+        words once; ``False`` runs the plain encoder on every full sequence (same features).
 
     Returns:
       A :class:`~jaxprompt.methods.base.PromptMethod` named ``"promptsrc"``.
     """
-    if isinstance(templates, str):
-        if templates not in templates_lib.TEMPLATE_SETS:
-            raise ValueError(
-                f"unknown template set {templates!r}; choose one of "
-                f"{sorted(templates_lib.TEMPLATE_SETS)} or pass template strings"
-            )
-        templates = templates_lib.TEMPLATE_SETS[templates]
-    templates = tuple(templates)
-    if not templates or any("{}" not in t for t in templates):
-        raise ValueError("templates must be a non-empty list of strings with '{}'")
+    if isinstance(templates, str) and templates == "dataset":
+        raise ValueError("promptsrc's teacher is a template list or set name, not 'dataset'")
+    templates = resolve_templates(templates)
     if not gpa_std > 0:
         raise ValueError(f"gpa_std must be > 0, got {gpa_std}")
     prompted = ivlp(
@@ -170,58 +123,18 @@ def promptsrc(
         remat=remat,
         shared_prefix=shared_prefix,
     )
-
-    def prompted_image_features(prompt, clip, images):
-        deep = prompt["deep_vision"] if prompt["deep_vision"].shape[0] else None
-        return clip_lib.encode_image(
-            clip, images, prompts=prompt["vision_ctx"], deep=deep, remat=remat
-        )
-
-    def loss(prompt, clip, task, batch, key):
-        del key  # deterministic
-        images, labels = batch["image"], batch["label"]
-        scale = clip_lib.logit_scale(clip)
-        # Prompted path (what evaluation uses), over ALL classes of the split.
-        g_p = clip_lib.normalize(prompted.encode_classes(prompt, clip, task))  # [C, E]
-        f_p = clip_lib.normalize(prompted_image_features(prompt, clip, images))  # [B, E]
-        z_p = scale * f_p @ g_p.T  # [B, C]
-        # Frozen path: the same (augmented) images without prompts, and the template teacher.
-        f = jax.lax.stop_gradient(clip_lib.normalize(clip_lib.encode_image(clip, images)))
-        # Teacher text: precomputed if the batch carries it (with_teacher puts it there),
-        # otherwise encoded here from the static class names (60 x C sequences per step).
-        if TEACHER_KEY in batch:
-            g = jax.lax.stop_gradient(jnp.asarray(batch[TEACHER_KEY], jnp.float32))
-            if g.shape != g_p.shape:
-                raise ValueError(
-                    f"batch['{TEACHER_KEY}'] has shape {g.shape}, expected {g_p.shape} "
-                    "(one normalised frozen text feature per class of the task)"
-                )
-        else:
-            g = teacher_text_features(
-                clip, task, templates, chunk=chunk, shared_prefix=shared_prefix
-            )
-        z = scale * f @ g.T  # [B, C]
-
-        ce = losses.cross_entropy(z_p, labels)
-        # Both logits carry the x100 scale (T = 1); the frozen CLIP is the target distribution
-        # and the sum runs over B*C logits divided by B*C, as the reference does.
-        kl = losses.kl_agreement(z, z_p)
-        # L1 on normalised features, mean over every element: the text term covers all C
-        # classes of the split (not only the labels in the batch), the image term the batch.
-        l1_text = losses.l1_agreement(g_p, g)
-        l1_image = losses.l1_agreement(f_p, f)
-        total = ce + w_kl * kl + w_text * l1_text + w_image * l1_image
-        acc = jnp.mean((jnp.argmax(z_p, axis=-1) == labels).astype(jnp.float32))
-        return total, {
-            "ce": ce,
-            "kl": kl,
-            "l1_text": l1_text,
-            "l1_image": l1_image,
-            "accuracy": acc,
-        }
-
-    method = prompted._replace(
-        loss=loss,
+    return self_regulated(
+        prompted,
+        w_kl=w_kl,
+        w_text=w_text,
+        w_image=w_image,
+        templates=templates,
+        text_distance="l1",
+        gpa=True,
+        gpa_mean=gpa_mean,
+        gpa_std=gpa_std,
+        chunk=chunk,
+        shared_prefix=shared_prefix,
         name="promptsrc",
         config=dict(
             depth=depth,
@@ -241,30 +154,18 @@ def promptsrc(
         ),
     )
 
-    # The trainer's hooks: the frozen teacher computed once, GPA over the epochs' prompts.
-    # `prepare` caches the teacher in the hooked method itself, so the prepared method keeps
-    # its aggregator.
-    def prepare(clip: clip_lib.Clip, task: clip_lib.Task) -> base.PromptMethod:
-        return with_teacher(hooked, clip, task)
-
-    hooked = method._replace(
-        prepare=prepare,
-        aggregator=lambda num_epochs: gpa_aggregator(method, num_epochs=num_epochs),
-    )
-    return hooked
-
 
 def with_teacher(
     method: base.PromptMethod, clip: clip_lib.Clip, task: clip_lib.Task
 ) -> base.PromptMethod:
     """PromptSRC with its teacher text features computed once for ``(clip, task)``.
 
-    The returned method equals ``method`` (same name, config, init, logits) except that its
-    ``loss``, when called with a CLIP of the same spec and a task with the same class names,
-    uses the cached [C, E] features instead of encoding 60 x C template sequences every step.
-    Any other task (or a batch carrying ``"teacher_text"``) falls back to the method's own
-    behaviour, so the wrapper is never wrong, only sometimes not faster. The cache is a small
-    closure constant of the loss (C x E floats), not CLIP weights.
+    The returned method equals ``method`` (same name, config, init, logits, aggregator) except
+    that its ``loss``, when called with a CLIP of the same spec and a task with the same class
+    names, uses the cached [C, E] features instead of encoding 60 x C template sequences every
+    step (:func:`jaxprompt.methods.selfreg.cache_teacher`). Any other task (or a batch carrying
+    ``"teacher_text"``) falls back to the method's own behaviour, so the wrapper is never wrong,
+    only sometimes not faster. Trainers call ``method.prepare`` instead, the same cache.
 
     Args:
       method: a method built by :func:`promptsrc`.
@@ -282,29 +183,17 @@ def with_teacher(
     if method.name != "promptsrc":
         raise ValueError(f"with_teacher needs a promptsrc method, got {method.name!r}")
     cfg = method.config
-    teacher = jax.jit(
-        lambda c, t: teacher_text_features(
+
+    def teacher(c: clip_lib.Clip, t: clip_lib.Task):
+        return teacher_text_features(
             c,
             t,
             tuple(cfg["templates"]),
             chunk=cfg["chunk"],
             shared_prefix=cfg.get("shared_prefix", True),
         )
-    )(clip, task)
-    # A host (NumPy) constant: jit embeds it in the step whatever the mesh, where a committed
-    # device array would pin the step to the device it lives on.
-    teacher = np.asarray(teacher)
-    spec, names = clip.spec, tuple(task.names)
-    inner = method.loss
 
-    def loss(prompt, clip_, task_, batch, key):
-        # Static checks (spec and names are not traced): the cache is for this pair only.
-        if clip_.spec == spec and tuple(task_.names) == names and TEACHER_KEY not in batch:
-            batch = {**batch, TEACHER_KEY: teacher}
-        return inner(prompt, clip_, task_, batch, key)
-
-    # Already prepared: preparing again would only repeat the work.
-    return method._replace(loss=loss, prepare=None)
+    return cache_teacher(method, teacher, clip, task)
 
 
 def gpa_aggregator(method: base.PromptMethod, *, num_epochs: int) -> gpa.Aggregator:

@@ -161,4 +161,7 @@ def zeroshot(
         # No image prompt: the image side is CLIP's frozen encoder.
         frozen_image=base.FrozenImageSide(tuned=lambda p, f: p, class_features=encode_classes),
         classify=classify,
+        features=base.split_features(
+            encode_classes, lambda p, c, x: clip_lib.encode_image(c, x), prompted_image=False
+        ),
     )
