@@ -9,7 +9,8 @@ Runs, for each method and seed, through the same code path as the CLI (run direc
 * ``xdomain``: ``configs/xdomain.py`` (train on all 16 photo textures, test the
   sketch/night/cartoon styles and the colour label space);
 * ``adapt``: ``configs/adapt.py`` TPT (each test image alone, label-free; every 5th test
-  image) and POUF (unlabeled target train images; the whole test split) on the sketch, night
+  image), online TPT (``tpt_online``: the prompt carried from image to image in the test
+  split's order) and POUF (unlabeled target train images; the whole test split) on the sketch, night
   and cartoon styles, with zero-shot beside them (measured on the whole test split by POUF
   and on TPT's subset by TPT: the rows say which).
 
@@ -28,8 +29,12 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_METHODS = ("zeroshot", "maple", "coop", "ivlp", "promptsrc", "cocoop", "bayes")
-ADAPT_METHODS = ("tpt", "pouf")
-TRAIN_METHODS = ALL_METHODS
+# Compositions (issue 18): self-regulation on other bases, and KgCoOp as its preset.
+COMPOSED_METHODS = ("coop+src", "cocoop+src", "maple+src", "kgcoop")
+ADAPT_METHODS = ("tpt", "tpt_online", "pouf")
+# Rows whose adapt config is another preset's with options.
+ADAPT_CONFIGS = {"tpt_online": "tpt,online=true"}
+TRAIN_METHODS = ALL_METHODS + COMPOSED_METHODS
 ADAPT_TARGETS = ("toy_textures_sketch", "toy_textures_night", "toy_textures_cartoon")
 
 
@@ -57,7 +62,11 @@ def _section(protocol: str, rows: dict, seeds: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default=",".join(ALL_METHODS + ADAPT_METHODS))
+    ap.add_argument(
+        "--methods",
+        default=",".join(ALL_METHODS + ADAPT_METHODS),
+        help=f"also: {', '.join(COMPOSED_METHODS)}",
+    )
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--protocols", default="base2new,xdomain,adapt")
     ap.add_argument("--runs", default="runs/toy")
@@ -115,14 +124,15 @@ def _adapt_rows(methods: list[str], seeds: list[int], runs: str) -> dict:
 
     rows: dict = {}
     for m in methods:
-        zs_row = "zeroshot" if m == "pouf" else f"zeroshot ({m}'s images)"
+        zs_row = "zeroshot" if m == "pouf" else "zeroshot (tpt's images)"
         for target in ADAPT_TARGETS:
             per_seed = []
             for s in seeds:
                 # TPT tunes on 64 views of each test image alone: every 5th image (10 per
                 # class, 160) keeps three styles x three seeds within minutes on a CPU.
-                extra = ",every=5" if m == "tpt" else ""
-                cfg = _config("adapt", f"{m},dataset={target},seed={s}{extra}")
+                extra = ",every=5" if m.startswith("tpt") else ""
+                preset = ADAPT_CONFIGS.get(m, m)
+                cfg = _config("adapt", f"{preset},dataset={target},seed={s}{extra}")
                 wd = os.path.join(runs, "adapt", m, target, f"seed{s}")
                 per_seed.append(runners.run(cfg, wd, command="adapt")["accuracy"])
             stats = evaluate.summarize_seeds(per_seed)
