@@ -137,7 +137,8 @@ def _adapt_rows(methods: list[str], seeds: list[int], runs: str) -> dict:
                 per_seed.append(runners.run(cfg, wd, command="adapt")["accuracy"])
             stats = evaluate.summarize_seeds(per_seed)
             rows.setdefault(zs_row, {})[target] = stats["zero_shot"]["mean"]
-            rows.setdefault(m, {})[target] = stats[m]["mean"]
+            # A variant's results are under its method's name (tpt_online: "tpt").
+            rows.setdefault(m, {})[target] = stats[m if m in stats else m.split("_")[0]]["mean"]
     return rows
 
 
