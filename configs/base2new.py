@@ -18,6 +18,11 @@ mean of seeds 1-3, docs/toy_results.md, 2026-12-02), top-1 % base / new / HM:
     cocoop     96.17 / 85.42 / 90.47      promptsrc  93.17 / 80.33 / 86.28
     bayes      84.58 / 80.17 / 82.32
 
+Self-regulation on other bases and KgCoOp (same protocol and seeds, docs/toy_results_compose.md):
+
+    coop+src   91.83 / 81.67 / 86.45      cocoop+src 90.00 / 84.08 / 86.94
+    maple+src  85.50 / 72.75 / 78.61      kgcoop     89.83 / 83.25 / 86.42
+
 The papers' numbers on real data are in README.md; ours are recorded there only once
 reproduced.
 """
