@@ -145,7 +145,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
-def _flatten(obj: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
+def _flatten(obj: Any, prefix: str, out: dict[str, np.ndarray], depth: int = 0) -> None:
+    if depth > 64:
+        raise CheckpointError("the checkpoint nests modules more than 64 deep (or in a cycle)")
     if isinstance(obj, _ScriptObject):
         obj = obj.state
     if isinstance(obj, np.ndarray):
@@ -153,7 +155,7 @@ def _flatten(obj: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
     elif isinstance(obj, dict):
         for k, v in obj.items():
             if isinstance(k, str):
-                _flatten(v, f"{prefix}{k}.", out)
+                _flatten(v, f"{prefix}{k}.", out, depth + 1)
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:

@@ -291,6 +291,18 @@ def test_openai_checkpoint_features_equal_pytorch_clip(kind, openai_files, pt_mo
     )
 
 
+def test_zeroshot_runs_on_an_openai_checkpoint(openai_files):
+    import jax
+
+    clip = jp.load_clip(openai_files["torchscript"])
+    task = jp.make_task(clip, ["golden retriever", "tabby cat", "tench"])
+    method = jp.methods.get("zeroshot")
+    prompt = method.init(jax.random.PRNGKey(0), clip, task)
+    images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    logits = method.logits(prompt, clip, task, jnp.asarray(images))
+    assert logits.shape == (2, 3) and bool(jnp.all(jnp.isfinite(logits)))
+
+
 def _one_line(excinfo) -> str:
     msg = str(excinfo.value)
     assert "\n" not in msg and msg
@@ -309,6 +321,27 @@ def test_file_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path):
     with pytest.raises(clip_lib.ClipLoadError) as e:
         jp.load_clip(str(broken))
     assert "could not read" in _one_line(e)
+
+
+def test_state_dict_of_another_model_is_a_one_line_error(tmp_path):
+    import torch
+
+    path = tmp_path / "resnet18.pt"
+    torch.save({"conv1.weight": torch.zeros(2, 3, 3, 3), "fc.bias": torch.zeros(2)}, path)
+    with pytest.raises(ValueError) as e:
+        jp.load_clip(str(path))
+    assert "not an OpenAI CLIP checkpoint" in _one_line(e)
+
+
+def test_self_referencing_pickle_is_a_one_line_error(tmp_path):
+    loop: dict = {}
+    loop["visual"] = loop
+    path = tmp_path / "loop.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("loop/data.pkl", pickle.dumps(loop, protocol=2))
+    with pytest.raises(clip_lib.ClipLoadError) as e:
+        jp.load_clip(str(path))
+    assert "64 deep" in _one_line(e)
 
 
 class _Evil:
