@@ -267,6 +267,27 @@ def test_reader_returns_the_saved_tensors(openai_files):
             np.testing.assert_array_equal(got[k], v, err_msg=f"{kind}: {k}")
 
 
+def test_reader_handles_half_bfloat16_and_strided_tensors(tmp_path):
+    import torch
+
+    from jaxprompt import openai_checkpoint as oc
+
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    sd = {
+        "half": base.half(),  # OpenAI's TorchScript archives hold float16 weights
+        "bf16": base.bfloat16(),
+        "view": base.t()[1:3],  # a strided view with an offset into a shared storage
+        "scalar": torch.tensor(4.6052),
+        "ints": torch.arange(5),
+    }
+    torch.save(sd, tmp_path / "mixed.pt")
+    got = oc.read_state_dict(str(tmp_path / "mixed.pt"))
+    for k, v in sd.items():
+        assert got[k].shape == tuple(v.shape), k
+        np.testing.assert_array_equal(np.asarray(got[k], np.float64), v.double().numpy(), k)
+    assert got["half"].dtype == np.float16 and got["ints"].dtype == np.int64
+
+
 @pytest.mark.parametrize("kind", ["state_dict", "torchscript"])
 def test_openai_checkpoint_features_equal_pytorch_clip(kind, openai_files, pt_model):
     import torch
