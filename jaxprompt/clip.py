@@ -171,6 +171,8 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
     Raises:
       ClipLoadError: with a one-line message naming the fix (missing weights, offline hub,
         torch needed for ``.bin`` weights).
+      CheckpointLoadError: (also a ``ValueError``) an OpenAI-format file that is unreadable,
+        asks to run code, is not a CLIP, or has a ResNet image tower (not supported yet).
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
