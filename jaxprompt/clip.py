@@ -46,6 +46,7 @@ Array = jax.Array
 PyTree = Any
 
 __all__ = [
+    "CheckpointLoadError",
     "Clip",
     "ClipLoadError",
     "ClipSpec",
@@ -59,6 +60,7 @@ __all__ = [
     "logit_scale",
     "make_task",
     "normalize",
+    "openai_tokenizer",
     "prompted_text_features",
     "prompted_text_inputs",
     "shared_text_inputs",
@@ -72,6 +74,10 @@ _TORCH_WEIGHTS = "pytorch_model.bin"
 
 class ClipLoadError(RuntimeError):
     """CLIP weights or tokenizer could not be loaded; the message says what to do."""
+
+
+class CheckpointLoadError(ClipLoadError, ValueError):
+    """An OpenAI-format checkpoint file could not be used (unreadable, refused, unsupported)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +156,12 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
     """Loads a frozen CLIP and its tokenizer.
 
     Args:
-      name_or_path: a Hugging Face hub id (e.g. ``"openai/clip-vit-base-patch16"``) or a local
+      name_or_path: a Hugging Face hub id (e.g. ``"openai/clip-vit-base-patch16"``), a local
         directory in Hugging Face format holding ``flax_model.msgpack``, ``model.safetensors``
         or ``pytorch_model.bin`` (PyTorch weights are converted on load; ``.bin`` needs torch)
-        and the tokenizer files.
+        and the tokenizer files, or an OpenAI-format checkpoint file (``ViT-B-16.pt``: a
+        TorchScript archive or a ``torch.save`` state dict), read without running code from it
+        and without torch, with the CLIP BPE vocabulary shipped with jaxprompt as its tokenizer.
       dtype: compute dtype of the frozen towers, ``"float32"`` (default, and what CPU tests
         use) or ``"bfloat16"`` (accelerators). Prompts, logits and losses stay float32.
 
@@ -163,6 +171,8 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
     Raises:
       ClipLoadError: with a one-line message naming the fix (missing weights, offline hub,
         torch needed for ``.bin`` weights).
+      CheckpointLoadError: (also a ``ValueError``) an OpenAI-format file that is unreadable,
+        asks to run code, is not a CLIP, or has a ResNet image tower (not supported yet).
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
@@ -189,6 +199,8 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
                 f"no CLIP weights in {path}: expected {_FLAX_WEIGHTS}, {_SAFE_WEIGHTS} or "
                 f"{_TORCH_WEIGHTS} (save a model there with save_pretrained)"
             )
+    elif os.path.isfile(path):
+        return _load_openai(transformers, path, name=str(name_or_path), dtype=dtype)
     elif os.path.exists(path) or path.startswith((".", "/", "~")):
         raise ClipLoadError(f"{path} is not a directory: pass a Hugging Face model directory")
     elif not _hub_reachable():
@@ -215,6 +227,86 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
             "Face format, or set HF_HOME to a cache that holds it (no network access here?)"
         ) from e
     return from_params(model.config, params, tokenizer, name=str(name_or_path), dtype=dtype)
+
+
+def _load_openai(transformers, path: str, *, name: str, dtype: str) -> Clip:
+    """An OpenAI-format checkpoint file (TorchScript archive or state dict), read without running
+    code from it; a ViT is converted to the Hugging Face layout. The tokenizer is the bundled
+    CLIP BPE vocabulary (OpenAI's checkpoints carry none)."""
+    from jaxprompt import openai_checkpoint as oc
+
+    try:
+        config_kwargs, params = oc.convert_vit(oc.read_state_dict(path))
+    except oc.CheckpointError as e:
+        raise CheckpointLoadError(str(e)) from None
+    config = transformers.CLIPConfig(**config_kwargs)
+    model = transformers.FlaxCLIPModel(config, _do_init=False)
+    want = {k: v.shape for k, v in _flat_items(model.params_shape_tree)}
+    got = {k: np.shape(v) for k, v in _flat_items(params)}
+    if want != got:
+        bad = sorted(set(want.items()) ^ set(got.items()))[0]
+        raise CheckpointLoadError(
+            f"{path}: converted weights do not fit the CLIP layout (at {bad[0]})"
+        )
+    return from_params(config, params, openai_tokenizer(), name=name, dtype=dtype)
+
+
+BPE_VOCAB = "assets/bpe_simple_vocab_16e6.txt.gz"
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 byte symbols of byte-level BPE, in vocabulary order: the printable Latin-1 bytes
+    stand for themselves; the others are shifted to code points from 256 up, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    shifted = {b: 256 + i for i, b in enumerate(b for b in range(256) if b not in set(keep))}
+    return [chr(b) for b in keep] + [chr(shifted[b]) for b in range(256) if b not in set(keep)]
+
+
+@functools.lru_cache(maxsize=1)
+def openai_tokenizer():
+    """OpenAI CLIP's tokenizer as a Hugging Face ``CLIPTokenizer``, built offline from the CLIP
+    BPE vocabulary shipped with the package (MIT; see the LICENSE file beside it).
+
+    The vocabulary is the 256 byte symbols, the same with the end-of-word mark ``</w>``, the
+    first 48,894 merges of the BPE file joined, then ``<|startoftext|>`` (49406) and
+    ``<|endoftext|>`` (49407): 49,408 ids.
+    """
+    import gzip
+    import importlib.resources
+    import tempfile
+
+    transformers = _quiet_transformers()
+    raw = importlib.resources.files("jaxprompt").joinpath(BPE_VOCAB).read_bytes()
+    lines = gzip.decompress(raw).decode("utf-8").split("\n")
+    merges = lines[1 : 1 + 49152 - 256 - 2]
+    symbols = _byte_symbols()
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file = os.path.join(tmp, "vocab.json")
+        merges_file = os.path.join(tmp, "merges.txt")
+        with open(vocab_file, "w", encoding="utf-8") as f:
+            json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
+        with open(merges_file, "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        tokenizer = transformers.CLIPTokenizer(
+            vocab_file,
+            merges_file,
+            model_max_length=77,
+            bos_token="<|startoftext|>",
+            eos_token="<|endoftext|>",
+            unk_token="<|endoftext|>",
+            pad_token="<|endoftext|>",
+        )
+    return tokenizer
+
+
+def _flat_items(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict) or hasattr(v, "items"):
+            yield from _flat_items(v, prefix + (k,))
+        else:
+            yield "/".join(prefix + (k,)), v
 
 
 def from_params(

@@ -49,6 +49,9 @@ def test_wheel_holds_the_configs_and_py_typed(wheel):
         assert f"jaxprompt/configs/{cfg}.py" in names, sorted(names)[:20]
     assert "jaxprompt/py.typed" in names
     assert "jaxprompt/assets/toy_clip/flax_model.msgpack" in names
+    # The CLIP BPE vocabulary (OpenAI checkpoints carry no tokenizer) and its MIT notice.
+    assert "jaxprompt/assets/bpe_simple_vocab_16e6.txt.gz" in names
+    assert "jaxprompt/assets/bpe_simple_vocab_16e6.LICENSE.txt" in names
     for module in ("app/experiment.py", "app/rundir.py", "side/toyclip.py", "testing.py"):
         assert f"jaxprompt/{module}" in names
 
