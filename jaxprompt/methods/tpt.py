@@ -389,10 +389,7 @@ def episodes(
         out.pop("opt_state")
         return out if details else out["logits"]
 
-    # One image-tower call over all B x V views (the tower is frozen: no gradient).
-    flat = views.reshape((n_img * n_views,) + views.shape[2:])
-    feats = jax.lax.stop_gradient(clip_lib.encode_image(clip, flat))
-    feats = feats.reshape(n_img, n_views, -1)  # [B, V, E]
+    feats = _view_features(clip, views)  # [B, V, E]
     if kind == "per_image":
         # The tuned context starts from a different point per image: nothing to share on the
         # text side.
@@ -404,6 +401,15 @@ def episodes(
 
     out = _shared_text_episodes(base, tx, prompt, clip, task, feats, steps=steps, keep=keep)
     return out if details else out["logits"]
+
+
+def _view_features(clip: clip_lib.Clip, views: Array) -> Array:
+    """Frozen image features of [B, V, H, W, 3] views in one image-tower call -> [B, V, E]
+    (the tower is frozen: no gradient)."""
+    n_img, n_views = views.shape[:2]
+    flat = views.reshape((n_img * n_views,) + views.shape[2:])
+    feats = jax.lax.stop_gradient(clip_lib.encode_image(clip, flat))
+    return feats.reshape(n_img, n_views, -1)
 
 
 def online_episodes(
@@ -468,12 +474,7 @@ def online_episodes(
     n_img, n_views = views.shape[:2]
     num_selected(n_views, keep)
     mask = jnp.ones((n_img,), bool) if mask is None else jnp.asarray(mask, bool)
-    if kind == "shared":
-        flat = views.reshape((n_img * n_views,) + views.shape[2:])
-        data = jax.lax.stop_gradient(clip_lib.encode_image(clip, flat))
-        data = data.reshape(n_img, n_views, -1)  # [B, V, E]: one image-tower call
-    else:
-        data = views
+    data = _view_features(clip, views) if kind == "shared" else views
     fresh = tx.init(prompt)
     state0 = fresh if (opt_state is None or not carry_optimizer) else opt_state
 
@@ -705,10 +706,7 @@ def tpt(
 
 def _frozen_image_loss(base, prompt, clip, task, views, keep) -> Array:
     """[B] step-0 marginal entropies with gradient to ``prompt`` (text tower run once)."""
-    n_img, n_views = views.shape[:2]
-    flat = views.reshape((n_img * n_views,) + views.shape[2:])
-    img = clip_lib.normalize(jax.lax.stop_gradient(clip_lib.encode_image(clip, flat)))
-    img = img.reshape(n_img, n_views, -1)
+    img = clip_lib.normalize(_view_features(clip, views))  # [B, V, E]
     txt = _text_fn(base, clip, task)(prompt)
     z = clip_lib.logit_scale(clip) * jnp.einsum("bve,ce->bvc", img, txt)
     selected = jax.vmap(lambda zb: losses.confident_indices(jax.lax.stop_gradient(zb), keep))(z)
