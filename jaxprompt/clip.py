@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxprompt import resnet
+
 Array = jax.Array
 PyTree = Any
 
@@ -51,6 +53,7 @@ __all__ = [
     "ClipLoadError",
     "ClipSpec",
     "Task",
+    "check_vision_prompts",
     "encode_image",
     "encode_text",
     "encode_text_shared",
@@ -98,6 +101,12 @@ class ClipSpec:
     embed_dim: int
     sot_id: int
     eot_id: int
+    # "vit", or "resnet" for OpenAI's modified ResNets (jaxprompt.resnet): then image_size is
+    # the checkpoint's, patch_size 32 (the tower's downsampling), vision_width the channels
+    # into the attention pool and vision_layers the number of bottleneck blocks.
+    image_tower: str = "vit"
+    resnet_layers: tuple[int, ...] = ()
+    resnet_heads: int = 0
 
 
 @struct.dataclass
@@ -162,6 +171,9 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
         and the tokenizer files, or an OpenAI-format checkpoint file (``ViT-B-16.pt``: a
         TorchScript archive or a ``torch.save`` state dict), read without running code from it
         and without torch, with the CLIP BPE vocabulary shipped with jaxprompt as its tokenizer.
+        ViT checkpoints become FlaxCLIP models; ResNet ones (``RN50.pt``, ``RN101.pt``, ...)
+        keep the FlaxCLIP text tower and get :mod:`jaxprompt.resnet`'s image tower, frozen in
+        inference mode (BatchNorm from the running statistics).
       dtype: compute dtype of the frozen towers, ``"float32"`` (default, and what CPU tests
         use) or ``"bfloat16"`` (accelerators). Prompts, logits and losses stay float32.
 
@@ -172,7 +184,7 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
       ClipLoadError: with a one-line message naming the fix (missing weights, offline hub,
         torch needed for ``.bin`` weights).
       CheckpointLoadError: (also a ``ValueError``) an OpenAI-format file that is unreadable,
-        asks to run code, is not a CLIP, or has a ResNet image tower (not supported yet).
+        asks to run code, or is not a CLIP.
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
@@ -236,18 +248,31 @@ def _load_openai(transformers, path: str, *, name: str, dtype: str) -> Clip:
     from jaxprompt import openai_checkpoint as oc
 
     try:
-        config_kwargs, params = oc.convert_vit(oc.read_state_dict(path))
+        config_kwargs, params = oc.convert(oc.read_state_dict(path))
     except oc.CheckpointError as e:
         raise CheckpointLoadError(str(e)) from None
     config = transformers.CLIPConfig(**config_kwargs)
+    if "resnet_layers" in config_kwargs["vision_config"]:
+        # The image tower is jaxprompt.resnet's; the text tower is FlaxCLIP's, checked below.
+        vision, params = (
+            params["vision_model"],
+            {k: v for k, v in params.items() if k != "vision_model"},
+        )
+    else:
+        vision = None
     model = transformers.FlaxCLIPModel(config, _do_init=False)
-    want = {k: v.shape for k, v in _flat_items(model.params_shape_tree)}
+    shapes = dict(model.params_shape_tree)
+    if vision is not None:
+        shapes = {k: v for k, v in shapes.items() if k not in ("vision_model", "visual_projection")}
+    want = {k: v.shape for k, v in _flat_items(shapes)}
     got = {k: np.shape(v) for k, v in _flat_items(params)}
     if want != got:
         bad = sorted(set(want.items()) ^ set(got.items()))[0]
         raise CheckpointLoadError(
             f"{path}: converted weights do not fit the CLIP layout (at {bad[0]})"
         )
+    if vision is not None:
+        params = {**params, "vision_model": vision}
     return from_params(config, params, openai_tokenizer(), name=name, dtype=dtype)
 
 
@@ -338,8 +363,20 @@ def from_params(
         embed_dim=config.projection_dim,
         sot_id=int(sot),
         eot_id=int(eot),
+        **_image_tower_fields(config.vision_config),
     )
     return Clip(params=params, spec=spec, tokenizer=tokenizer)
+
+
+def _image_tower_fields(vision_config: Any) -> dict[str, Any]:
+    layers = getattr(vision_config, "resnet_layers", None)
+    if not layers:
+        return {}
+    return {
+        "image_tower": "resnet",
+        "resnet_layers": tuple(int(n) for n in layers),
+        "resnet_heads": int(vision_config.num_attention_heads),
+    }
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -520,12 +557,31 @@ def check_context(clip: Clip, task: Task, n_extra: int) -> None:
         )
 
 
+VIT_BACKBONES = "ViT-B/16, ViT-B/32, ViT-L/14 or a Hugging Face CLIP"
+
+
+def check_vision_prompts(clip: Clip) -> None:
+    """Raises a one-line ``ValueError`` unless ``clip``'s image tower takes prompt tokens.
+
+    Vision prompts are tokens of a ViT's sequence; OpenAI's ResNets have no token sequence, so
+    the methods that prompt the image tower (IVLP, MaPLe, PromptSRC) need a ViT backbone.
+    """
+    if clip.spec.image_tower != "vit":
+        raise ValueError(
+            f"this method prompts the image tower's transformer layers, which the ResNet "
+            f"backbone {clip.spec.name or 'given'!r} does not have: use a ViT backbone "
+            f"({VIT_BACKBONES}), or a text-prompt method (coop, cocoop, bayes, tpt, zeroshot)"
+        )
+
+
 def check_depth(clip: Clip, depth: int) -> None:
     """Raises a clear error unless ``1 <= depth <= layers`` of both towers of ``clip``.
 
     Deep prompts at depth ``J`` go before layers ``0..J-1``, so ``J`` can reach the number of
-    layers but not exceed it (IVLP, MaPLe and PromptSRC share this check).
+    layers but not exceed it (IVLP, MaPLe and PromptSRC share this check). A ResNet image tower
+    fails :func:`check_vision_prompts` first.
     """
+    check_vision_prompts(clip)
     layers = min(clip.spec.text_layers, clip.spec.vision_layers)
     if not 1 <= depth <= layers:
         raise ValueError(
@@ -1000,7 +1056,8 @@ def encode_image(
     deep: Array | None = None,
     remat: bool = False,
 ) -> Array:
-    """Prompt-aware image tower.
+    """Prompt-aware image tower: a ViT, or OpenAI's modified ResNet (:mod:`jaxprompt.resnet`,
+    which takes no prompts).
 
     Args:
       clip: the frozen model.
@@ -1023,8 +1080,19 @@ def encode_image(
             f"shape {tuple(images.shape)} (NCHW? use images.transpose(0, 2, 3, 1))"
         )
     params = clip.params["vision_model"]
-    mods = _modules(clip.spec.config_json, clip.spec.dtype)
     dt = jnp.dtype(clip.spec.dtype)
+    if clip.spec.image_tower == "resnet":
+        if prompts is not None:
+            check_vision_prompts(clip)
+        out = resnet.encode(
+            params,
+            images.astype(dt),
+            layers=clip.spec.resnet_layers,
+            heads=clip.spec.resnet_heads,
+            remat=remat,
+        )
+        return out.astype(jnp.float32)
+    mods = _modules(clip.spec.config_json, clip.spec.dtype)
     x = mods["vision_embed"].apply({"params": params["embeddings"]}, images.astype(dt))
     if prompts is not None:
         pr = prompts.astype(dt)

@@ -9,9 +9,11 @@ types (which only name a dtype), ``OrderedDict`` and TorchScript's type-tag help
 module class (``__torch__.*``) becomes an inert record of its attributes. Anything else (say
 ``os.system``) is refused before it is called. torch is not needed.
 
-:func:`read_state_dict` returns the tensors under OpenAI's names; :func:`convert_vit` turns a ViT
-CLIP into Hugging Face's ``CLIPConfig`` arguments and FlaxCLIP parameter tree, inferring the sizes
-from the tensor shapes (heads are ``width // 64``, as in every OpenAI model).
+:func:`read_state_dict` returns the tensors under OpenAI's names; :func:`convert` turns a CLIP
+into Hugging Face's ``CLIPConfig`` arguments and a parameter tree, inferring the sizes from the
+tensor shapes (heads are ``width // 64``, as in every OpenAI model): a ViT goes entirely to
+FlaxCLIP's layout (:func:`convert_vit`); a modified ResNet (RN50, RN101, ...) keeps the text
+tower in that layout and its image tower in :mod:`jaxprompt.resnet`'s (:func:`convert_resnet`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CheckpointError", "convert_vit", "read_state_dict"]
+__all__ = [
+    "CheckpointError",
+    "convert",
+    "convert_resnet",
+    "convert_vit",
+    "is_resnet",
+    "read_state_dict",
+]
 
 
 class CheckpointError(ValueError):
@@ -241,6 +250,71 @@ def _norm(sd, p):
     return {"scale": sd[p + ".weight"], "bias": sd[p + ".bias"]}
 
 
+def _text_tower(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """The text tower (common to OpenAI's ViT and ResNet CLIPs): HF ``text_config``, the
+    ``text_model`` parameters and the joint embedding width."""
+    vocab, text_width = sd["token_embedding.weight"].shape
+    context = sd["positional_embedding"].shape[0]
+    text_layers = _layers(sd, "transformer.resblocks.")
+    embed_dim = int(sd["text_projection"].shape[1])
+    if text_width % 64:
+        raise CheckpointError(
+            f"text width {text_width} is not a multiple of 64: OpenAI's head count "
+            "(width // 64) cannot be inferred"
+        )
+    config = {
+        "vocab_size": int(vocab),
+        "hidden_size": int(text_width),
+        "intermediate_size": int(sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": int(text_width) // 64,
+        "max_position_embeddings": int(context),
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": embed_dim,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+    }
+    params = {
+        "embeddings": {
+            "token_embedding": {"embedding": sd["token_embedding.weight"]},
+            "position_embedding": {"embedding": sd["positional_embedding"]},
+        },
+        "encoder": {
+            "layers": {
+                str(i): _block(sd, f"transformer.resblocks.{i}.") for i in range(text_layers)
+            }
+        },
+        "final_layer_norm": _norm(sd, "ln_final"),
+    }
+    return config, params, embed_dim
+
+
+def is_resnet(sd: dict[str, np.ndarray]) -> bool:
+    """Whether an OpenAI state dict has a modified-ResNet image tower (RN50, RN101, ...)."""
+    return any(k.startswith("visual.layer1.") for k in sd)
+
+
+def convert(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Converts an OpenAI CLIP state dict, ViT (:func:`convert_vit`) or ResNet
+    (:func:`convert_resnet`)."""
+    return convert_resnet(sd) if is_resnet(sd) else convert_vit(sd)
+
+
+def _check_clip(sd: dict[str, np.ndarray], image_key: str) -> dict[str, np.ndarray]:
+    if image_key not in sd or "token_embedding.weight" not in sd:
+        raise CheckpointError(
+            f"not an OpenAI CLIP checkpoint: it lacks {image_key} / token_embedding.weight"
+        )
+    # num_batches_tracked (int64) and any other integer buffer are not weights.
+    return {
+        k: np.asarray(v, np.float32)
+        for k, v in sd.items()
+        if np.issubdtype(np.asarray(v).dtype, np.floating)
+    }
+
+
 def convert_vit(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Converts an OpenAI ViT CLIP state dict to Hugging Face's layout.
 
@@ -249,42 +323,21 @@ def convert_vit(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, An
       ``text_config`` / ``vision_config`` dicts) and the FlaxCLIP parameter tree (float32).
 
     Raises:
-      CheckpointError: a ResNet image tower (not supported yet) or missing tensors.
+      CheckpointError: a ResNet image tower (use :func:`convert_resnet`) or missing tensors.
     """
-    if any(k.startswith("visual.layer1.") for k in sd):
-        raise CheckpointError("ResNet image towers are not supported yet: issue 19")
-    if "visual.conv1.weight" not in sd or "token_embedding.weight" not in sd:
-        raise CheckpointError(
-            "not an OpenAI CLIP checkpoint: it lacks visual.conv1.weight / token_embedding.weight"
-        )
-    sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
+    if is_resnet(sd):
+        raise CheckpointError("a ResNet CLIP checkpoint: convert it with convert_resnet")
+    sd = _check_clip(sd, "visual.conv1.weight")
     try:
-        vocab, text_width = sd["token_embedding.weight"].shape
-        context = sd["positional_embedding"].shape[0]
-        text_layers = _layers(sd, "transformer.resblocks.")
+        text_config, text, embed_dim = _text_tower(sd)
         vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         vision_layers = _layers(sd, "visual.transformer.resblocks.")
-        embed_dim = sd["text_projection"].shape[1]
-        text_mlp = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
         vision_mlp = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
         config = {
             "projection_dim": int(embed_dim),
             "logit_scale_init_value": float(sd["logit_scale"]),
-            "text_config": {
-                "vocab_size": int(vocab),
-                "hidden_size": int(text_width),
-                "intermediate_size": int(text_mlp),
-                "num_hidden_layers": text_layers,
-                "num_attention_heads": int(text_width) // 64,
-                "max_position_embeddings": int(context),
-                "hidden_act": "quick_gelu",
-                "layer_norm_eps": 1e-5,
-                "projection_dim": int(embed_dim),
-                "bos_token_id": 49406,
-                "eos_token_id": 49407,
-                "pad_token_id": 49407,
-            },
+            "text_config": text_config,
             "vision_config": {
                 "hidden_size": int(vision_width),
                 "intermediate_size": int(vision_mlp),
@@ -297,18 +350,6 @@ def convert_vit(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, An
                 "layer_norm_eps": 1e-5,
                 "projection_dim": int(embed_dim),
             },
-        }
-        text = {
-            "embeddings": {
-                "token_embedding": {"embedding": sd["token_embedding.weight"]},
-                "position_embedding": {"embedding": sd["positional_embedding"]},
-            },
-            "encoder": {
-                "layers": {
-                    str(i): _block(sd, f"transformer.resblocks.{i}.") for i in range(text_layers)
-                }
-            },
-            "final_layer_norm": _norm(sd, "ln_final"),
         }
         vision = {
             "embeddings": {
@@ -334,9 +375,109 @@ def convert_vit(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, An
         }
     except KeyError as e:
         raise CheckpointError(f"the OpenAI CLIP checkpoint lacks tensor {e.args[0]}") from None
-    if text_width % 64 or vision_width % 64:
+    if vision_width % 64:
         raise CheckpointError(
-            f"widths {text_width}/{vision_width} are not multiples of 64: OpenAI's head count "
+            f"vision width {vision_width} is not a multiple of 64: OpenAI's head count "
             "(width // 64) cannot be inferred"
         )
+    return config, params
+
+
+def _conv_kernel(sd, name):
+    return sd[name].transpose(2, 3, 1, 0)  # PyTorch OIHW -> HWIO
+
+
+def _batchnorm(sd, p):
+    from jaxprompt import resnet
+
+    return resnet.fold_batchnorm(
+        sd[p + ".weight"], sd[p + ".bias"], sd[p + ".running_mean"], sd[p + ".running_var"]
+    )
+
+
+def _bottleneck(sd, p):
+    block = {}
+    for i in (1, 2, 3):
+        block[f"conv{i}"] = {"kernel": _conv_kernel(sd, f"{p}conv{i}.weight")}
+        block[f"bn{i}"] = _batchnorm(sd, f"{p}bn{i}")
+    # OpenAI's shortcut is Sequential(AvgPool2d, Conv2d 1x1, BatchNorm2d): indices -1, 0, 1.
+    if p + "downsample.0.weight" in sd:
+        block["downsample"] = {
+            "conv": {"kernel": _conv_kernel(sd, p + "downsample.0.weight")},
+            "bn": _batchnorm(sd, p + "downsample.1"),
+        }
+    return block
+
+
+def convert_resnet(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Converts an OpenAI ResNet CLIP state dict (RN50, RN101, RN50x4, ...).
+
+    The text tower goes to Hugging Face's layout as for a ViT; the image tower goes to
+    :mod:`jaxprompt.resnet`'s layout (HWIO kernels, BatchNorm folded into scale and bias with the
+    running statistics). ``vision_config`` describes the ResNet: ``resnet_layers`` (blocks per
+    stage), ``resnet_width`` (stem width), ``hidden_size`` (channels into the attention pool,
+    ``32 * width``), ``num_attention_heads`` (``32 * width // 64``, OpenAI's rule), ``image_size``
+    and ``patch_size`` 32 (the tower's total downsampling).
+
+    Returns:
+      ``(config_kwargs, params)`` as :func:`convert_vit`; ``params["vision_model"]`` is the
+      ResNet tree and there is no ``visual_projection`` (the pool's ``c_proj`` projects).
+
+    Raises:
+      CheckpointError: missing tensors, or shapes that do not form a modified ResNet.
+    """
+    sd = _check_clip(sd, "visual.layer1.0.conv1.weight")
+    try:
+        text_config, text, embed_dim = _text_tower(sd)
+        layers = [_layers(sd, f"visual.layer{s}.") for s in (1, 2, 3, 4)]
+        width = int(sd["visual.layer1.0.conv1.weight"].shape[0])
+        pos = sd["visual.attnpool.positional_embedding"]
+        grid = round((pos.shape[0] - 1) ** 0.5)
+        channels = int(pos.shape[1])
+        if grid * grid + 1 != pos.shape[0] or channels != 32 * width or 0 in layers:
+            raise CheckpointError(
+                "the ResNet checkpoint's shapes do not form OpenAI's modified ResNet (stages "
+                f"{layers}, width {width}, attention-pool positions {pos.shape[0]})"
+            )
+        if channels % 64:
+            raise CheckpointError(
+                f"attention-pool width {channels} is not a multiple of 64: OpenAI's head count "
+                "(width // 64) cannot be inferred"
+            )
+        stem = {}
+        for i in (1, 2, 3):
+            stem[f"conv{i}"] = {"kernel": _conv_kernel(sd, f"visual.conv{i}.weight")}
+            stem[f"bn{i}"] = _batchnorm(sd, f"visual.bn{i}")
+        vision: dict[str, Any] = {"stem": stem}
+        for s, n in enumerate(layers, start=1):
+            vision[f"layer{s}"] = {
+                str(j): _bottleneck(sd, f"visual.layer{s}.{j}.") for j in range(n)
+            }
+        vision["attnpool"] = {"positional_embedding": pos}
+        for name in ("q_proj", "k_proj", "v_proj", "c_proj"):
+            vision["attnpool"][name] = _dense(sd, f"visual.attnpool.{name}")
+        config = {
+            "projection_dim": int(embed_dim),
+            "logit_scale_init_value": float(sd["logit_scale"]),
+            "text_config": text_config,
+            "vision_config": {
+                "hidden_size": channels,
+                "num_hidden_layers": sum(layers),
+                "num_attention_heads": channels // 64,
+                "image_size": int(grid * 32),
+                "patch_size": 32,
+                "num_channels": 3,
+                "projection_dim": int(embed_dim),
+                "resnet_layers": layers,
+                "resnet_width": width,
+            },
+        }
+        params = {
+            "text_model": text,
+            "vision_model": vision,
+            "text_projection": {"kernel": sd["text_projection"]},
+            "logit_scale": sd["logit_scale"].reshape(()),
+        }
+    except KeyError as e:
+        raise CheckpointError(f"the OpenAI CLIP checkpoint lacks tensor {e.args[0]}") from None
     return config, params
