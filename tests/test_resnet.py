@@ -220,7 +220,8 @@ def checkpoints(tmp_path_factory):
     rn = _f32({**text, **resnet_tensors(rng)})
     vit = _f32({**text, **vit_tensors(rng)})
     d = tmp_path_factory.mktemp("rn")
-    paths = {"state_dict": d / "RN-tiny.pt", "torchscript": d / "RN-tiny-jit.pt"}
+    # RN50.pt: the file name a user has; here a TorchScript archive, as OpenAI released them.
+    paths = {"state_dict": d / "RN-tiny.pt", "torchscript": d / "RN50.pt"}
     torch.save({k: torch.tensor(v) for k, v in rn.items()}, paths["state_dict"])
     _torchscript(rn).save(str(paths["torchscript"]))
     torch.save({k: torch.tensor(v) for k, v in vit.items()}, d / "ViT-tiny.pt")
@@ -352,7 +353,8 @@ def test_a_truncated_resnet_checkpoint_is_a_one_line_error(tmp_path, checkpoints
 
 
 def test_text_prompt_methods_train_on_a_resnet(rn_clip):
-    """CoOp, CoCoOp and Bayesian prompts: a finite loss and a gradient on every prompt entry."""
+    """CoOp, CoCoOp, Bayesian prompts and POUF: a finite loss and a gradient on every prompt
+    entry."""
     import jax
 
     task = jp.make_task(rn_clip, ["cat", "dog", "tench"])
@@ -361,6 +363,7 @@ def test_text_prompt_methods_train_on_a_resnet(rn_clip):
         ("coop", dict(n_ctx=4)),
         ("cocoop", dict(n_ctx=4)),
         ("bayes", dict(n_ctx=4, mc_samples=2)),
+        ("pouf", {}),  # unsupervised: the labels are not read
     ):
         method = jp.methods.get(name, **kw)
         prompt = method.init(jax.random.PRNGKey(0), rn_clip, task)
@@ -375,3 +378,71 @@ def test_text_prompt_methods_train_on_a_resnet(rn_clip):
         for key, sub in grads.items():
             total = sum(float(np.abs(np.asarray(x)).sum()) for x in jax.tree.leaves(sub))
             assert total > 0, (name, key)
+
+
+def test_tpt_episode_tunes_a_coop_prompt_on_a_resnet(rn_clip):
+    import jax
+    import optax
+
+    from jaxprompt.methods.tpt import episode
+
+    task = jp.make_task(rn_clip, ["cat", "dog", "tench"])
+    base = jp.methods.coop(n_ctx=4, init_words="a photo of a")
+    prompt = base.init(jax.random.PRNGKey(0), rn_clip, task)
+    views = _images(8, seed=7)
+    before = np.asarray(base.logits(prompt, rn_clip, task, views[:1]))
+    after = np.asarray(
+        episode(base, optax.adamw(5e-3), prompt, rn_clip, task, views, steps=1, keep=0.25)
+    )
+    assert after.shape == (3,) or after.shape == (1, 3)
+    assert np.abs(after.reshape(-1) - before.reshape(-1)).max() > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line, as a user runs it: the console script, outside the checkout
+# ------------------------------------------------------------------------------------------------
+
+
+def _jaxprompt(*args, cwd):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("jaxprompt")
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_coop_trains_and_tpt_adapts_on_an_rn50_checkpoint(checkpoints, tmp_path):
+    """Issue 19's done-when command, verbatim, then TPT + CoOp from that run."""
+    import json
+
+    rn50 = checkpoints["torchscript"]
+    train = _jaxprompt(
+        "train", "--config", "base2new:coop,dataset=toy_textures",
+        f"--config.clip.name={rn50}", "--workdir", "runs/rn50_coop", cwd=tmp_path,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-2000:]
+    res = json.loads((tmp_path / "runs/rn50_coop/results.json").read_text())
+    assert set(res["accuracy"]) >= {"base", "new", "hm"} and res["model"] == rn50
+    assert res["steps"] > 0
+    adapt = _jaxprompt(
+        "adapt", "--config", "adapt:tpt_coop,dataset=toy_textures,runlocal=true",
+        f"--config.clip.name={rn50}", "--config.init_from=runs/rn50_coop",
+        "--workdir", "runs/rn50_tpt", cwd=tmp_path,
+    )  # fmt: skip
+    assert adapt.returncode == 0, adapt.stderr[-2000:]
+    res = json.loads((tmp_path / "runs/rn50_tpt/results.json").read_text())
+    assert {"zero_shot", "tpt"} <= set(res["accuracy"]), res
+
+
+@pytest.mark.slow
+def test_a_vision_prompt_method_on_a_resnet_fails_before_writing(checkpoints, tmp_path):
+    out = _jaxprompt(
+        "train", "--config", "base2new:ivlp,dataset=toy_textures,runlocal=true",
+        f"--config.clip.name={checkpoints['torchscript']}", "--workdir", "runs/x", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("jaxprompt: error: ") and "ViT-B/16" in last, out.stderr[-1000:]
+    assert not (tmp_path / "runs").exists()

@@ -280,6 +280,13 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
     split, names = data_lib.apply_protocol(
         ds, shots=int(d["shots"]), seed=int(d["seed"]), subset=d["subset"]
     )
+    # The method's own checks on this CLIP and class set (prompt depth, context length, vision
+    # prompts on a ResNet) run on shapes only, before the run directory is written.
+    jax.eval_shape(
+        lambda c, t: method.init(jax.random.key(0), c, t),
+        clip,
+        clip_lib.make_task(clip, names, template=ds.spec.template),
+    )
     if epochs > 0:
         check_batch(batch_size, len(split["train"]), mesh=mesh)
     run.open()
