@@ -92,8 +92,8 @@ def get_config(arg=None):
         limit=0,
         every=1,
         online=False,
+        backbone="",
     )
-    toy = common.is_toy(arg.dataset)
     p = PRESETS[preset]
     c = ml_collections.ConfigDict()
     c.runner = "tpt"  # jaxprompt.app.runners
@@ -131,9 +131,7 @@ def get_config(arg=None):
             "carry_optimizer": False,
         }
     )
-    c.clip = ml_collections.ConfigDict(
-        {"name": "toy" if toy else common.DEFAULT_CLIP, "dtype": "float32"}
-    )
+    c.clip = common.clip_config(arg)
     c.data = ml_collections.ConfigDict(
         {
             "dataset": arg.dataset,
@@ -187,6 +185,7 @@ def pouf_config(preset, arg=""):
     arg = common.parse_arg(
         arg, dataset="glue/sst2" if mlm else "toy_textures_sketch", task="", seed=1 if not mlm
         else 42, runlocal=False, full=False, select_with_target_labels=False, limit=0,
+        **({} if mlm else {"backbone": ""}),
     )  # fmt: skip
     c = ml_collections.ConfigDict()
     c.runner = "pouf_mlm" if mlm else "pouf"  # jaxprompt.app.runners
@@ -251,9 +250,7 @@ def pouf_config(preset, arg=""):
         "weight_decay": 1e-3, "gamma": 2e-4, "decay": 0.75, "epochs": 10,
         "iters_per_epoch": 500,
     })  # fmt: skip
-    c.clip = ml_collections.ConfigDict(
-        {"name": "toy" if toy else common.DEFAULT_CLIP, "dtype": "float32"}
-    )
+    c.clip = common.clip_config(arg)
     c.data = ml_collections.ConfigDict({
         "dataset": arg.dataset, "batch_size": 96, "eval_batch_size": 32,
         # "auto": a folder domain (Office) adapts and tests on all its images (the reference's

@@ -27,7 +27,13 @@ SHARP_GPA = ("StanfordCars", "OxfordFlowers", "FGVCAircraft", "DescribableTextur
 
 def get_config(arg=None):
     arg = common.parse_arg(
-        arg, method="coop", dataset="toy_textures", shots=16, seed=1, runlocal=False
+        arg,
+        method="coop",
+        dataset="toy_textures",
+        shots=16,
+        seed=1,
+        runlocal=False,
+        backbone="",
     )
     c = common.base(arg)
     c.protocol = "fewshot"
