@@ -29,6 +29,33 @@ another (a scan), so the result does not depend on the batch size. The carry is 
 progress file (``carry.npz``) so an interrupted run resumes exactly; at the end ``carry.npz``
 holds the prompt the last image ended with. Episodic reset stays the default.
 
+Backbone: ``backbone=NAME`` (or ``--config.clip.name=NAME``): ``RN50``, ``ViT-B/16``, ...
+(OpenAI's ``.pt`` file from ``$JAXPROMPT_CLIP_DIR`` or ``~/.cache/clip``), a hub id, a
+directory or a file; default ViT-B/16 (the toy CLIP on the toy world). The paper's main
+backbone is RN50, with the same recipe (views cut at the model's 224 pixels, CLIP's mean and
+std):
+
+    jaxprompt adapt --config adapt:tpt,dataset=ImageNetA,backbone=RN50 --workdir runs/tpt_rn50/a
+    jaxprompt adapt --config adapt:tpt_coop,dataset=ImageNetA,backbone=RN50 \\
+        --config.init_from=runs/coop_rn50_imagenet_4ctx --workdir runs/tpt_coop_rn50/a
+
+(the CoOp run: configs/fewshot.py). The paper's numbers on CLIP-RN50, NOT reproduced here (TPT
+paper Table 1 as TPT's README gives it, specs/tpt.md 5.1, [README, verified]), top-1 % on
+ImageNet / -A / -V2 / -R / -Sketch; CoOp and CoCoOp trained on ImageNet, 16 shots:
+
+    CLIP-RN50     58.16 / 21.83 / 51.41 / 56.15 / 33.37
+    TPT           60.74 / 26.67 / 54.7  / 59.11 / 35.09
+    CoOp          63.33 / 23.06 / 55.40 / 56.60 / 34.67
+    TPT + CoOp    64.73 / 30.32 / 57.83 / 58.99 / 35.86
+    CoCoOp        62.81 / 23.32 / 55.72 / 57.74 / 34.48
+    TPT + CoCoOp  62.93 / 27.40 / 56.60 / 59.88 / 35.43
+
+Cross-dataset on RN50 (specs/tpt.md 5.2), Flowers / DTD / Pets / Cars / UCF101 / Caltech101 /
+Food101 / SUN397 / Aircraft / EuroSAT: TPT 62.69 / 40.84 / 84.49 / 58.46 / 60.82 / 87.02 /
+74.88 / 61.46 / 17.58 / 28.33 [3rd: TDA's README, which reuses TPT's benchmark]; CLIP-RN50
+61.75 / 40.37 / 83.57 / 55.70 / 58.84 / 85.88 / 73.97 / 58.80 / 15.66 / 23.69 [recall: from
+memory of the paper, in no primary source found; its average recomputes].
+
 Toy world (shipped toy CLIP, mean of seeds 1-3, docs/toy_results.md), top-1 % on sketch /
 night / cartoon: ``tpt`` (every 5th test image, ``data.every=5``) 27.92 / 31.88 / 31.25 against
 zero-shot 25.62 / 38.12 / 31.88 on the same images; ``pouf`` 36.08 / 34.66 / 51.59 against
