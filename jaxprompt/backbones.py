@@ -22,7 +22,16 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["ENV_DIR", "HUB_IDS", "NAMES", "canonical", "file_name", "resolve", "search_dirs"]
+__all__ = [
+    "ENV_DIR",
+    "HUB_IDS",
+    "NAMES",
+    "CheckpointNotFoundError",
+    "canonical",
+    "file_name",
+    "resolve",
+    "search_dirs",
+]
 
 # OpenAI's clip.available_models(), in its order.
 NAMES = (
@@ -53,6 +62,12 @@ _OPENAI_CACHE = os.path.join("~", ".cache", "clip")
 # since users type either.
 _LOOKUP = {k.lower(): k for k in NAMES}
 _LOOKUP.update({k.replace("/", "-").replace("@", "-").lower(): k for k in NAMES})
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """A ResNet name whose ``.pt`` file is in none of :func:`search_dirs` (the message is one
+    line naming the file, the directories and the fix). :func:`jaxprompt.load_clip` raises it
+    as a ``ClipLoadError``."""
 
 
 def canonical(name: str) -> str | None:
@@ -99,8 +114,7 @@ def resolve(name: str | os.PathLike) -> str:
       spelling, as in OpenAI's ``clip.load`` (pass ``./RN50`` for such a directory).
 
     Raises:
-      ClipLoadError: a ResNet name whose file is in none of the directories (one line naming
-        the file, the directories and the fix).
+      CheckpointNotFoundError: a ResNet name whose file is in none of the directories.
     """
     name = os.fspath(name)
     known = canonical(name)
@@ -114,10 +128,7 @@ def resolve(name: str | os.PathLike) -> str:
             return path
     if known in HUB_IDS:
         return HUB_IDS[known]
-    # Imported here: clip.py imports this module, and jax only where the error is raised.
-    from jaxprompt.clip import ClipLoadError
-
-    raise ClipLoadError(
+    raise CheckpointNotFoundError(
         f"{known} needs OpenAI's checkpoint file {fname}, which is in none of "
         f"{', '.join(dirs)}: put it in ~/.cache/clip (where OpenAI's clip package downloads "
         f"it) or ${ENV_DIR}, or pass its path as the CLIP name (--config.clip.name)"

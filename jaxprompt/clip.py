@@ -183,7 +183,10 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
 
     # OpenAI's names ("RN50", "ViT-B/16") become a file or a hub id; the Clip keeps the name
     # as given (spec.name, results.json), so it says which backbone, not where it was found.
-    path = os.path.expanduser(backbones.resolve(name_or_path))
+    try:
+        path = os.path.expanduser(backbones.resolve(name_or_path))
+    except backbones.CheckpointNotFoundError as e:
+        raise ClipLoadError(str(e)) from None
     transformers = _quiet_transformers()
     kwargs: dict[str, Any] = {}
     if os.path.isdir(path):

@@ -114,7 +114,7 @@ def test_a_vit_without_a_file_falls_back_to_its_hub_id(dirs, monkeypatch):
 def test_a_resnet_without_its_file_is_a_one_line_error_naming_the_fix(name, dirs, monkeypatch):
     env, cache = dirs
     monkeypatch.setenv(backbones.ENV_DIR, str(env))
-    with pytest.raises(clip_lib.ClipLoadError) as e:
+    with pytest.raises(backbones.CheckpointNotFoundError) as e:
         backbones.resolve(name)
     msg = _one_line(e)
     want = backbones.canonical(name)
@@ -247,3 +247,14 @@ def test_a_run_by_backbone_name_records_the_name(vit_b16_dir, monkeypatch, tmp_p
     assert res["model"] == "ViT-B/16" and 0 <= res["accuracy"]["test"] <= 100
     assert json.load(open(wd / "config.json"))["clip"]["name"] == "ViT-B/16"
     assert os.listdir(vit_b16_dir) == ["ViT-B-16.pt"]  # nothing written beside the weights
+
+
+def test_a_run_on_a_missing_resnet_is_one_line_exit_2_and_writes_nothing(dirs, tmp_path, capsys):
+    from jaxprompt import cli
+
+    wd = tmp_path / "rn50"
+    spec = os.path.join(CONFIGS, "fewshot.py:coop,dataset=toy_textures,runlocal=true,backbone=RN50")
+    assert cli.main(["jaxprompt", "train", "--config", spec, "--workdir", str(wd)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("jaxprompt: error: RN50 needs OpenAI's checkpoint file RN50.pt")
+    assert not wd.exists()
