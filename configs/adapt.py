@@ -195,7 +195,8 @@ def pouf_config(preset, arg=""):
 
     Keys: ``dataset`` (CLIP: ``folder:PATH`` for an Office-31/Office-Home domain,
     ``DomainNet/<domain>``, a catalog or toy dataset; MLM: ``glue/sst2``, ``glue/mnli``, ...
-    or ``csv:PATH``), ``task`` (MLM, for csv files), ``seed``, ``runlocal``, ``full``
+    or ``csv:PATH``), ``task`` (MLM, for csv files), ``backbone`` (CLIP: ``RN50``,
+    ``ViT-B/16``, ..., a hub id or a path), ``seed``, ``runlocal``, ``full``
     (``pouf,full=true`` is ``pouf_full``), ``select_with_target_labels`` (report the best epoch
     by target TEST accuracy too: the reference's selection, label leakage; default off, the
     last step is the result).

@@ -595,7 +595,11 @@ def predict_main(args: list[str]) -> int:
         "--prompt", required=True, help="a .safetensors prompt (or old .npz), or hf://USER/NAME"
     )
     ap.add_argument("--classes", required=True, help="a,b,c or a file with one name per line")
-    ap.add_argument("--clip", default=None, help="the backbone (default: the file's)")
+    ap.add_argument(
+        "--clip",
+        default=None,
+        help="the backbone: RN50, ViT-B/16, ..., a hub id or a path (default: the file's)",
+    )
     ap.add_argument("--top_k", type=int, default=5, help="labels printed per image")
     ap.add_argument("--json", action="store_true", help="one JSON object per image")
     ap.add_argument("images", nargs="+", help="image files or folders")
