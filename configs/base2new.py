@@ -36,7 +36,13 @@ import common  # noqa: E402
 
 def get_config(arg=None):
     arg = common.parse_arg(
-        arg, method="promptsrc", dataset="toy_textures", shots=16, seed=1, runlocal=False
+        arg,
+        method="promptsrc",
+        dataset="toy_textures",
+        shots=16,
+        seed=1,
+        runlocal=False,
+        backbone="",
     )
     c = common.base(arg)
     c.protocol = "base2new"

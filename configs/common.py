@@ -199,7 +199,7 @@ def base(arg) -> ml_collections.ConfigDict:
     c.protocol = ""
     c.seed = arg.seed
     c.method = ml_collections.ConfigDict({"name": arg.method, "kw": dict(preset["method"])})
-    c.clip = ml_collections.ConfigDict({"name": "toy" if toy else DEFAULT_CLIP, "dtype": "float32"})
+    c.clip = clip_config(arg)
     c.data = ml_collections.ConfigDict(
         {
             "dataset": arg.dataset,
@@ -246,6 +246,16 @@ def base(arg) -> ml_collections.ConfigDict:
         c.log_every = 1
     set_relative_gpa(c, preset)
     return c
+
+
+def clip_config(arg) -> ml_collections.ConfigDict:
+    """The ``clip`` block: ``backbone=`` when given (``RN50``, ``ViT-B/16``, ..., a hub id, a
+    directory or a ``.pt`` file; jaxprompt.backbones resolves OpenAI's names to the files in
+    ``$JAXPROMPT_CLIP_DIR`` or ``~/.cache/clip``), else the toy CLIP for a toy dataset and
+    ViT-B/16 from the hub for the others. ``--config.clip.name=...`` overrides it as well."""
+    backbone = arg.get("backbone", "")
+    default = "toy" if is_toy(arg.dataset) else DEFAULT_CLIP
+    return ml_collections.ConfigDict({"name": backbone or default, "dtype": "float32"})
 
 
 def set_relative_gpa(c, preset) -> None:

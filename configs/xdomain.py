@@ -49,7 +49,13 @@ TOY_TARGETS = ("toy_textures_sketch", "toy_textures_night", "toy_textures_cartoo
 
 def get_config(arg=None):
     arg = common.parse_arg(
-        arg, method="promptsrc", dataset="toy_textures", shots=16, seed=1, runlocal=False
+        arg,
+        method="promptsrc",
+        dataset="toy_textures",
+        shots=16,
+        seed=1,
+        runlocal=False,
+        backbone="",
     )
     c = common.base(arg)
     c.protocol = "xdomain"

@@ -3,7 +3,8 @@
 The public surface (everything else is private and may change without notice)::
 
     import jaxprompt as jp
-    clip = jp.load_clip("openai/clip-vit-base-patch16")   # hub id or local HF directory
+    clip = jp.load_clip("openai/clip-vit-base-patch16")   # hub id or local HF directory,
+                                                          # or "RN50", "ViT-B/16", a .pt file
     task = jp.make_task(clip, ["cat", "golden retriever"])
     method = jp.methods.get("coop", n_ctx=4, init_words="a photo of a")
     prompt = method.init(key, clip, task)
@@ -14,6 +15,7 @@ The public surface (everything else is private and may change without notice)::
 # transformers (the command answers --help at once), and research code that only needs the
 # methods does not import the data and checkpoint stack (orbax, grain).
 _LAZY = {
+    "backbones": "jaxprompt.backbones",
     "methods": "jaxprompt.methods",
     "templates": "jaxprompt.templates",
     "testing": "jaxprompt.testing",
@@ -63,6 +65,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "Clip",
     "TrainState",
+    "backbones",
     "checkpoint",
     "data",
     "evaluate",

@@ -165,7 +165,10 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
     """Loads a frozen CLIP and its tokenizer.
 
     Args:
-      name_or_path: a Hugging Face hub id (e.g. ``"openai/clip-vit-base-patch16"``), a local
+      name_or_path: one of OpenAI's model names (``"RN50"``, ``"ViT-B/16"``, ...; looked up
+        as its checkpoint file in ``$JAXPROMPT_CLIP_DIR`` then ``~/.cache/clip``, a ViT
+        falling back to its hub id: :func:`jaxprompt.backbones.resolve`), a Hugging Face hub
+        id (e.g. ``"openai/clip-vit-base-patch16"``), a local
         directory in Hugging Face format holding ``flax_model.msgpack``, ``model.safetensors``
         or ``pytorch_model.bin`` (PyTorch weights are converted on load; ``.bin`` needs torch)
         and the tokenizer files, or an OpenAI-format checkpoint file (``ViT-B-16.pt``: a
@@ -188,8 +191,15 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    from jaxprompt import backbones
+
+    # OpenAI's names ("RN50", "ViT-B/16") become a file or a hub id; the Clip keeps the name
+    # as given (spec.name, results.json), so it says which backbone, not where it was found.
+    try:
+        path = os.path.expanduser(backbones.resolve(name_or_path))
+    except backbones.CheckpointNotFoundError as e:
+        raise ClipLoadError(str(e)) from None
     transformers = _quiet_transformers()
-    path = os.path.expanduser(os.fspath(name_or_path))
     kwargs: dict[str, Any] = {}
     if os.path.isdir(path):
         files = set(os.listdir(path))

@@ -260,9 +260,14 @@ def citations(method: str) -> list[str]:
 
 
 def hub_base_model(name: str) -> str | None:
-    """``name`` when it is a Hub model id (``org/name``, not a local path), else ``None``."""
-    from jaxprompt import share
+    """``name`` when it is a Hub model id (``org/name``, not a local path), else ``None``; for
+    one of OpenAI's names, the Hub copy of its weights (``ViT-B/16`` ->
+    ``openai/clip-vit-base-patch16``; none for the ResNets), whatever file it was loaded from."""
+    from jaxprompt import backbones, share
 
+    known = backbones.canonical(name) if name else None
+    if known is not None:  # "ViT-B/16" would otherwise pass for the repository "ViT-B/16"
+        return backbones.HUB_IDS.get(known)
     if not name or os.path.exists(name) or "://" in name:
         return None
     try:
@@ -590,7 +595,11 @@ def predict_main(args: list[str]) -> int:
         "--prompt", required=True, help="a .safetensors prompt (or old .npz), or hf://USER/NAME"
     )
     ap.add_argument("--classes", required=True, help="a,b,c or a file with one name per line")
-    ap.add_argument("--clip", default=None, help="the backbone (default: the file's)")
+    ap.add_argument(
+        "--clip",
+        default=None,
+        help="the backbone: RN50, ViT-B/16, ..., a hub id or a path (default: the file's)",
+    )
     ap.add_argument("--top_k", type=int, default=5, help="labels printed per image")
     ap.add_argument("--json", action="store_true", help="one JSON object per image")
     ap.add_argument("images", nargs="+", help="image files or folders")
