@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxprompt import resnet
+from jaxprompt import backbones, resnet
 
 Array = jax.Array
 PyTree = Any
@@ -191,8 +191,6 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-    from jaxprompt import backbones
-
     # OpenAI's names ("RN50", "ViT-B/16") become a file or a hub id; the Clip keeps the name
     # as given (spec.name, results.json), so it says which backbone, not where it was found.
     try:

@@ -7,8 +7,10 @@ a JSON string (safetensors metadata maps strings to strings) with
 * ``format_version``;
 * ``method`` and ``method_config``: what ``jaxprompt.methods.get(method, **method_config)``
   needs to rebuild the method;
-* ``backbone``: ``{"name": hub id or path, "fingerprint": {"config": sha256, "vocab": sha256}}``
-  (see :func:`backbone_fingerprint`), so a prompt is never silently used with another CLIP;
+* ``backbone``: ``{"name": hub id or path, "fingerprint": {"arch": sha256, "vocab": sha256}}``
+  (see :func:`backbone_fingerprint`; files written before issue 19 carry ``"config"`` instead
+  of ``"arch"`` and are checked the old way), so a prompt is never silently used with another
+  CLIP;
 * ``classnames`` it was trained on, and when known ``protocol``, ``dataset``, ``shots``,
   ``seed`` and ``results`` (the run's accuracies).
 
@@ -102,6 +104,39 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# The config entries that fix what a CLIP computes (the architecture); anything else (init
+# values such as logit_scale_init_value, "architectures", per-tower projection_dim copies) differs
+# between the hub's config.json and one converted from OpenAI's .pt file of the same weights.
+_ARCH_KEYS = {
+    "": ("projection_dim",),
+    "text_config": (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "max_position_embeddings", "hidden_act",
+    ),
+    "vision_config": (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "image_size", "patch_size", "num_channels", "hidden_act", "resnet_layers", "resnet_width",
+    ),
+}  # fmt: skip
+
+
+def _architecture(config: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section, keys in _ARCH_KEYS.items():
+        src = config if not section else (config.get(section) or {})
+        for k in keys:
+            if k in src:
+                out[f"{section}.{k}" if section else k] = src[k]
+    # A ResNet config's intermediate_size is a placeholder (it has no MLP blocks).
+    if "vision_config.resnet_layers" in out:
+        out.pop("vision_config.intermediate_size", None)
+    return out
+
+
+def _vocab_digest(clip: Any) -> str:
+    return _sha256(json.dumps(sorted(clip.tokenizer.get_vocab().items()), separators=(",", ":")))
+
+
 def backbone_fingerprint(clip: Any) -> dict[str, str]:
     """What a prompt depends on in a CLIP: its architecture and its tokenizer's vocabulary.
 
@@ -109,29 +144,40 @@ def backbone_fingerprint(clip: Any) -> dict[str, str]:
       clip: a :class:`~jaxprompt.clip.Clip`.
 
     Returns:
-      ``{"config": sha256 of the canonical CLIP config JSON, "vocab": sha256 of the
-      tokenizer vocabulary}`` (hex digests). Keys that depend on where or how the model was
-      loaded (its path, the transformers version, the dtype) are left out of the config.
+      ``{"arch": sha256 of the architecture entries of the CLIP config, "vocab": sha256 of the
+      tokenizer vocabulary}`` (hex digests). Only the entries that fix the computation count
+      (widths, depths, heads, sizes, activations; the ResNet stages), so the same weights give
+      the same fingerprint whether they were loaded from the hub, a local copy or OpenAI's
+      ``.pt`` file, by any transformers version, in any dtype.
     """
-    config = _canonical_config(json.loads(clip.spec.config_json))
-    vocab = sorted(clip.tokenizer.get_vocab().items())
+    arch = _architecture(json.loads(clip.spec.config_json))
     return {
-        "config": _sha256(json.dumps(config, sort_keys=True, separators=(",", ":"))),
-        "vocab": _sha256(json.dumps(vocab, separators=(",", ":"))),
+        "arch": _sha256(json.dumps(arch, sort_keys=True, separators=(",", ":"))),
+        "vocab": _vocab_digest(clip),
     }
+
+
+def _legacy_config_digest(clip: Any) -> str:
+    """The ``"config"`` digest of files written before issue 19: the whole config minus the
+    keys that depend on how it was loaded."""
+    config = _canonical_config(json.loads(clip.spec.config_json))
+    return _sha256(json.dumps(config, sort_keys=True, separators=(",", ":")))
 
 
 def check_backbone(meta: Mapping[str, Any], clip: Any) -> None:
     """Raises :class:`BackboneMismatchError` if ``clip`` is not the backbone ``meta`` names.
 
-    Files without a fingerprint (old ``.npz`` exports) are not checked.
+    Files without a fingerprint (old ``.npz`` exports) are not checked; files with the older
+    ``"config"`` digest are checked against it.
     """
     want = (meta.get("backbone") or {}).get("fingerprint")
     if not want:
         return
     have = backbone_fingerprint(clip)
+    if "config" in want and "arch" not in want:
+        have = {"config": _legacy_config_digest(clip), "vocab": have["vocab"]}
     if dict(want) != have:
-        what = [k for k in ("config", "vocab") if want.get(k) != have.get(k)]
+        what = [k for k in ("arch", "config", "vocab") if k in want and want.get(k) != have.get(k)]
         file_name = (meta.get("backbone") or {}).get("name") or "unknown"
         raise BackboneMismatchError(
             f"the prompt was learned on backbone {file_name!r} but the CLIP given is "

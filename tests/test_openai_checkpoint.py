@@ -404,3 +404,29 @@ def test_incomplete_resnet_checkpoint_is_a_one_line_value_error(tmp_path, openai
     with pytest.raises(ValueError) as e:
         jp.load_clip(str(path))
     assert "lacks tensor" in _one_line(e)
+
+
+def test_same_weights_from_the_pt_file_or_hf_format_share_a_fingerprint(
+    openai_files, pt_model, tmp_path
+):
+    """A prompt trained on "ViT-B/16" found as OpenAI's file must load where the name falls
+    back to the hub's Hugging Face copy: the architecture fingerprint ignores config entries
+    that only the conversion differs in (init values, "architectures")."""
+    from jaxprompt import share
+
+    pt_model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    clip_lib.openai_tokenizer().save_pretrained(tmp_path / "hf")
+    from_hf = jp.load_clip(str(tmp_path / "hf"))
+    from_pt = jp.load_clip(openai_files["state_dict"])
+    assert from_hf.spec.config_json != from_pt.spec.config_json  # the configs do differ
+    assert share.backbone_fingerprint(from_hf) == share.backbone_fingerprint(from_pt)
+    meta = {"backbone": {"name": "ViT-B/16", "fingerprint": share.backbone_fingerprint(from_pt)}}
+    share.check_backbone(meta, from_hf)
+    # A file written before the architecture digest carries the whole-config digest.
+    legacy = {"backbone": {"name": "x", "fingerprint": {
+        "config": share._legacy_config_digest(from_pt),
+        "vocab": share.backbone_fingerprint(from_pt)["vocab"],
+    }}}  # fmt: skip
+    share.check_backbone(legacy, from_pt)
+    with pytest.raises(share.BackboneMismatchError, match="different config"):
+        share.check_backbone(legacy, from_hf)

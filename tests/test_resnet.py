@@ -446,3 +446,21 @@ def test_a_vision_prompt_method_on_a_resnet_fails_before_writing(checkpoints, tm
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("jaxprompt: error: ") and "ViT-B/16" in last, out.stderr[-1000:]
     assert not (tmp_path / "runs").exists()
+
+
+def test_fingerprint_tells_resnets_apart(checkpoints, rn_clip):
+    import dataclasses
+    import json
+
+    from jaxprompt import share
+
+    vit = jp.load_clip(checkpoints["vit"])
+    fp = share.backbone_fingerprint(rn_clip)
+    assert fp["vocab"] == share.backbone_fingerprint(vit)["vocab"]
+    assert fp["arch"] != share.backbone_fingerprint(vit)["arch"]
+    config = json.loads(rn_clip.spec.config_json)
+    config["vision_config"]["resnet_layers"] = [3, 4, 23, 3]  # RN101's stages
+    other = rn_clip.replace(spec=dataclasses.replace(rn_clip.spec, config_json=json.dumps(config)))
+    assert share.backbone_fingerprint(other)["arch"] != fp["arch"]
+    with pytest.raises(share.BackboneMismatchError):
+        share.check_backbone({"backbone": {"name": "RN50", "fingerprint": fp}}, other)
