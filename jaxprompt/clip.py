@@ -59,6 +59,7 @@ __all__ = [
     "encode_text_shared",
     "encode_token_ids",
     "embed_tokens",
+    "from_openai_state_dict",
     "load_clip",
     "logit_scale",
     "make_task",
@@ -220,7 +221,7 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
                 f"{_TORCH_WEIGHTS} (save a model there with save_pretrained)"
             )
     elif os.path.isfile(path):
-        return _load_openai(transformers, path, name=str(name_or_path), dtype=dtype)
+        return _load_openai(path, name=str(name_or_path), dtype=dtype)
     elif os.path.exists(path) or path.startswith((".", "/", "~")):
         raise ClipLoadError(f"{path} is not a directory: pass a Hugging Face model directory")
     elif not _hub_reachable():
@@ -249,16 +250,48 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
     return from_params(model.config, params, tokenizer, name=str(name_or_path), dtype=dtype)
 
 
-def _load_openai(transformers, path: str, *, name: str, dtype: str) -> Clip:
+def _load_openai(path: str, *, name: str, dtype: str) -> Clip:
     """An OpenAI-format checkpoint file (TorchScript archive or state dict), read without running
-    code from it; a ViT is converted to the Hugging Face layout. The tokenizer is the bundled
-    CLIP BPE vocabulary (OpenAI's checkpoints carry none)."""
+    code from it."""
     from jaxprompt import openai_checkpoint as oc
 
     try:
-        config_kwargs, params = oc.convert(oc.read_state_dict(path))
+        sd = oc.read_state_dict(path)
     except oc.CheckpointError as e:
         raise CheckpointLoadError(str(e)) from None
+    return from_openai_state_dict(sd, name=name, dtype=dtype, source=path)
+
+
+def from_openai_state_dict(
+    state_dict: dict[str, Any], *, name: str = "", dtype: str = "float32", source: str = ""
+) -> Clip:
+    """A :class:`Clip` from an OpenAI-layout state dict already in memory (the names of
+    OpenAI's ``CLIP.state_dict()``: ``visual.conv1.weight``, ``transformer.resblocks.0...``;
+    arrays or anything ``np.asarray`` takes).
+
+    A ViT is converted to the Hugging Face layout; a modified ResNet keeps the FlaxCLIP text
+    tower and gets :mod:`jaxprompt.resnet`'s image tower. The tokenizer is the CLIP BPE
+    vocabulary shipped with jaxprompt (OpenAI's checkpoints carry none). :func:`load_clip` ends
+    here for ``.pt`` files.
+
+    Args:
+      state_dict: OpenAI's parameter names -> tensors.
+      name: the backbone's name, kept as ``spec.name``.
+      dtype: compute dtype of the frozen towers (:func:`load_clip`).
+      source: where the weights came from, for error messages.
+
+    Raises:
+      CheckpointLoadError: missing tensors or shapes that are not an OpenAI CLIP (one line).
+    """
+    from jaxprompt import openai_checkpoint as oc
+
+    where = source or name or "the state dict"
+    sd = {k: np.asarray(v) for k, v in state_dict.items()}
+    try:
+        config_kwargs, params = oc.convert(sd)
+    except oc.CheckpointError as e:
+        raise CheckpointLoadError(str(e)) from None
+    transformers = _quiet_transformers()
     config = transformers.CLIPConfig(**config_kwargs)
     if "resnet_layers" in config_kwargs["vision_config"]:
         # The image tower is jaxprompt.resnet's; the text tower is FlaxCLIP's, checked below.
@@ -277,7 +310,7 @@ def _load_openai(transformers, path: str, *, name: str, dtype: str) -> Clip:
     if want != got:
         bad = sorted(set(want.items()) ^ set(got.items()))[0]
         raise CheckpointLoadError(
-            f"{path}: converted weights do not fit the CLIP layout (at {bad[0]})"
+            f"{where}: converted weights do not fit the CLIP layout (at {bad[0]})"
         )
     if vision is not None:
         params = {**params, "vision_model": vision}

@@ -24,7 +24,17 @@ import numpy as np
 
 from jaxprompt.clip import _quiet_transformers
 
-__all__ = ["PRESETS", "clip_config", "save_random_clip", "save_word_tokenizer"]
+__all__ = [
+    "PRESETS",
+    "RESNET_PRESETS",
+    "clip_config",
+    "openai_resnet_tensors",
+    "openai_text_tensors",
+    "random_openai_resnet",
+    "save_random_clip",
+    "save_torchscript",
+    "save_word_tokenizer",
+]
 
 
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,-'?!/&()"
@@ -205,3 +215,163 @@ def save_random_clip(
     else:
         raise ValueError(f"weights must be 'flax', 'safetensors' or 'bin', got {weights!r}")
     return directory
+
+
+# ------------------------------------------------------------------------------------------------
+# OpenAI-format checkpoints (RN50.pt, ViT-B-16.pt), for the ResNet tower and the .pt loader
+# ------------------------------------------------------------------------------------------------
+
+# Shapes of OpenAI's modified-ResNet CLIPs: stem width, bottlenecks per stage, image size, joint
+# embedding, text width and layers. "rn-tiny" is for tests (a 2 x 2 final map, a stage with a
+# block that has no shortcut projection); "rn50" is RN50's shapes for benchmarks.
+RESNET_PRESETS = {
+    "rn-tiny": dict(
+        width=8, layers=(1, 2, 1, 1), image_size=64, embed_dim=32, text_width=64, text_layers=2
+    ),
+    "rn50": dict(
+        width=64, layers=(3, 4, 6, 3), image_size=224, embed_dim=1024, text_width=512,
+        text_layers=12,
+    ),
+}  # fmt: skip
+
+CLIP_VOCAB = 49408  # the BPE vocabulary OpenAI's checkpoints use (jaxprompt ships it)
+
+
+def _openai_resblock(rng, p: str, d: int) -> dict[str, np.ndarray]:
+    return {
+        p + "attn.in_proj_weight": rng.normal(0, d**-0.5, (3 * d, d)),
+        p + "attn.in_proj_bias": rng.normal(0, 0.02, 3 * d),
+        p + "attn.out_proj.weight": rng.normal(0, d**-0.5, (d, d)),
+        p + "attn.out_proj.bias": rng.normal(0, 0.02, d),
+        p + "ln_1.weight": 1 + rng.normal(0, 0.1, d),
+        p + "ln_1.bias": rng.normal(0, 0.1, d),
+        p + "ln_2.weight": 1 + rng.normal(0, 0.1, d),
+        p + "ln_2.bias": rng.normal(0, 0.1, d),
+        p + "mlp.c_fc.weight": rng.normal(0, d**-0.5, (4 * d, d)),
+        p + "mlp.c_fc.bias": rng.normal(0, 0.02, 4 * d),
+        p + "mlp.c_proj.weight": rng.normal(0, (4 * d) ** -0.5, (d, 4 * d)),
+        p + "mlp.c_proj.bias": rng.normal(0, 0.02, d),
+    }
+
+
+def _openai_conv(rng, name: str, cout: int, cin: int, k: int) -> dict[str, np.ndarray]:
+    return {name: rng.normal(0, (cin * k * k) ** -0.5, (cout, cin, k, k))}
+
+
+def _openai_batchnorm(rng, name: str, c: int) -> dict[str, np.ndarray]:
+    # Running statistics away from (0, 1) and affine terms away from (1, 0), so that a
+    # BatchNorm read wrongly (or in training mode) changes the features.
+    return {
+        f"{name}.weight": 1 + rng.normal(0, 0.2, c),
+        f"{name}.bias": rng.normal(0, 0.2, c),
+        f"{name}.running_mean": rng.normal(0, 0.3, c),
+        f"{name}.running_var": rng.uniform(0.5, 2.0, c),
+        f"{name}.num_batches_tracked": np.array(1000, np.int64),
+    }
+
+
+def openai_text_tensors(
+    *, text_width: int, text_layers: int, embed_dim: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """A random text tower (and logit scale 100) in OpenAI's state-dict names, float32."""
+    rng = np.random.default_rng(seed)
+    d = text_width
+    out = {
+        "token_embedding.weight": rng.normal(0, 0.02, (CLIP_VOCAB, d)),
+        "positional_embedding": rng.normal(0, 0.01, (77, d)),
+        "ln_final.weight": 1 + rng.normal(0, 0.1, d),
+        "ln_final.bias": rng.normal(0, 0.1, d),
+        "text_projection": rng.normal(0, d**-0.5, (d, embed_dim)),
+        "logit_scale": np.array(np.log(100.0)),
+    }
+    for i in range(text_layers):
+        out.update(_openai_resblock(rng, f"transformer.resblocks.{i}.", d))
+    return _float32(out)
+
+
+def openai_resnet_tensors(
+    *, width: int, layers: Sequence[int], image_size: int, embed_dim: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """A random modified-ResNet image tower in OpenAI's state-dict names (``visual.*``): the
+    three-conv stem, four stages of bottlenecks (the first block of a stage projects its
+    shortcut when the shape changes), the attention pool; float32, BatchNorm with running
+    statistics."""
+    rng = np.random.default_rng(seed)
+    w, out = width, {}
+    for i, (cin, cout) in enumerate(((3, w // 2), (w // 2, w // 2), (w // 2, w)), start=1):
+        out.update(_openai_conv(rng, f"visual.conv{i}.weight", cout, cin, 3))
+        out.update(_openai_batchnorm(rng, f"visual.bn{i}", cout))
+    inplanes = w
+    for s, n in enumerate(layers, start=1):
+        planes = w * 2 ** (s - 1)
+        for j in range(n):
+            p = f"visual.layer{s}.{j}."
+            for i, (cin, cout, k) in enumerate(
+                ((inplanes, planes, 1), (planes, planes, 3), (planes, 4 * planes, 1)), start=1
+            ):
+                out.update(_openai_conv(rng, f"{p}conv{i}.weight", cout, cin, k))
+                out.update(_openai_batchnorm(rng, f"{p}bn{i}", cout))
+            if j == 0 and (s > 1 or inplanes != 4 * planes):
+                out.update(_openai_conv(rng, p + "downsample.0.weight", 4 * planes, inplanes, 1))
+                out.update(_openai_batchnorm(rng, p + "downsample.1", 4 * planes))
+            inplanes = 4 * planes
+    c, grid = 32 * w, image_size // 32
+    out["visual.attnpool.positional_embedding"] = rng.normal(0, c**-0.5, (grid * grid + 1, c))
+    for name, cout in (("q", c), ("k", c), ("v", c), ("c", embed_dim)):
+        out[f"visual.attnpool.{name}_proj.weight"] = rng.normal(0, c**-0.5, (cout, c))
+        out[f"visual.attnpool.{name}_proj.bias"] = rng.normal(0, 0.02, cout)
+    return _float32(out)
+
+
+def random_openai_resnet(preset: str = "rn-tiny", *, seed: int = 0) -> dict[str, np.ndarray]:
+    """A whole random ResNet CLIP state dict in OpenAI's layout, of a :data:`RESNET_PRESETS`
+    shape; load it with :func:`jaxprompt.clip.from_openai_state_dict` or save it with
+    ``torch.save`` / :func:`save_torchscript` for :func:`jaxprompt.load_clip`."""
+    if preset not in RESNET_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(RESNET_PRESETS)}")
+    p = RESNET_PRESETS[preset]
+    text = openai_text_tensors(
+        text_width=p["text_width"], text_layers=p["text_layers"], embed_dim=p["embed_dim"],
+        seed=seed,
+    )  # fmt: skip
+    image = openai_resnet_tensors(
+        width=p["width"], layers=p["layers"], image_size=p["image_size"],
+        embed_dim=p["embed_dim"], seed=seed + 1,
+    )  # fmt: skip
+    return {**text, **image}
+
+
+def _float32(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in sd.items()}
+
+
+def save_torchscript(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> str:
+    """Saves ``tensors`` as a TorchScript archive, the format OpenAI released CLIP in: a scripted
+    module tree with each tensor under its dotted name (floating tensors as parameters; running
+    statistics and integers as buffers). Needs torch.
+
+    Returns:
+      The path, as a string.
+    """
+    import torch
+
+    class Node(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    root = Node()
+    for name, value in tensors.items():
+        *parents, leaf = name.split(".")
+        node = root
+        for part in parents:
+            if part not in node._modules:
+                node.add_module(part, Node())
+            node = node._modules[part]
+        t = torch.tensor(np.asarray(value))
+        if t.is_floating_point() and not leaf.startswith("running_"):
+            node.register_parameter(leaf, torch.nn.Parameter(t))
+        else:
+            node.register_buffer(leaf, t)
+    path = os.fspath(path)
+    torch.jit.script(root).save(path)
+    return path

@@ -24,6 +24,7 @@ import pytest
 
 import jaxprompt as jp
 from jaxprompt import clip as clip_lib
+from jaxprompt import testing
 
 ATOL = 1e-5
 
@@ -212,26 +213,6 @@ def hf_to_openai(sd: dict) -> dict:
     return out
 
 
-def _torchscript_module(tensors: dict):
-    """A TorchScript module holding ``tensors`` as parameters under their dotted names."""
-    import torch
-
-    class Node(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x
-
-    root = Node()
-    for name, value in tensors.items():
-        *path, leaf = name.split(".")
-        node = root
-        for part in path:
-            if part not in node._modules:
-                node.add_module(part, Node())
-            node = node._modules[part]
-        node.register_parameter(leaf, torch.nn.Parameter(torch.tensor(value)))
-    return torch.jit.script(root)
-
-
 @pytest.fixture(scope="module")
 def pt_model():
     return _tiny_pt_model()
@@ -248,7 +229,7 @@ def openai_files(pt_model, tmp_path_factory):
     state = d / "ViT-tiny-state.pt"
     torch.save({k: torch.tensor(v) for k, v in oa.items()}, state)
     script = d / "ViT-tiny-jit.pt"
-    _torchscript_module(oa).save(str(script))
+    testing.save_torchscript(oa, script)
     return {"state_dict": str(state), "torchscript": str(script), "tensors": oa}
 
 

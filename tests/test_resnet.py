@@ -17,97 +17,21 @@ import pytest
 
 import jaxprompt as jp
 from jaxprompt import clip as clip_lib
+from jaxprompt import testing
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 ATOL = 1e-5
-# A tiny RN: stem width 8 (so 256 channels into a 4-head attention pool), stages of 1, 2, 1, 1
-# bottlenecks (stage 2 has a block without a shortcut projection), 64-pixel images (a 2 x 2
-# final map), a 2-layer text tower of width 64 on the full CLIP vocabulary.
-WIDTH, LAYERS, IMAGE, EMBED, TEXT_WIDTH = 8, (1, 2, 1, 1), 64, 32, 64
-
-
-def _text_tensors(rng) -> dict[str, np.ndarray]:
-    d, n = TEXT_WIDTH, 2
-    out = {
-        "token_embedding.weight": rng.normal(0, 0.02, (49408, d)),
-        "positional_embedding": rng.normal(0, 0.01, (77, d)),
-        "ln_final.weight": 1 + rng.normal(0, 0.1, d),
-        "ln_final.bias": rng.normal(0, 0.1, d),
-        "text_projection": rng.normal(0, d**-0.5, (d, EMBED)),
-        "logit_scale": np.array(np.log(100.0)),
-    }
-    for i in range(n):
-        p = f"transformer.resblocks.{i}."
-        out.update(_resblock(rng, p, d))
-    return out
-
-
-def _resblock(rng, p, d):
-    return {
-        p + "attn.in_proj_weight": rng.normal(0, d**-0.5, (3 * d, d)),
-        p + "attn.in_proj_bias": rng.normal(0, 0.02, 3 * d),
-        p + "attn.out_proj.weight": rng.normal(0, d**-0.5, (d, d)),
-        p + "attn.out_proj.bias": rng.normal(0, 0.02, d),
-        p + "ln_1.weight": 1 + rng.normal(0, 0.1, d),
-        p + "ln_1.bias": rng.normal(0, 0.1, d),
-        p + "ln_2.weight": 1 + rng.normal(0, 0.1, d),
-        p + "ln_2.bias": rng.normal(0, 0.1, d),
-        p + "mlp.c_fc.weight": rng.normal(0, d**-0.5, (4 * d, d)),
-        p + "mlp.c_fc.bias": rng.normal(0, 0.02, 4 * d),
-        p + "mlp.c_proj.weight": rng.normal(0, (4 * d) ** -0.5, (d, 4 * d)),
-        p + "mlp.c_proj.bias": rng.normal(0, 0.02, d),
-    }
-
-
-def _conv(rng, name, cout, cin, k):
-    return {name: rng.normal(0, (cin * k * k) ** -0.5, (cout, cin, k, k))}
-
-
-def _bn(rng, name, c):
-    return {
-        f"{name}.weight": 1 + rng.normal(0, 0.2, c),
-        f"{name}.bias": rng.normal(0, 0.2, c),
-        f"{name}.running_mean": rng.normal(0, 0.3, c),
-        f"{name}.running_var": rng.uniform(0.5, 2.0, c),
-        f"{name}.num_batches_tracked": np.array(1000, np.int64),
-    }
-
-
-def resnet_tensors(rng) -> dict[str, np.ndarray]:
-    """The image tower of OpenAI's ModifiedResNet in its state-dict names."""
-    w = WIDTH
-    out = {}
-    for i, (cin, cout) in enumerate(((3, w // 2), (w // 2, w // 2), (w // 2, w)), start=1):
-        out.update(_conv(rng, f"visual.conv{i}.weight", cout, cin, 3))
-        out.update(_bn(rng, f"visual.bn{i}", cout))
-    inplanes = w
-    for s, n in enumerate(LAYERS, start=1):
-        planes = w * 2 ** (s - 1)
-        for j in range(n):
-            p = f"visual.layer{s}.{j}."
-            out.update(_conv(rng, p + "conv1.weight", planes, inplanes, 1))
-            out.update(_bn(rng, p + "bn1", planes))
-            out.update(_conv(rng, p + "conv2.weight", planes, planes, 3))
-            out.update(_bn(rng, p + "bn2", planes))
-            out.update(_conv(rng, p + "conv3.weight", planes * 4, planes, 1))
-            out.update(_bn(rng, p + "bn3", planes * 4))
-            if j == 0 and (s > 1 or inplanes != planes * 4):
-                out.update(_conv(rng, p + "downsample.0.weight", planes * 4, inplanes, 1))
-                out.update(_bn(rng, p + "downsample.1", planes * 4))
-            inplanes = planes * 4
-    c = w * 32
-    grid = IMAGE // 32
-    out["visual.attnpool.positional_embedding"] = rng.normal(0, c**-0.5, (grid * grid + 1, c))
-    for name, cout in (("q", c), ("k", c), ("v", c), ("c", EMBED)):
-        out[f"visual.attnpool.{name}_proj.weight"] = rng.normal(0, c**-0.5, (cout, c))
-        out[f"visual.attnpool.{name}_proj.bias"] = rng.normal(0, 0.02, cout)
-    return out
+# The tiny RN of jaxprompt.testing: stem width 8 (so 256 channels into a 4-head attention pool),
+# stages of 1, 2, 1, 1 bottlenecks (stage 2 has a block without a shortcut projection),
+# 64-pixel images (a 2 x 2 final map), a 2-layer text tower of width 64 on the CLIP vocabulary.
+TINY = testing.RESNET_PRESETS["rn-tiny"]
+WIDTH, LAYERS, IMAGE, EMBED = TINY["width"], TINY["layers"], TINY["image_size"], TINY["embed_dim"]
 
 
 def vit_tensors(rng) -> dict[str, np.ndarray]:
-    """A one-layer ViT image tower (patch 8 on 32 pixels) in OpenAI's names."""
+    """A one-layer ViT image tower (patch 8 on 32 pixels) in OpenAI's names, written here."""
     d = 64
     out = {
         "visual.conv1.weight": rng.normal(0, 0.05, (d, 3, 8, 8)),
@@ -119,35 +43,17 @@ def vit_tensors(rng) -> dict[str, np.ndarray]:
         "visual.ln_post.bias": np.zeros(d),
         "visual.proj": rng.normal(0, d**-0.5, (d, EMBED)),
     }
-    out.update(_resblock(rng, "visual.transformer.resblocks.0.", d))
-    return out
-
-
-def _f32(sd):
-    return {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in sd.items()}
-
-
-def _torchscript(tensors: dict):
-    """A scripted module holding ``tensors`` under their dotted names (parameters and buffers)."""
-
-    class Node(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x
-
-    root = Node()
-    for name, value in tensors.items():
-        *path, leaf = name.split(".")
-        node = root
-        for part in path:
-            if part not in node._modules:
-                node.add_module(part, Node())
-            node = node._modules[part]
-        t = torch.tensor(value)
-        if t.is_floating_point() and "running_" not in leaf:
-            node.register_parameter(leaf, torch.nn.Parameter(t))
-        else:
-            node.register_buffer(leaf, t)
-    return torch.jit.script(root)
+    p = "visual.transformer.resblocks.0."
+    for name, shape in (
+        ("attn.in_proj_weight", (3 * d, d)), ("attn.in_proj_bias", (3 * d,)),
+        ("attn.out_proj.weight", (d, d)), ("attn.out_proj.bias", (d,)),
+        ("mlp.c_fc.weight", (4 * d, d)), ("mlp.c_fc.bias", (4 * d,)),
+        ("mlp.c_proj.weight", (d, 4 * d)), ("mlp.c_proj.bias", (d,)),
+    ):  # fmt: skip
+        out[p + name] = rng.normal(0, 0.05, shape)
+    for ln in ("ln_1", "ln_2"):
+        out[f"{p}{ln}.weight"], out[f"{p}{ln}.bias"] = np.ones(d), np.zeros(d)
+    return {k: v.astype(np.float32) for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,15 +121,14 @@ def reference_image_features(sd, images_nhwc: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    text = _text_tensors(rng)
-    rn = _f32({**text, **resnet_tensors(rng)})
-    vit = _f32({**text, **vit_tensors(rng)})
+    rn = testing.random_openai_resnet("rn-tiny", seed=0)
+    text = {k: v for k, v in rn.items() if not k.startswith("visual.")}
+    vit = {**text, **vit_tensors(np.random.default_rng(1))}
     d = tmp_path_factory.mktemp("rn")
     # RN50.pt: the file name a user has; here a TorchScript archive, as OpenAI released them.
     paths = {"state_dict": d / "RN-tiny.pt", "torchscript": d / "RN50.pt"}
     torch.save({k: torch.tensor(v) for k, v in rn.items()}, paths["state_dict"])
-    _torchscript(rn).save(str(paths["torchscript"]))
+    testing.save_torchscript(rn, paths["torchscript"])
     torch.save({k: torch.tensor(v) for k, v in vit.items()}, d / "ViT-tiny.pt")
     return {
         "rn": rn, **{k: str(v) for k, v in paths.items()}, "vit": str(d / "ViT-tiny.pt"),
@@ -464,3 +369,17 @@ def test_fingerprint_tells_resnets_apart(checkpoints, rn_clip):
     assert share.backbone_fingerprint(other)["arch"] != fp["arch"]
     with pytest.raises(share.BackboneMismatchError):
         share.check_backbone({"backbone": {"name": "RN50", "fingerprint": fp}}, other)
+
+
+def test_a_state_dict_in_memory_loads_like_the_file(checkpoints, rn_clip):
+    clip = clip_lib.from_openai_state_dict(checkpoints["rn"], name="RN50")
+    assert clip.spec.name == "RN50" and clip.spec.image_tower == "resnet"
+    images = _images(1)
+    np.testing.assert_array_equal(
+        np.asarray(clip_lib.encode_image(clip, images)),
+        np.asarray(clip_lib.encode_image(rn_clip, images)),
+    )
+    with pytest.raises(clip_lib.CheckpointLoadError, match="lacks tensor"):
+        clip_lib.from_openai_state_dict(
+            {k: v for k, v in checkpoints["rn"].items() if k != "visual.bn1.running_var"}
+        )
