@@ -1,9 +1,10 @@
-"""TPT episodes at ViT-B/16 shapes: images per second and model FLOPs against the reference.
+"""TPT episodes at ViT-B/16 or RN50 shapes: images per second and FLOPs against the reference.
 
 Random weights with ViT-B/16 shapes (vision 768 wide, 12 layers, 224 px, patch 16; text 512
-wide, 12 layers, context 77), C ImageNet class names (default 200, ImageNet-A's size), the CoOp
-"a photo of a" prompt (4 tokens), 64 views per image, 6 kept, one AdamW step. Prints one JSON
-line.
+wide, 12 layers, context 77), or with ``--preset rn50`` OpenAI's ResNet-50 CLIP (the TPT
+paper's main backbone: modified ResNet-50 at 224 px, 1024-d embedding, the same text tower);
+C ImageNet class names (default 200, ImageNet-A's size), the CoOp "a photo of a" prompt
+(4 tokens), 64 views per image, 6 kept, one AdamW step. Prints one JSON line.
 
 FLOPs come from XLA's cost analysis of the compiled programs (``compiled.cost_analysis()``):
 
@@ -24,6 +25,7 @@ accelerators time 1, 4 and 16. The JSON says which platform the numbers are from
 
     python benchmarks/tpt.py                     # 200 classes
     python benchmarks/tpt.py --classes 1000 --time-batches 1
+    python benchmarks/tpt.py --preset rn50       # TPT's RN50 table
 """
 
 from __future__ import annotations
@@ -91,7 +93,12 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16", help="batch sizes whose FLOPs are analysed")
     ap.add_argument("--time-batches", default=None, help="batch sizes timed (default by platform)")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--preset", default="vit-b/16", help="model shapes (tiny: a quick check)")
+    ap.add_argument(
+        "--preset",
+        default="vit-b/16",
+        help="model shapes: vit-b/16, rn50 (OpenAI's ResNet-50 CLIP, TPT's main backbone), "
+        "tiny or rn-tiny (quick checks)",
+    )
     args = ap.parse_args()
     platform = jax.devices()[0].platform
     flop_batches = [int(b) for b in args.batches.split(",")]
@@ -99,11 +106,16 @@ def main() -> None:
     time_batches = [int(b) for b in timed.split(",") if b]
 
     names = classnames(args.classes)
-    with tempfile.TemporaryDirectory() as d:
-        t = time.perf_counter()
-        testing.save_random_clip(d, words=names + ["a photo of a"], preset=args.preset)
-        clip = jp.load_clip(d)
-        build_s = time.perf_counter() - t
+    t = time.perf_counter()
+    if args.preset in testing.RESNET_PRESETS:
+        # TPT's headline backbone: OpenAI's RN50 (random weights in its layout, its BPE vocab).
+        sd = testing.random_openai_resnet(args.preset)
+        clip = clip_lib.from_openai_state_dict(sd, name=args.preset)
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            testing.save_random_clip(d, words=names + ["a photo of a"], preset=args.preset)
+            clip = jp.load_clip(d)
+    build_s = time.perf_counter() - t
     task = jp.make_task(clip, names)
     base = jp.methods.coop(n_ctx=4, init_words="a photo of a", remat=True)
     tx = adamw_torch()

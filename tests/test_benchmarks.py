@@ -138,3 +138,12 @@ def test_accelerator_script_reports_pieces_left_out_of_its_budget():
     assert "--dtype bfloat16" in lines[0]["args"] and "--dtype float32" in lines[3]["args"]
     bad = _accelerator("--budget", "soon")
     assert bad.returncode == 2 and "whole numbers" in bad.stderr
+
+
+@pytest.mark.slow
+def test_tpt_benchmark_runs_on_a_resnet_preset():
+    """benchmarks/tpt.py --preset rn-tiny: the ResNet CLIP path (RN50's is the same code)."""
+    args = ["--preset", "rn-tiny", "--classes", "5", "--views", "10", "--batches", "1,2"]
+    (line,) = _run("tpt", *args, "--time-batches", "1", timeout=900)
+    assert line["shapes"].startswith("rn-tiny") and line["images_per_second"]["1"] > 0
+    assert line["flops_ratio"] > 1.0, line  # the reference runs the text tower three times
