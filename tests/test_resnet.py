@@ -383,3 +383,16 @@ def test_a_state_dict_in_memory_loads_like_the_file(checkpoints, rn_clip):
         clip_lib.from_openai_state_dict(
             {k: v for k, v in checkpoints["rn"].items() if k != "visual.bn1.running_var"}
         )
+
+
+def test_rn50_by_name_loads_the_file_in_the_clip_directory(checkpoints, rn_clip, monkeypatch):
+    import os
+
+    monkeypatch.setenv("JAXPROMPT_CLIP_DIR", os.path.dirname(checkpoints["torchscript"]))
+    clip = jp.load_clip("rn50")
+    assert clip.spec.name == "rn50" and clip.spec.image_tower == "resnet"
+    images = _images(1)
+    np.testing.assert_array_equal(
+        np.asarray(clip_lib.encode_image(clip, images)),
+        np.asarray(clip_lib.encode_image(rn_clip, images)),
+    )
