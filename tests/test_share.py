@@ -521,3 +521,47 @@ def test_predict_on_a_tpt_prompt_equals_the_library_episode(run, tpt_export, toy
         np.testing.assert_allclose([t["prob"] for t in r["top_k"]], probs[order], atol=1e-4)
         # Tuning moved the prediction off the untuned CoOp one (the episode ran).
         assert not np.allclose(np.asarray(jax.nn.softmax(untuned)), probs, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_predict_tpt_tunes_a_plain_coop_export_like_the_library_episode(run, toy, tmp_path, capsys):
+    """`jaxprompt predict --tpt` on a CoOp export: TPT + CoOp with the paper's settings (64
+    views from fold_in(key(0), i), 6 kept, one AdamW step, lr 5e-3, weight decay 0.01) equals
+    the library's episode on the trained context read from the run's checkpoint."""
+    import jax
+
+    from jaxprompt.methods.tpt import adamw_torch, episode, views_from_images
+
+    ds, _, new, examples = toy
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, x in enumerate(examples[:2]):
+        data.pipeline.to_pil_rgb(ds.fetch(x)).save(folder / f"{i}.png")
+    files = sorted(str(p) for p in folder.iterdir())
+    path = os.path.join(run, NAME)
+    args = ["--prompt", path, "--classes", ",".join(new), "--top_k", "3", "--json", *files]
+    assert cli.main(["jaxprompt", "predict", *args, "--tpt"]) == 0
+    tuned = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert cli.main(["jaxprompt", "predict", *args]) == 0
+    plain = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert [r["image"] for r in tuned] == files
+
+    clip = jp.load_clip(share.read_prompt_file(path)[1]["backbone"]["name"])
+    trained, _ = checkpoint.load_prompt(run)
+    base = methods.coop(n_ctx=4)
+    task = jp.make_task(clip, new, template=ds.spec.template)
+    tx = adamw_torch(5e-3, weight_decay=0.01)
+    size = clip.spec.image_size
+
+    @jax.jit
+    def library(x, i):
+        views = views_from_images(jax.random.fold_in(jax.random.key(0), i), x[None], 64, False)
+        return episode(base, tx, trained, clip, task, views[0], steps=1, keep=0.1)
+
+    for i, (f, r, p) in enumerate(zip(files, tuned, plain, strict=True)):
+        x = data.eval_transform(open(f, "rb").read(), size)
+        probs = np.asarray(jax.nn.softmax(library(np.asarray(x), i)))
+        got = np.array([r["probs"][n] for n in new])
+        np.testing.assert_allclose(got, probs, atol=1e-4)
+        # The episode ran: the tuned prediction is not the plain CoOp one.
+        assert not np.allclose(got, [p["probs"][n] for n in new], atol=1e-5)

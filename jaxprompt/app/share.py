@@ -544,6 +544,7 @@ def predict(
     images: Sequence[str],
     clip_name: str | None = None,
     seed: int = 0,
+    tpt: bool = False,
 ) -> tuple[list[str], Any]:
     """Class probabilities of image files under a shared prompt.
 
@@ -551,7 +552,11 @@ def predict(
       ``(image paths, probabilities [N, C] numpy float32)``.
 
     A test-time method (its config names ``views``: TPT) runs one image at a time, the i-th
-    image's views drawn from ``fold_in(key(seed), i)`` (see the module docstring).
+    image's views drawn from ``fold_in(key(seed), i)`` (see the module docstring). ``tpt=True``
+    wraps any other prompt in TPT with the paper's settings (64 views, the 6 most confident
+    kept, one AdamW step at lr 5e-3, weight decay 0.01): the TPT + CoOp of TPT's paper from a
+    plain CoOp export, with no ``jaxprompt adapt`` run. A prompt that is already TPT keeps its
+    own settings.
 
     Raises:
       BackboneMismatchError: ``clip_name`` is not the backbone the prompt was learned on.
@@ -570,6 +575,11 @@ def predict(
         raise ValueError(f"{prompt_path} names no backbone: pass --clip")
     clip = experiment.resolve_clip(str(name))
     method, prompt, meta = share.load_prompt(prompt_path, clip=clip)
+    if tpt and not int(method.config.get("views", 0) or 0) > 1:
+        from jaxprompt import methods as methods_lib
+
+        # The prompt is unchanged: TPT's prompt is its base's, tuned afresh on each image.
+        method = methods_lib.tpt(method)
     task = clip_lib.make_task(clip, list(classes), template=meta.get("template"))
     logits_fn = jax.jit(lambda p, c, t, x, k: method.logits(p, c, t, x, key=k))
     key = jax.random.key(seed)
@@ -602,6 +612,12 @@ def predict_main(args: list[str]) -> int:
     )
     ap.add_argument("--top_k", type=int, default=5, help="labels printed per image")
     ap.add_argument("--json", action="store_true", help="one JSON object per image")
+    ap.add_argument(
+        "--tpt",
+        action="store_true",
+        help="tune the prompt on each image first (TPT: 64 views, 6 kept, one AdamW step); "
+        "a TPT prompt always is",
+    )
     ap.add_argument("images", nargs="+", help="image files or folders")
     if any(a in ("-h", "--help") for a in args):
         ap.print_help()
@@ -612,7 +628,7 @@ def predict_main(args: list[str]) -> int:
             raise flags_lib.FlagError("--top_k must be at least 1")
         names = parse_classes(ns.classes)
         paths, probs = predict(
-            prompt_path=ns.prompt, classes=names, images=ns.images, clip_name=ns.clip
+            prompt_path=ns.prompt, classes=names, images=ns.images, clip_name=ns.clip, tpt=ns.tpt
         )
     except runners.USER_ERRORS as e:
         return flags_lib.fail(flags_lib.one_line(e))
