@@ -307,11 +307,12 @@ def _check_clip(sd: dict[str, np.ndarray], image_key: str) -> dict[str, np.ndarr
         raise CheckpointError(
             f"not an OpenAI CLIP checkpoint: it lacks {image_key} / token_embedding.weight"
         )
-    # num_batches_tracked (int64) and any other integer buffer are not weights.
+    # num_batches_tracked (int64) and any other integer or boolean buffer are not weights.
+    # (bfloat16 is not an np.floating subtype, so the test is on what is dropped.)
     return {
         k: np.asarray(v, np.float32)
         for k, v in sd.items()
-        if np.issubdtype(np.asarray(v).dtype, np.floating)
+        if not (np.issubdtype(np.asarray(v).dtype, np.integer) or np.asarray(v).dtype == bool)
     }
 
 

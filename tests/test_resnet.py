@@ -427,3 +427,16 @@ def test_a_coop_step_with_the_resnet_split_over_devices_equals_one_device(rn_cli
     # Split reductions sum in another order: compare relative to the gradient's scale (~20).
     g, w = np.asarray(got[1]["ctx"]), np.asarray(want[1]["ctx"])
     assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max(), np.abs(g - w).max()
+
+
+def test_half_and_bfloat16_weights_load(checkpoints, rn_clip):
+    """OpenAI's archives hold float16 weights; a user's save may be bfloat16."""
+    import ml_dtypes
+
+    images = _images(2)
+    want = np.asarray(clip_lib.encode_image(rn_clip, images))
+    for dt in (np.float16, ml_dtypes.bfloat16):
+        sd = {k: (v.astype(dt) if v.dtype.kind == "f" else v) for k, v in checkpoints["rn"].items()}
+        got = np.asarray(clip_lib.encode_image(clip_lib.from_openai_state_dict(sd), images))
+        cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+        assert cos.min() > 0.99, (dt, cos)
