@@ -17,6 +17,7 @@ import email.parser
 import email.policy
 import hashlib
 import http.server
+import itertools
 import json
 import re
 import threading
@@ -46,6 +47,10 @@ class FakeGCS:
         self.requests: list[str] = []  # "METHOD path", for debugging a failing test
         self._generation = int(time.time() * 1e6)
         self._uploads: dict[str, dict[str, Any]] = {}
+        # Upload ids are never reused: a count of the uploads in flight (the old scheme) gave a
+        # new upload the id of one still running once another had finished, so concurrent
+        # orbax writes after a preemption (which leaves an upload dangling) could collide.
+        self._upload_ids = itertools.count(1)
         self._server: http.server.ThreadingHTTPServer | None = None
         # Freezing (a preemption at a known point): see pause_after.
         self._pause: re.Pattern[str] | None = None
@@ -401,7 +406,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _Stop(400, f"uploadType {kind}")
         if "upload_id" not in query:  # start: remember where it goes, answer with its URL
             meta = json.loads(body or b"{}")
-            upload_id = f"u{len(gcs._uploads) + 1}"
+            with gcs.lock:
+                upload_id = f"u{next(gcs._upload_ids)}"
             gcs._uploads[upload_id] = {
                 "bucket": bucket,
                 "name": meta.get("name") or query.get("name", ""),
