@@ -45,6 +45,14 @@ def toy():
     return ds, list(base), list(new), ds.split["test"][:6]
 
 
+def _image_files(ds, examples, folder) -> list[str]:
+    """The examples' images as PNG files in ``folder`` (what `predict` reads), sorted."""
+    folder.mkdir()
+    for i, x in enumerate(examples):
+        data.pipeline.to_pil_rgb(ds.fetch(x)).save(folder / f"{i}.png")
+    return sorted(str(p) for p in folder.iterdir())
+
+
 def _header(path):
     raw = open(path, "rb").read()
     (n,) = struct.unpack("<Q", raw[:8])
@@ -138,9 +146,7 @@ def test_old_npz_export_still_loads(run, tiny_clip, tmp_path):
 def test_predict_prints_top_k_json_over_the_given_names(run, toy, tmp_path, capsys):
     ds, _, new, examples = toy
     folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i, x in enumerate(examples):
-        data.pipeline.to_pil_rgb(ds.fetch(x)).save(folder / f"{i}.png")
+    _image_files(ds, examples, folder)  # predict is given the folder
     prompt = os.path.join(run, NAME)
     capsys.readouterr()
     code = cli.main(
@@ -481,11 +487,7 @@ def test_predict_on_a_tpt_prompt_equals_the_library_episode(run, tpt_export, toy
 
     _, path = tpt_export
     ds, _, new, examples = toy
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i, x in enumerate(examples[:3]):
-        data.pipeline.to_pil_rgb(ds.fetch(x)).save(folder / f"{i}.png")
-    files = sorted(str(p) for p in folder.iterdir())
+    files = _image_files(ds, examples[:3], tmp_path / "imgs")
     out = subprocess.run(
         [sys.executable, "-m", "jaxprompt", "predict", "--prompt", path, "--classes",
          ",".join(new), "--top_k", "3", "--json", *files],
@@ -533,11 +535,7 @@ def test_predict_tpt_tunes_a_plain_coop_export_like_the_library_episode(run, toy
     from jaxprompt.methods.tpt import adamw_torch, episode, views_from_images
 
     ds, _, new, examples = toy
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i, x in enumerate(examples[:2]):
-        data.pipeline.to_pil_rgb(ds.fetch(x)).save(folder / f"{i}.png")
-    files = sorted(str(p) for p in folder.iterdir())
+    files = _image_files(ds, examples[:2], tmp_path / "imgs")
     path = os.path.join(run, NAME)
     args = ["--prompt", path, "--classes", ",".join(new), "--top_k", "3", "--json", *files]
     assert cli.main(["jaxprompt", "predict", *args, "--tpt"]) == 0

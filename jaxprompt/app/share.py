@@ -575,17 +575,18 @@ def predict(
         raise ValueError(f"{prompt_path} names no backbone: pass --clip")
     clip = experiment.resolve_clip(str(name))
     method, prompt, meta = share.load_prompt(prompt_path, clip=clip)
-    if tpt and not int(method.config.get("views", 0) or 0) > 1:
+    # A test-time method declares its views per image (TPT's config names ``views``).
+    per_image = int(method.config.get("views", 0) or 0) > 1
+    if tpt and not per_image:
         from jaxprompt import methods as methods_lib
 
         # The prompt is unchanged: TPT's prompt is its base's, tuned afresh on each image.
-        method = methods_lib.tpt(method)
+        method, per_image = methods_lib.tpt(method), True
     task = clip_lib.make_task(clip, list(classes), template=meta.get("template"))
     logits_fn = jax.jit(lambda p, c, t, x, k: method.logits(p, c, t, x, key=k))
     key = jax.random.key(seed)
     # A test-time method declares its views per image: one image per call (its views are the
     # batch), each with its own key, so an image's views do not depend on its neighbours.
-    per_image = int(method.config.get("views", 0) or 0) > 1
     size = 1 if per_image else _BATCH
     out = []
     for i in range(0, len(paths), size):
