@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxprompt.clip import _quiet_transformers
+from jaxprompt.clip.tokens import quiet_transformers as _quiet_transformers
 
 __all__ = [
     "PRESETS",

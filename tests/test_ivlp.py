@@ -75,8 +75,9 @@ def _text_tower_inputs(monkeypatch, method, prompt, clip, task):
         seen["eot"] = np.asarray(eot)
         return real_shared(clip_, prefix, suffix, eot, **kwargs)
 
-    monkeypatch.setattr(clip_lib, "encode_text", spy)
-    monkeypatch.setattr(clip_lib, "encode_text_shared", spy_shared)
+    for module in (clip_lib, clip_lib.text):  # methods' calls and prompted_text_features'
+        monkeypatch.setattr(module, "encode_text", spy)
+        monkeypatch.setattr(module, "encode_text_shared", spy_shared)
     method.encode_classes(prompt, clip, task)
     return seen["embeds"], seen["eot"]
 

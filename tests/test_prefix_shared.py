@@ -122,7 +122,7 @@ def test_prompted_text_features_switch(tiny_clip, tiny_task, monkeypatch):
     calls = []
     real = clip_lib.encode_text_shared
     monkeypatch.setattr(
-        clip_lib, "encode_text_shared", lambda *a, **k: calls.append(1) or real(*a, **k)
+        clip_lib.text, "encode_text_shared", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     ctx = _ctx(tiny_clip, 2)
     embeds, eot = clip_lib.prompted_text_inputs(tiny_clip, tiny_task, ctx)
@@ -183,7 +183,9 @@ def _no_shared(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the prefix-shared encoder was used")
 
-    monkeypatch.setattr(clip_lib, "encode_text_shared", fail)
+    # The package's name (methods call it) and the text module's (prompted_text_features).
+    for module in (clip_lib, clip_lib.text):
+        monkeypatch.setattr(module, "encode_text_shared", fail)
 
 
 def test_coop_shared_equals_plain(tiny_clip, batch):
@@ -253,7 +255,7 @@ def test_deep_methods_shared_equals_plain(deep_clip, images, name, depth, monkey
     calls = []
     real = clip_lib.encode_text_shared
     monkeypatch.setattr(
-        clip_lib, "encode_text_shared", lambda *a, **k: calls.append(1) or real(*a, **k)
+        clip_lib.text, "encode_text_shared", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     shared.encode_classes(prompt, deep_clip, task)
     assert calls == [1]
@@ -282,7 +284,7 @@ def test_zeroshot_template_ensemble_shared_equals_plain(tiny_clip, images, monke
     calls = []
     real = clip_lib.encode_text_shared
     monkeypatch.setattr(
-        clip_lib, "encode_text_shared", lambda *a, **k: calls.append(1) or real(*a, **k)
+        clip_lib.text, "encode_text_shared", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     got = jax.jit(shared.encode_classes)({}, tiny_clip, task)
     assert calls  # the shared encoder did the work
@@ -384,7 +386,8 @@ def test_shared_path_with_classes_split_over_model(tiny_clip, batch, name, monke
         suffix = sharding.constrain_classes(suffix, mesh)
         return sharding.constrain_classes(real(clip, prefix, suffix, eot, **kwargs), mesh)
 
-    monkeypatch.setattr(clip_lib, "encode_text_shared", split)
+    for module in (clip_lib, clip_lib.text):  # methods' calls and prompted_text_features'
+        monkeypatch.setattr(module, "encode_text_shared", split)
     clip = sharding.shard_clip(tiny_clip, mesh)
     got = _method_outputs(
         method,

@@ -1,0 +1,290 @@
+"""Loading a frozen CLIP: Hugging Face directories and hub ids, OpenAI ``.pt`` files, parameter
+trees in memory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprompt import backbones
+from jaxprompt.clip.model import CheckpointLoadError, Clip, ClipLoadError, spec_from_config
+from jaxprompt.clip.tokens import openai_tokenizer, quiet_transformers
+
+PyTree = Any
+
+_FLAX_WEIGHTS = "flax_model.msgpack"
+_SAFE_WEIGHTS = "model.safetensors"
+_TORCH_WEIGHTS = "pytorch_model.bin"
+
+
+def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Clip:
+    """Loads a frozen CLIP and its tokenizer.
+
+    Args:
+      name_or_path: one of OpenAI's model names (``"RN50"``, ``"ViT-B/16"``, ...; looked up
+        as its checkpoint file in ``$JAXPROMPT_CLIP_DIR`` then ``~/.cache/clip``, a ViT
+        falling back to its hub id: :func:`jaxprompt.backbones.resolve`), a Hugging Face hub
+        id (e.g. ``"openai/clip-vit-base-patch16"``), a local
+        directory in Hugging Face format holding ``flax_model.msgpack``, ``model.safetensors``
+        or ``pytorch_model.bin`` (PyTorch weights are converted on load; ``.bin`` needs torch)
+        and the tokenizer files, or an OpenAI-format checkpoint file (``ViT-B-16.pt``: a
+        TorchScript archive or a ``torch.save`` state dict), read without running code from it
+        and without torch, with the CLIP BPE vocabulary shipped with jaxprompt as its tokenizer.
+        ViT checkpoints become FlaxCLIP models; ResNet ones (``RN50.pt``, ``RN101.pt``, ...)
+        keep the FlaxCLIP text tower and get :mod:`jaxprompt.resnet`'s image tower, frozen in
+        inference mode (BatchNorm from the running statistics).
+      dtype: compute dtype of the frozen towers, ``"float32"`` (default, and what CPU tests
+        use) or ``"bfloat16"`` (accelerators). Prompts, logits and losses stay float32.
+
+    Returns:
+      A :class:`Clip`.
+
+    Raises:
+      ClipLoadError: with a one-line message naming the fix (missing weights, offline hub,
+        torch needed for ``.bin`` weights).
+      CheckpointLoadError: (also a ``ValueError``) an OpenAI-format file that is unreadable,
+        asks to run code, or is not a CLIP.
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    # OpenAI's names ("RN50", "ViT-B/16") become a file or a hub id; the Clip keeps the name
+    # as given (spec.name, results.json), so it says which backbone, not where it was found.
+    try:
+        path = os.path.expanduser(backbones.resolve(name_or_path))
+    except backbones.CheckpointNotFoundError as e:
+        raise ClipLoadError(str(e)) from None
+    transformers = quiet_transformers()
+    kwargs: dict[str, Any] = {}
+    if os.path.isdir(path):
+        files = set(os.listdir(path))
+        if _FLAX_WEIGHTS in files:
+            pass
+        elif _SAFE_WEIGHTS in files:
+            kwargs["from_pt"] = True
+        elif _TORCH_WEIGHTS in files:
+            import importlib.util
+
+            if importlib.util.find_spec("torch") is None:
+                raise ClipLoadError(
+                    f"{path} has only PyTorch .bin weights: install torch "
+                    "(pip install 'jaxprompt[torch]') or save them as model.safetensors"
+                )
+            kwargs["from_pt"] = True
+        else:
+            raise ClipLoadError(
+                f"no CLIP weights in {path}: expected {_FLAX_WEIGHTS}, {_SAFE_WEIGHTS} or "
+                f"{_TORCH_WEIGHTS} (save a model there with save_pretrained)"
+            )
+    elif os.path.isfile(path):
+        return _load_openai(path, name=str(name_or_path), dtype=dtype)
+    elif os.path.exists(path) or path.startswith((".", "/", "~")):
+        raise ClipLoadError(f"{path} is not a directory: pass a Hugging Face model directory")
+    elif not _hub_reachable():
+        # Offline, the hub client retries for most of a minute before failing: read the local
+        # cache only, which fails at once when the model is not there.
+        kwargs["local_files_only"] = True
+    try:
+        model, params = _from_pretrained(transformers, path, kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            path, local_files_only=kwargs.get("local_files_only", False)
+        )
+    except ClipLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - turn hub/IO errors into one actionable line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if kwargs.get("local_files_only"):
+            raise ClipLoadError(
+                f"could not load CLIP {path!r}: the model hub is unreachable and the model is "
+                "not in the local cache; pass a local directory in Hugging Face format, or set "
+                "HF_HOME to a cache that holds it"
+            ) from e
+        raise ClipLoadError(
+            f"could not load CLIP {path!r} ({first[:160]}): pass a local directory in Hugging "
+            "Face format, or set HF_HOME to a cache that holds it (no network access here?)"
+        ) from e
+    return from_params(model.config, params, tokenizer, name=str(name_or_path), dtype=dtype)
+
+
+def _load_openai(path: str, *, name: str, dtype: str) -> Clip:
+    """An OpenAI-format checkpoint file (TorchScript archive or state dict), read without running
+    code from it."""
+    from jaxprompt import openai_checkpoint as oc
+
+    try:
+        sd = oc.read_state_dict(path)
+    except oc.CheckpointError as e:
+        raise CheckpointLoadError(str(e)) from None
+    return from_openai_state_dict(sd, name=name, dtype=dtype, source=path)
+
+
+def from_openai_state_dict(
+    state_dict: dict[str, Any], *, name: str = "", dtype: str = "float32", source: str = ""
+) -> Clip:
+    """A :class:`Clip` from an OpenAI-layout state dict already in memory (the names of
+    OpenAI's ``CLIP.state_dict()``: ``visual.conv1.weight``, ``transformer.resblocks.0...``;
+    arrays or anything ``np.asarray`` takes).
+
+    A ViT is converted to the Hugging Face layout; a modified ResNet keeps the FlaxCLIP text
+    tower and gets :mod:`jaxprompt.resnet`'s image tower. The tokenizer is the CLIP BPE
+    vocabulary shipped with jaxprompt (OpenAI's checkpoints carry none). :func:`load_clip` ends
+    here for ``.pt`` files.
+
+    Args:
+      state_dict: OpenAI's parameter names -> tensors.
+      name: the backbone's name, kept as ``spec.name``.
+      dtype: compute dtype of the frozen towers (:func:`load_clip`).
+      source: where the weights came from, for error messages.
+
+    Raises:
+      CheckpointLoadError: missing tensors or shapes that are not an OpenAI CLIP (one line).
+    """
+    from jaxprompt import openai_checkpoint as oc
+
+    where = source or name or "the state dict"
+    sd = {k: np.asarray(v) for k, v in state_dict.items()}
+    try:
+        config_kwargs, params = oc.convert(sd)
+    except oc.CheckpointError as e:
+        raise CheckpointLoadError(str(e)) from None
+    transformers = quiet_transformers()
+    config = transformers.CLIPConfig(**config_kwargs)
+    if "resnet_layers" in config_kwargs["vision_config"]:
+        # The image tower is jaxprompt.resnet's; the text tower is FlaxCLIP's, checked below.
+        vision, params = (
+            params["vision_model"],
+            {k: v for k, v in params.items() if k != "vision_model"},
+        )
+    else:
+        vision = None
+    model = transformers.FlaxCLIPModel(config, _do_init=False)
+    shapes = dict(model.params_shape_tree)
+    if vision is not None:
+        shapes = {k: v for k, v in shapes.items() if k not in ("vision_model", "visual_projection")}
+    want = {k: v.shape for k, v in _flat_items(shapes)}
+    got = {k: np.shape(v) for k, v in _flat_items(params)}
+    if want != got:
+        bad = sorted(set(want.items()) ^ set(got.items()))[0]
+        raise CheckpointLoadError(
+            f"{where}: converted weights do not fit the CLIP layout (at {bad[0]})"
+        )
+    if vision is not None:
+        params = {**params, "vision_model": vision}
+    return from_params(config, params, openai_tokenizer(), name=name, dtype=dtype)
+
+
+def _flat_items(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict) or hasattr(v, "items"):
+            yield from _flat_items(v, prefix + (k,))
+        else:
+            yield "/".join(prefix + (k,)), v
+
+
+def from_params(
+    config: Any, params: PyTree, tokenizer: Any, *, name: str = "", dtype: str = "float32"
+) -> Clip:
+    """Builds a :class:`Clip` from a CLIP config (the ``config.json`` mapping, Hugging Face's
+    layout), parameters in Hugging Face's Flax CLIP layout, and a tokenizer.
+
+    :func:`load_clip` ends here; pretraining code (the toy world's CLIP) uses it directly on
+    parameters it is training.
+    """
+    if not isinstance(config, dict) and hasattr(config, "to_dict"):
+        config = config.to_dict()
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.dtype(dtype)), dict(params))
+    # The logit scale is a scalar read by every method in float32.
+    params["logit_scale"] = jnp.asarray(params["logit_scale"], jnp.float32)
+    sot = tokenizer.bos_token_id
+    eot = tokenizer.eos_token_id
+    if sot is None or eot is None:
+        raise ClipLoadError(f"the tokenizer of {name!r} has no start/end-of-text tokens")
+    spec = spec_from_config(config, name=name, dtype=dtype, sot_id=sot, eot_id=eot)
+    return Clip(params=params, spec=spec, tokenizer=tokenizer)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers a TCP connection (one try, ``timeout`` seconds).
+
+    ``HF_HUB_OFFLINE`` and a proxy (which a direct connection would bypass) count as
+    reachable: the hub client's own settings then decide.
+    """
+    import socket
+    import urllib.parse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    if any(os.environ.get(v) for v in proxies):
+        return True
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(transformers, path: str, kwargs: dict[str, Any]):
+    """Returns ``(model, params)`` without initialising random weights first.
+
+    Hugging Face's own from_pretrained initialises a random model before converting PyTorch
+    weights, which on a CPU takes minutes for ViT-B/16; we call its converter with the shape tree
+    instead.
+    """
+    cls = transformers.FlaxCLIPModel
+    local = bool(kwargs.get("local_files_only"))
+    if not kwargs.get("from_pt"):
+        try:
+            model, params = cls.from_pretrained(path, _do_init=False, local_files_only=local)
+            return model, jax.tree.map(np.asarray, dict(params))
+        except OSError as e:
+            # A hub repository may hold only PyTorch weights: fetch those and convert them.
+            if "from_pt=True" not in str(e) or os.path.isdir(path):
+                raise
+            import huggingface_hub
+
+            path = huggingface_hub.snapshot_download(
+                path,
+                allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"],
+                local_files_only=local,
+            )
+    from types import SimpleNamespace
+
+    from transformers.modeling_flax_pytorch_utils import load_pytorch_checkpoint_in_flax_state_dict
+
+    config = transformers.CLIPConfig.from_pretrained(path)
+    model = cls(config, _do_init=False)
+    weights = os.path.join(path, _SAFE_WEIGHTS)
+    if not os.path.exists(weights):
+        weights = os.path.join(path, _TORCH_WEIGHTS)
+    like = SimpleNamespace(
+        params=model.params_shape_tree, base_model_prefix=model.base_model_prefix
+    )
+    params = load_pytorch_checkpoint_in_flax_state_dict(like, weights, is_sharded=False)
+    want = set(_flat_keys(model.params_shape_tree))
+    got = set(_flat_keys(params))
+    if want - got:
+        raise ClipLoadError(
+            f"{weights} lacks {len(want - got)} CLIP weights (e.g. {sorted(want - got)[0]}): "
+            "is it a CLIPModel checkpoint?"
+        )
+    return model, jax.tree.map(np.asarray, dict(params))
+
+
+def _flat_keys(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict) or hasattr(v, "items"):
+            yield from _flat_keys(v, prefix + (k,))
+        else:
+            yield "/".join(prefix + (k,))
+
+
+# --------------------------------------------------------------------------- tokens and tasks
+
+logging.getLogger("absl").setLevel(logging.WARNING)

@@ -1,0 +1,190 @@
+"""The frozen CLIP's types: :class:`Clip`, :class:`ClipSpec`, :class:`Task`, the load errors, and
+the CLIP configuration (Hugging Face's ``config.json`` layout, read without transformers)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jax.Array
+PyTree = Any
+
+
+class ClipLoadError(RuntimeError):
+    """CLIP weights or tokenizer could not be loaded; the message says what to do."""
+
+
+class CheckpointLoadError(ClipLoadError, ValueError):
+    """A checkpoint file could not be used (unreadable, refused, truncated, not a CLIP)."""
+
+
+# Hugging Face's CLIPTextConfig / CLIPVisionConfig / CLIPConfig defaults (the values a config.json
+# may leave out; transformers writes them all with use_diff=False). Entries that do not change
+# what the towers compute (initialiser ranges, dropout, ...) are kept as given, not added.
+TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "projection_dim": 512,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 1,
+}
+VISION_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 512,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 32,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+CLIP_DEFAULTS: dict[str, Any] = {"projection_dim": 512, "logit_scale_init_value": 2.6592}
+
+
+def full_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A CLIP ``config.json`` (a mapping, as Hugging Face writes it) with every architecture entry
+    filled in by Hugging Face's defaults, as a plain JSON-able dict."""
+    out = {**CLIP_DEFAULTS, **json.loads(json.dumps(dict(config)))}
+    out["model_type"] = out.get("model_type", "clip")
+    out["text_config"] = {**TEXT_DEFAULTS, **(out.get("text_config") or {})}
+    out["vision_config"] = {**VISION_DEFAULTS, **(out.get("vision_config") or {})}
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+    """Static description of a CLIP backbone (hashable: it is a jit-static field of `Clip`)."""
+
+    name: str
+    # The CLIP config as JSON (Hugging Face's config.json layout, defaults filled in): what the
+    # backbone fingerprint is computed from.
+    config_json: str = dataclasses.field(repr=False)
+    dtype: str  # compute dtype of the frozen towers: "float32" or "bfloat16"
+    text_width: int
+    text_layers: int
+    context_length: int
+    vision_width: int
+    vision_layers: int
+    image_size: int
+    patch_size: int
+    embed_dim: int
+    sot_id: int
+    eot_id: int
+    # "vit", or "resnet" for OpenAI's modified ResNets (jaxprompt.resnet): then image_size is
+    # the checkpoint's, patch_size 32 (the tower's downsampling), vision_width the channels
+    # into the attention pool and vision_layers the number of bottleneck blocks.
+    image_tower: str = "vit"
+    resnet_layers: tuple[int, ...] = ()
+    resnet_heads: int = 0
+    # What the transformer blocks compute, beyond the widths above.
+    text_heads: int = 8
+    text_act: str = "quick_gelu"
+    text_eps: float = 1e-5
+    vision_heads: int = 12
+    vision_act: str = "quick_gelu"
+    vision_eps: float = 1e-5
+
+
+def spec_from_config(
+    config: Mapping[str, Any], *, name: str, dtype: str, sot_id: int, eot_id: int
+) -> ClipSpec:
+    """The :class:`ClipSpec` of a CLIP config (see :func:`full_config`)."""
+    c = full_config(config)
+    tc, vc = c["text_config"], c["vision_config"]
+    resnet: dict[str, Any] = {}
+    if vc.get("resnet_layers"):
+        resnet = {
+            "image_tower": "resnet",
+            "resnet_layers": tuple(int(n) for n in vc["resnet_layers"]),
+            "resnet_heads": int(vc["num_attention_heads"]),
+        }
+    return ClipSpec(
+        name=name,
+        config_json=json.dumps(c, sort_keys=True),
+        dtype=dtype,
+        text_width=int(tc["hidden_size"]),
+        text_layers=int(tc["num_hidden_layers"]),
+        context_length=int(tc["max_position_embeddings"]),
+        vision_width=int(vc["hidden_size"]),
+        vision_layers=int(vc["num_hidden_layers"]),
+        image_size=int(vc["image_size"]),
+        patch_size=int(vc["patch_size"]),
+        embed_dim=int(c["projection_dim"]),
+        sot_id=int(sot_id),
+        eot_id=int(eot_id),
+        text_heads=int(tc["num_attention_heads"]),
+        text_act=str(tc["hidden_act"]),
+        text_eps=float(tc["layer_norm_eps"]),
+        vision_heads=int(vc["num_attention_heads"]),
+        vision_act=str(vc["hidden_act"]),
+        vision_eps=float(vc["layer_norm_eps"]),
+        **resnet,
+    )
+
+
+@struct.dataclass
+class Clip:
+    """A frozen CLIP: parameters in Hugging Face's Flax CLIP layout, a static spec, the tokenizer.
+
+    A pytree whose only leaves are ``params``, so it is passed to jitted functions as an
+    argument (and can be sharded), never captured as a closure constant. The parameters are
+    run by :mod:`jaxprompt.clip`'s own tower functions.
+    """
+
+    params: PyTree
+    spec: ClipSpec = struct.field(pytree_node=False)
+    tokenizer: Any = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class Task:
+    """A class set: the label space a prompt is evaluated on, passed at call time.
+
+    ``token_ids`` holds, per class, the tokens of ``"{name}."`` followed by EOT and padded with
+    EOT to the longest class of the set: no start token and no context, so one Task serves every
+    method and context length. Methods prepend the start token and their context.
+
+    Attributes:
+      token_ids: [C, L] int32 class tokens (name, ".", EOT, padding).
+      eot: [C] int32 position of EOT inside ``token_ids``.
+      name_len: [C] int32 number of class-name tokens (before the "."), for CoOp's
+        ``class_position="middle"`` / ``"front"``.
+      names: the class names as given (static; templates and teachers re-tokenize them).
+      template: the dataset's hand-crafted template (CoOp's, e.g. ``"{} texture."``), or None;
+        used by methods told to use the dataset's template (``zeroshot(templates="dataset")``).
+    """
+
+    token_ids: Array
+    eot: Array
+    name_len: Array
+    names: tuple[str, ...] = struct.field(pytree_node=False)
+    template: str | None = struct.field(pytree_node=False, default=None)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def normalize(x: Array, axis: int = -1) -> Array:
+    """L2-normalises along ``axis`` (float32)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
+
+
+def logit_scale(clip: Clip) -> Array:
+    """CLIP's frozen logit scale ``exp(logit_scale)`` (100 for the OpenAI checkpoints)."""
+    return jnp.exp(jax.lax.stop_gradient(clip.params["logit_scale"]).astype(jnp.float32))
