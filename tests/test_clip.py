@@ -1,4 +1,4 @@
-"""The frozen encoders: equal to Hugging Face (Flax and PyTorch), and prompts placed exactly.
+"""The frozen encoders: equal to transformers' PyTorch CLIPModel, and prompts placed exactly.
 
 The prompt-placement tests run an independent NumPy forward of the tiny CLIP written from the
 spec (promptsrc.md sections 2 and 9), not from our code, so each of these mistakes fails a test:
@@ -8,6 +8,7 @@ positional embedding, or deep text prompts with one; depth counted without the i
 prompt positions dropped after the prompt depth; deep prompts added instead of replacing.
 """
 
+import hf_reference
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,18 +133,60 @@ def np_image(clip, images, prompts=None, deep=None):
 # --------------------------------------------------------------------------- equal to HF
 
 
-def test_no_prompt_encoders_equal_flax_hf(tiny_clip, tiny_clip_dir, images):
+# Random tiny configs: widths, heads, activations, depths and patch sizes all vary, so a tower
+# that hard-codes any of them (QuickGELU, 4 heads, a patch of 8) fails one of these.
+TORCH_CONFIGS = {
+    "w32-h4-quick-2l-p8": dict(width=32, heads=4, act="quick_gelu", layers=2, patch=8, size=32),
+    "w48-h3-gelu-3l-p16": dict(width=48, heads=3, act="gelu", layers=3, patch=16, size=32),
+    "w64-h8-quick-4l-p4": dict(width=64, heads=8, act="quick_gelu", layers=4, patch=4, size=16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_CONFIGS))
+def test_towers_equal_pytorch_clipmodel(tmp_path, name, images):
+    """Text features, image features and logits of a CLIP saved by transformers' PyTorch
+    ``CLIPModel`` (every weight perturbed, LayerNorms included), loaded through load_clip."""
+    import torch
     import transformers
 
-    model, params = transformers.FlaxCLIPModel.from_pretrained(tiny_clip_dir, _do_init=False)
-    texts = [f"a photo of a {c}." for c in CLASSNAMES] + ["itap of the striped zebra."]
-    ids77, eot77 = clip_lib.tokenize(tiny_clip, texts, pad_to=77)
-    ref = model.get_text_features(jnp.asarray(ids77), params=params)
-    ours = clip_lib.encode_token_ids(tiny_clip, jnp.asarray(ids77), jnp.asarray(eot77))
-    np.testing.assert_allclose(ours, ref, atol=ATOL)
-    # HF's Flax wrapper takes NCHW pixels; ours take NHWC.
-    ref_img = model.get_image_features(jnp.asarray(images.transpose(0, 3, 1, 2)), params=params)
-    np.testing.assert_allclose(clip_lib.encode_image(tiny_clip, images), ref_img, atol=ATOL)
+    c = TORCH_CONFIGS[name]
+    vocab = testing.save_word_tokenizer(tmp_path, TINY_WORDS)
+    tower = dict(
+        hidden_size=c["width"], intermediate_size=4 * c["width"], num_hidden_layers=c["layers"],
+        num_attention_heads=c["heads"], hidden_act=c["act"],
+    )  # fmt: skip
+    config = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab, max_position_embeddings=77, bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1, pad_token_id=vocab - 1, **tower,
+        ),
+        vision_config=dict(image_size=c["size"], patch_size=c["patch"], **tower),
+        projection_dim=24,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():
+        for prm in model.parameters():  # no LayerNorm at (1, 0), no bias at 0
+            prm.add_(0.1 * torch.randn_like(prm))
+    model.save_pretrained(tmp_path)
+    clip = jp.load_clip(tmp_path)
+    assert (clip.spec.text_heads, clip.spec.text_act) == (c["heads"], c["act"])
+    texts = [f"a photo of a {n}." for n in CLASSNAMES] + ["itap of the striped zebra."]
+    ids77, _ = clip_lib.tokenize(clip, texts, pad_to=77)
+    ids, eot = clip_lib.tokenize(clip, texts)
+    pix = np.asarray(jax.image.resize(images, (4, c["size"], c["size"], 3), "linear"))
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(ids77, dtype=torch.long),
+            pixel_values=torch.tensor(pix.transpose(0, 3, 1, 2)),
+        )
+    ours_t = clip_lib.encode_token_ids(clip, jnp.asarray(ids), jnp.asarray(eot))
+    ours_i = clip_lib.encode_image(clip, jnp.asarray(pix))
+    np.testing.assert_allclose(ours_t, hf_reference.text_features(model, ids77), atol=ATOL)
+    np.testing.assert_allclose(ours_i, hf_reference.image_features(model, pix), atol=ATOL)
+    logits = clip_lib.logit_scale(clip) * clip_lib.normalize(ours_i) @ clip_lib.normalize(ours_t).T
+    # The logit scale is about 16 here: ATOL on unit-norm features, times it, and then some.
+    np.testing.assert_allclose(logits, out.logits_per_image.numpy(), atol=1e-4)
 
 
 def test_no_prompt_encoders_equal_pytorch(pt_clip, pt_dir, images):
@@ -194,9 +237,7 @@ def test_text_prompts_match_numpy_reference(pt_clip, depth):
     n = 4
     ctx, deep = _ctx_and_deep(pt_clip, n, depth, pt_clip.spec.text_width, seed=depth)
     embeds, eot = clip_lib.prompted_text_inputs(pt_clip, task, jnp.asarray(ctx))
-    ours = clip_lib.encode_text(
-        pt_clip, embeds, eot, deep=jnp.asarray(deep) if depth > 1 else None
-    )
+    ours = clip_lib.encode_text(pt_clip, embeds, eot, deep=jnp.asarray(deep) if depth > 1 else None)
     # The reference tokenizes the full string; "a photo of a" reserves the n context slots.
     ids, _ = clip_lib.tokenize(pt_clip, [f"a photo of a {c}." for c in CLASSNAMES])
     ref = np_text(pt_clip, ids, ctx=ctx, deep=deep if depth > 1 else None)

@@ -423,3 +423,28 @@ def test_remat_bounds_the_shared_step_memory(deep_clip):
         compiled = jax.jit(jax.grad(loss)).lower(prefixes).compile()
         temp[remat] = compiled.memory_analysis().temp_size_in_bytes
     assert temp[True] < 0.4 * temp[False], temp
+
+
+@pytest.mark.parametrize(
+    "names, template",
+    [
+        (["cat"], "a photo of a {}."),  # one class: every token but the last is shared
+        (["dog", "dog house"], "a photo of a {}"),  # "dog" is a prefix of "dog house"
+    ],
+)
+def test_eot_as_the_first_suffix_position(tiny_clip, names, template):
+    """A template's shared prefix is the longest prefix all rows agree on, so a row can end
+    right where the prefix ends: its EOT is the first suffix position (it must see the whole
+    prefix and itself, and be pooled from the suffix). The shared path equals the plain one."""
+    from jaxprompt.methods import zeroshot
+
+    ids, eot = clip_lib.tokenize(tiny_clip, [template.format(n) for n in names])
+    n_p = zeroshot._common_prefix(ids)
+    assert (eot == n_p).any(), (n_p, eot)  # the case under test occurs
+    got = zeroshot.template_features(tiny_clip, ids[None], eot[None])[0]
+    want = clip_lib.encode_token_ids(tiny_clip, jnp.asarray(ids), jnp.asarray(eot))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL, rtol=0)
+    # Also straight through encode_text_shared on the embeddings.
+    table = clip_lib.embed_tokens(tiny_clip, jnp.asarray(ids))
+    direct = clip_lib.encode_text_shared(tiny_clip, table[0, :n_p], table[:, n_p:], eot)
+    np.testing.assert_allclose(np.asarray(direct), np.asarray(want), atol=ATOL, rtol=0)

@@ -1,14 +1,15 @@
 """PromptSRC: every loss term and the total against an independent NumPy computation.
 
-The NumPy side gets its features from independent paths: the frozen teacher from Hugging Face's
-``FlaxCLIPModel.get_text_features`` on the full template strings (77 tokens, no truncation), the
-frozen image features from ``get_image_features``, and the prompted features from the float64
+The NumPy side gets its features from independent paths: the frozen teacher from transformers'
+PyTorch ``CLIPModel.get_text_features`` on the full template strings (77 tokens, no truncation),
+the frozen image features from ``get_image_features``, and the prompted features from the float64
 NumPy forward of ``test_clip`` (written from the spec, not from our encoders). The losses are
 then computed in NumPy from the spec's formulas (promptsrc.md section 4), so a wrong KL
 direction or normalisation, a normalised-then-averaged teacher, a teacher on other images, or
 an L1 over the batch labels only, each fails here.
 """
 
+import hf_reference
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,7 @@ VISION = ("vision_ctx", "deep_vision")
 def sharpened(clip, factor=SHARPEN):
     """The tiny CLIP with its transformer-layer kernels scaled up.
 
-    Hugging Face's Flax init (std 0.02) makes attention nearly uniform and the blocks nearly
+    A random init (std 0.02) makes attention nearly uniform and the blocks nearly
     the identity, so appended vision prompts would move the image feature by ~1e-4: too little
     for the image terms to be checked meaningfully. Scaled kernels behave more like a trained
     CLIP; every path below (Hugging Face included) uses these same parameters.
@@ -74,28 +75,21 @@ def prompt(method, clip, tiny_task):
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_clip_dir, clip):
-    import transformers
-
-    model, _ = transformers.FlaxCLIPModel.from_pretrained(tiny_clip_dir, _do_init=False)
-    params = {k: v for k, v in clip.params.items()}  # the sharpened weights
-    text = jax.jit(lambda ids, p: model.get_text_features(ids, params=p))
-    image = jax.jit(lambda x, p: model.get_image_features(x, params=p))
-    return text, image, params
+def hf(clip):
+    return hf_reference.torch_clip(clip)  # the sharpened weights
 
 
 @pytest.fixture(scope="module")
 def reference(hf, clip, prompt, batch):
     """NumPy loss terms from independently computed features (float64)."""
-    text_fn, image_fn, params = hf
     # Teacher: mean over the 60 templates of UNNORMALISED frozen features, normalised after.
     raw = []
     for t in templates.PROMPTSRC_60:
         ids, _ = clip_lib.tokenize(clip, [t.format(c) for c in CLASSNAMES], pad_to=77)
-        raw.append(np.asarray(text_fn(jnp.asarray(ids), params), np.float64))
+        raw.append(hf_reference.text_features(hf, ids))
     g = _norm(np.mean(raw, axis=0))
     # Frozen image features of the same images, prompt-free encoder.
-    f = _norm(np.asarray(image_fn(jnp.asarray(batch["image"].transpose(0, 3, 1, 2)), params)))
+    f = _norm(hf_reference.image_features(hf, batch["image"]))
     # Prompted features: the spec-written NumPy forward, prompts as float64.
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), prompt)
     ids, _ = clip_lib.tokenize(clip, [f"a photo of a {c}." for c in CLASSNAMES])

@@ -65,10 +65,7 @@ def _import_graph() -> dict[str, set[str]]:
     import ast
 
     files = [
-        os.path.join(root, f)
-        for root, _, names in os.walk(PKG)
-        for f in names
-        if f.endswith(".py")
+        os.path.join(root, f) for root, _, names in os.walk(PKG) for f in names if f.endswith(".py")
     ]
     modules = {_module_name(f): f for f in files}
     graph: dict[str, set[str]] = {}
@@ -128,8 +125,10 @@ def test_library_never_imports_the_application_or_side_projects():
         f"{m} imports {n}"
         for m, edges in sorted(graph.items())
         for n in sorted(edges)
-        if _layer(m) == "library" and _layer(n) != "library"
-        or _layer(m) == "side" and _layer(n) == "application"
+        if _layer(m) == "library"
+        and _layer(n) != "library"
+        or _layer(m) == "side"
+        and _layer(n) == "application"
     ]
     assert not bad, bad
 
@@ -139,3 +138,44 @@ def test_the_import_graph_test_sees_imports_inside_functions(tmp_path):
     graph = _import_graph()
     # cli imports the runners only inside a function (so --help stays fast).
     assert "jaxprompt.app.runners" in graph["jaxprompt.cli"]
+
+
+def _flax_model_uses(source: str, path: str) -> list[str]:
+    """``Flax*`` names taken from transformers (imported or as attributes) and imports of its
+    ``modeling_flax*`` modules, found in the syntax tree (comments and docstrings don't count)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source, path)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("transformers"):
+            if "modeling_flax" in (node.module or ""):
+                found.append(f"from {node.module} import ...")
+            found += [f"import {a.name}" for a in node.names if a.name.startswith("Flax")]
+        elif isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if "modeling_flax" in a.name]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("Flax"):
+            found.append(f".{node.attr}")
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("modeling_flax"):
+            found.append(f".{node.attr}")
+    return found
+
+
+def test_no_module_uses_transformers_flax_models():
+    """transformers 5 deleted its Flax models: the towers and the masked LM are ours, and
+    transformers serves tokenizers only (and the tests' PyTorch reference models)."""
+    bad = []
+    for root, _, names in os.walk(PKG):
+        for f in names:
+            if f.endswith(".py"):
+                path = os.path.join(root, f)
+                bad += [f"{os.path.relpath(path, REPO)}: {u}" for u in _flax_model_uses(
+                    open(path).read(), path
+                )]  # fmt: skip
+    assert not bad, bad
+    # The checker itself sees each form.
+    planted = (
+        "import transformers\nfrom transformers import FlaxCLIPModel\n"
+        "m = transformers.FlaxRobertaForMaskedLM\n"
+        "from transformers.models.clip import modeling_flax_clip\n"
+    )
+    assert len(_flax_model_uses(planted, "planted.py")) == 3

@@ -3,7 +3,7 @@
 * On IVLP the wrapper is today's PromptSRC: its loss terms and gradients equal a frozen copy
   of the pre-refactor ``promptsrc`` loss kept below, and its GPA is the same aggregator.
 * For each wrapped base (CoOp, CoCoOp, IVLP, MaPLe, Bayesian prompts) every added term equals a
-  NumPy computation whose frozen features come from Hugging Face's ``get_text_features`` /
+  NumPy computation whose frozen features come from transformers' PyTorch ``get_text_features`` /
   ``get_image_features`` and whose prompted features come from the base's own public
   functions, not from the wrapper's code.
 * KgCoOp's ``1 - mean cos`` term against NumPy; the teacher is a constant of the loss.
@@ -15,6 +15,7 @@ import importlib
 import json
 import os
 
+import hf_reference
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,23 +62,18 @@ def _moved(prompt, seed=1, scale=0.3):
 
 @pytest.fixture(scope="module")
 def frozen(tiny_clip_dir, clip, batch):
-    """Frozen features through Hugging Face's own encoders (float64 NumPy): the teacher
-    (mean of unnormalised template features, normalised after) and the image features."""
-    import transformers
-
-    model, _ = transformers.FlaxCLIPModel.from_pretrained(tiny_clip_dir, _do_init=False)
-    params = dict(clip.params)
-    text = jax.jit(lambda ids, p: model.get_text_features(ids, params=p))
-    image = jax.jit(lambda x, p: model.get_image_features(x, params=p))
+    """Frozen features through transformers' PyTorch CLIPModel (float64): the teacher (mean of
+    unnormalised template features, normalised after) and the image features."""
+    model = hf_reference.torch_clip(clip)
 
     def teacher(templates):
         raw = []
         for t in templates:
             ids, _ = clip_lib.tokenize(clip, [t.format(c) for c in CLASSNAMES], pad_to=77)
-            raw.append(np.asarray(text(jnp.asarray(ids), params), np.float64))
+            raw.append(hf_reference.text_features(model, ids))
         return _norm(np.mean(raw, axis=0))
 
-    f = _norm(np.asarray(image(jnp.asarray(batch["image"].transpose(0, 3, 1, 2)), params)))
+    f = _norm(hf_reference.image_features(model, batch["image"]))
     scale = float(np.exp(np.asarray(clip.params["logit_scale"], np.float64)))
     return {"teacher": teacher, "image": f, "scale": scale}
 

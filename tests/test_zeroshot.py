@@ -1,7 +1,7 @@
-"""Zero-shot CLIP against an independent computation with Hugging Face's own Flax model."""
+"""Zero-shot CLIP against an independent computation with transformers' PyTorch CLIPModel."""
 
+import hf_reference
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import CLASSNAMES
@@ -10,35 +10,28 @@ import jaxprompt as jp
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_clip_dir):
-    import transformers
-
-    return transformers.FlaxCLIPModel.from_pretrained(tiny_clip_dir, _do_init=False)
+def hf(tiny_clip):
+    return hf_reference.torch_clip(tiny_clip)
 
 
-def _hf_classifier(hf, tok, templates, names):
-    model, params = hf
+def _hf_classifier(model, tok, templates, names):
     per_template = []
     for t in templates:
         ids = tok(
             [t.format(n.replace("_", " ")) for n in names], padding="max_length", max_length=77
         )["input_ids"]
-        f = np.asarray(model.get_text_features(jnp.asarray(ids), params=params), np.float64)
+        f = hf_reference.text_features(model, ids)
         per_template.append(f / np.linalg.norm(f, axis=-1, keepdims=True))
     mean = np.mean(per_template, axis=0)
-    return mean / np.linalg.norm(mean, axis=-1, keepdims=True), params
+    return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
 
 
-def _hf_logits(hf, clip, templates, names, images):
-    """Zero-shot logits computed with HF's own Flax CLIP (the independent reference)."""
-    txt, params = _hf_classifier(hf, clip.tokenizer, templates, names)
-    model, _ = hf
-    img = np.asarray(
-        model.get_image_features(jnp.asarray(images.transpose(0, 3, 1, 2)), params=params),
-        np.float64,
-    )
+def _hf_logits(model, clip, templates, names, images):
+    """Zero-shot logits computed with transformers' PyTorch CLIP (the independent reference)."""
+    txt = _hf_classifier(model, clip.tokenizer, templates, names)
+    img = hf_reference.image_features(model, images)
     img /= np.linalg.norm(img, axis=-1, keepdims=True)
-    return np.exp(float(params["logit_scale"])) * img @ txt.T
+    return np.exp(float(clip.params["logit_scale"])) * img @ txt.T
 
 
 @pytest.mark.parametrize(
