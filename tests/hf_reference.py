@@ -1,9 +1,10 @@
 """transformers' PyTorch ``CLIPModel`` as the independent reference for the frozen towers.
 
 :func:`torch_clip` builds it from a :class:`~jaxprompt.clip.Clip`'s config and holds the Clip's
-own parameters (which tests may have modified: sharpened kernels, float64), converted here from
+own parameters (which tests may have modified, e.g. sharpened kernels), converted here from
 Hugging Face's Flax layout to PyTorch's names by a mapping written for the tests, apart from the
-library's loader. Features are computed in float64.
+library's loader. The model runs in float32 (as the Flax reference it replaces did); features
+come back as float64 NumPy arrays.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def _torch_names(tree, prefix=""):
         if isinstance(v, dict) or hasattr(v, "items"):
             yield from _torch_names(v, name + ".")
             continue
-        a = np.asarray(v, np.float64)
+        a = np.asarray(v, np.float32)
         if k == "kernel" and a.ndim == 4:  # conv HWIO -> OIHW
             yield prefix + "weight", a.transpose(3, 2, 0, 1)
         elif k == "kernel":  # dense [in, out] -> Linear [out, in]
@@ -32,13 +33,14 @@ def _torch_names(tree, prefix=""):
 
 
 def torch_clip(clip):
-    """A float64, eval-mode PyTorch ``CLIPModel`` with ``clip``'s config and parameters."""
+    """An eval-mode PyTorch ``CLIPModel`` with ``clip``'s config and parameters (float32:
+    transformers' causal mask does not build in float64)."""
     import torch
     import transformers
 
     config = transformers.CLIPConfig.from_dict(json.loads(clip.spec.config_json))
-    model = transformers.CLIPModel(config).double().eval()
-    state = {k: torch.tensor(v) for k, v in _torch_names(clip.params)}
+    model = transformers.CLIPModel(config).eval()
+    state = {k: torch.tensor(v, dtype=torch.float32) for k, v in _torch_names(clip.params)}
     want = set(model.state_dict())
     extra = set(state) - want
     missing = {k for k in want - set(state) if not k.endswith("position_ids")}
@@ -63,7 +65,7 @@ def text_features(model, ids) -> np.ndarray:
 
     with torch.no_grad():
         out = model.get_text_features(input_ids=torch.tensor(np.asarray(ids), dtype=torch.long))
-    return _tensor(out).numpy()
+    return _tensor(out).numpy().astype(np.float64)
 
 
 def image_features(model, images) -> np.ndarray:
@@ -74,4 +76,4 @@ def image_features(model, images) -> np.ndarray:
     pix = torch.tensor(np.asarray(images).transpose(0, 3, 1, 2)).to(dtype)
     with torch.no_grad():
         out = model.get_image_features(pixel_values=pix)
-    return _tensor(out).numpy()
+    return _tensor(out).numpy().astype(np.float64)

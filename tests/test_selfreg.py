@@ -62,7 +62,7 @@ def _moved(prompt, seed=1, scale=0.3):
 
 @pytest.fixture(scope="module")
 def frozen(tiny_clip_dir, clip, batch):
-    """Frozen features through transformers' PyTorch CLIPModel (float64): the teacher (mean of
+    """Frozen features through transformers' PyTorch CLIPModel: the teacher (mean of
     unnormalised template features, normalised after) and the image features."""
     model = hf_reference.torch_clip(clip)
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import LOGIT_TOL
 
 import jaxprompt as jp
 from jaxprompt import checkpoint, losses
@@ -226,7 +227,7 @@ def test_batch_of_4_equals_4_single_episodes(setup, batched, tiny_clip, tiny_tas
             for b in range(B)
         ]
     )
-    np.testing.assert_allclose(batched["logits"], got, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(batched["logits"], got, **LOGIT_TOL)
     np.testing.assert_array_equal(batched["logits"].argmax(-1), got.argmax(-1))
 
 
@@ -389,7 +390,7 @@ def test_two_steps_reuse_the_step0_selection(setup, batched, tiny_clip, tiny_tas
     zero = jax.jit(lambda p, v: episodes(base, tx, p, tiny_clip, tiny_task, v, steps=0))(
         prompt, views
     )
-    np.testing.assert_allclose(zero, batched["initial"][:2], atol=1e-5)
+    np.testing.assert_allclose(zero, batched["initial"][:2], **LOGIT_TOL)
 
 
 def _batch_of_2_equals_single_episodes(base, seed, tiny_clip, tiny_task, setup):
@@ -402,7 +403,7 @@ def _batch_of_2_equals_single_episodes(base, seed, tiny_clip, tiny_task, setup):
     )(prompt, views)
     single = jax.jit(lambda p, v: episode(base, tx, p, tiny_clip, tiny_task, v, keep=0.25))
     for b in range(2):
-        np.testing.assert_allclose(out["logits"][b], single(prompt, views[b]), atol=1e-5)
+        np.testing.assert_allclose(out["logits"][b], single(prompt, views[b]), **LOGIT_TOL)
     return prompt, out
 
 
@@ -431,7 +432,7 @@ def test_method_logits_and_loss(tiny_clip, tiny_task, setup):
             m.config["base"], adamw_torch(), p, tiny_clip, tiny_task, v, keep=0.25
         )
     )(prompt, views)
-    np.testing.assert_allclose(z, want, atol=1e-5)
+    np.testing.assert_allclose(z, want, **LOGIT_TOL)
     # Plain images: views made on device (16 per image), one episode each.
     z4 = m.logits(prompt, tiny_clip, tiny_task, views[:, 0], key=jax.random.key(1))
     assert z4.shape == (2, len(tiny_task)) and np.all(np.isfinite(z4))
@@ -464,7 +465,7 @@ def test_sharded_over_devices_equals_one_device(batched_fn, batched, setup, tiny
     rep = sharding.replicate((setup["prompt"], tiny_clip, tiny_task), mesh)
     out = batched_fn(*rep, views)
     assert len(out["logits"].sharding.device_set) == B
-    np.testing.assert_allclose(np.asarray(out["logits"]), batched["logits"], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["logits"]), batched["logits"], **LOGIT_TOL)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import LOGIT_TOL
 
 import jaxprompt as jp
 from jaxprompt import checkpoint, share
@@ -84,11 +85,10 @@ def views(tiny_clip):
 # the logits by several units, so a wrong carry is caught by orders of magnitude.
 TX = adamw_torch(2e-2, eps=0.1)
 
-# Logits are 100 x a cosine of float32 features (|z| up to ~40 here). Two float32 computations
-# of them in different orders (one jitted image-tower call for all B x V views against V views
-# per sample, eagerly) differ by about 1e-6 relative already at the first sample, where nothing
-# is carried (measured 2e-5 absolute). Ten times that, relative to the logit, is the tolerance.
-LOGIT_RTOL, LOGIT_ATOL = 1e-5, 1e-5
+# Logits: conftest.LOGIT_TOL (1e-5 relative to the logit, ten times the rounding of either
+# side). Measured here: 2e-5 apart on |z| ~ 30 already at the first sample, where nothing is
+# carried, from the two batchings of the image tower (one jitted call for all B x V views
+# against V views per sample, eagerly).
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def test_online_equals_a_python_loop_that_carries_the_prompt(
         base, TX, prompt, tiny_clip, tiny_task, views, steps=2, carry_optimizer=carry_optimizer
     )
     np.testing.assert_allclose(
-        np.asarray(out["logits"]), want, rtol=LOGIT_RTOL, atol=LOGIT_ATOL
+        np.asarray(out["logits"]), want, **LOGIT_TOL
     )  # measured 2.3e-5 on |z| ~ 30 (a tenth of the tolerance)
     # The context itself: 1e-7 apart after 8 steps (measured), the tolerance 2e-5.
     np.testing.assert_allclose(np.asarray(out["prompt"]["ctx"]), p_end["ctx"], atol=2e-5)
@@ -142,7 +142,7 @@ def test_online_equals_a_python_loop_that_carries_the_prompt(
         second = fn(first["prompt"], views[2:])
     halves = np.concatenate([np.asarray(first["logits"]), np.asarray(second["logits"])])
     np.testing.assert_allclose(
-        halves, np.asarray(out["logits"]), rtol=LOGIT_RTOL, atol=LOGIT_ATOL
+        halves, np.asarray(out["logits"]), **LOGIT_TOL
     )  # the eager second half against the jitted whole: 1.1e-5 measured
 
 
@@ -169,9 +169,7 @@ def test_online_mask_leaves_the_carry_and_method_option(tiny_clip, tiny_task, vi
     want = jax.jit(
         lambda p, v: online_episodes(base, tx, p, tiny_clip, tiny_task, v, steps=1, keep=KEEP)
     )(prompt, views)
-    np.testing.assert_allclose(
-        np.asarray(got), np.asarray(want["logits"]), rtol=LOGIT_RTOL, atol=LOGIT_ATOL
-    )
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want["logits"]), **LOGIT_TOL)
     episodic = jp.methods.get("tpt", base=base, views=V, keep=KEEP)
     assert episodic.config["reset"] == "episodic"
     one = jax.jit(lambda p, v: episode(base, tx, p, tiny_clip, tiny_task, v, keep=KEEP))(
@@ -180,8 +178,7 @@ def test_online_mask_leaves_the_carry_and_method_option(tiny_clip, tiny_task, vi
     np.testing.assert_allclose(
         np.asarray(jax.jit(episodic.logits)(prompt, tiny_clip, tiny_task, views))[2],
         np.asarray(one),
-        rtol=LOGIT_RTOL,
-        atol=LOGIT_ATOL,
+        **LOGIT_TOL,
     )
     with pytest.raises(ValueError, match="reset"):
         jp.methods.get("tpt", reset="sometimes")
@@ -288,7 +285,7 @@ def test_ivlp_tuned_logits_equal_a_manual_loop(tiny_clip, tiny_task, views):
     want, tuned, _ = sequential(
         base, TX, prompt, tiny_clip, tiny_task, views[:1], steps=1, carry_optimizer=False
     )
-    np.testing.assert_allclose(np.asarray(got), want[0], rtol=LOGIT_RTOL, atol=LOGIT_ATOL)
+    np.testing.assert_allclose(np.asarray(got), want[0], **LOGIT_TOL)
     # Every leaf moved, the vision prompts included.
     for k in ("ctx", "vision_ctx", "deep_text", "deep_vision"):
         assert not np.allclose(np.asarray(tuned[k]), np.asarray(prompt[k])), k
@@ -310,7 +307,7 @@ def test_bayes_base_tunes_mean_and_variance_deterministically(tiny_clip, tiny_ta
     want, _, _ = sequential(
         base, TX, prompt, tiny_clip, tiny_task, views[:2], steps=1, carry_optimizer=False
     )
-    np.testing.assert_allclose(np.asarray(a["logits"]), want, rtol=LOGIT_RTOL, atol=LOGIT_ATOL)
+    np.testing.assert_allclose(np.asarray(a["logits"]), want, **LOGIT_TOL)
 
 
 BASES = {
