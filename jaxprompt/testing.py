@@ -190,25 +190,35 @@ def clip_config(vocab_size: int, *, preset: str = "tiny", **overrides: int) -> d
     }
 
 
-def random_clip_params(config: dict[str, Any], *, seed: int = 0) -> dict[str, Any]:
+def random_clip_params(
+    config: dict[str, Any], *, seed: int = 0, init: str = "flax"
+) -> dict[str, Any]:
     """Random CLIP parameters in Hugging Face's Flax layout (float32 NumPy), of every shape
     :func:`jaxprompt.clip.model.param_shapes` lists for ``config``.
 
-    The scales follow CLIP's initialisation as Hugging Face writes it: embeddings 0.02 (the
-    vision class token ``width**-0.5``), attention and MLP inputs ``width**-0.5`` shrunk by
-    ``(2 * layers)**-0.5``, attention outputs ``width**-0.5``, projections ``width**-0.5``;
-    biases 0, LayerNorms scale 1 and bias 0; logit scale ``log(100)``.
+    Biases are 0, LayerNorms scale 1 and bias 0, the logit scale ``log(100)``. The other scales
+    follow one of Hugging Face's two CLIP initialisations (the tests were tuned on each, for
+    the formats that transformers' Flax and PyTorch classes used to write):
+
+    * ``init="flax"``: token, position and patch embeddings and every attention and MLP kernel
+      0.01, the class token and both projections 0.02;
+    * ``init="pytorch"``: embeddings 0.02, the class token ``width**-0.5``, attention and MLP
+      inputs to the residual stream ``width**-0.5 * (2 * layers)**-0.5``, attention outputs
+      ``width**-0.5``, the first MLP layer ``(2 * width)**-0.5``, projections ``width**-0.5``
+      (features about ten times larger).
     """
     from jaxprompt import hf_checkpoint
     from jaxprompt.clip.model import full_config, param_shapes
 
+    if init not in ("flax", "pytorch"):
+        raise ValueError(f"init must be 'flax' or 'pytorch', got {init!r}")
     c = full_config(config)
     rng = np.random.default_rng(seed)
     flat: dict[str, np.ndarray] = {}
     for name, shape in param_shapes(c).items():
         tower = c["text_config"] if name.startswith("text") else c["vision_config"]
         width = int(tower["hidden_size"])
-        depth_scale = (2 * int(tower["num_hidden_layers"])) ** -0.5
+        residual = width**-0.5 * (2 * int(tower["num_hidden_layers"])) ** -0.5
         leaf = name.rsplit("/", 1)[-1]
         if name == "logit_scale":
             value = np.asarray(np.log(100.0))
@@ -216,18 +226,19 @@ def random_clip_params(config: dict[str, Any], *, seed: int = 0) -> dict[str, An
             value = np.ones(shape)
         elif leaf == "bias":
             value = np.zeros(shape)
+        elif init == "flax":
+            big = name.endswith(("class_embedding", "projection/kernel"))
+            value = rng.normal(0, 0.02 if big else 0.01, shape)
         elif name.endswith("class_embedding"):
             value = rng.normal(0, width**-0.5, shape)
         elif leaf == "embedding" or name.endswith("patch_embedding/kernel"):
             value = rng.normal(0, 0.02, shape)
-        elif name.endswith("projection/kernel"):
-            value = rng.normal(0, width**-0.5, shape)
-        elif "/out_proj/" in name:
+        elif name.endswith("projection/kernel") or "/out_proj/" in name:
             value = rng.normal(0, width**-0.5, shape)
         elif "/fc1/" in name:
             value = rng.normal(0, (2 * width) ** -0.5, shape)
         else:  # q, k, v and fc2: the inputs to the residual stream
-            value = rng.normal(0, width**-0.5 * depth_scale, shape)
+            value = rng.normal(0, residual, shape)
         flat[name] = np.asarray(value, np.float32)
     return hf_checkpoint._nest(flat)
 
@@ -303,7 +314,8 @@ def save_random_clip(
       directory: output directory.
       words: vocabulary words for :func:`save_word_tokenizer`.
       preset: ``"tiny"``, ``"toy"`` or ``"vit-b/16"`` (shapes only; weights are random).
-      seed: initialisation seed (:func:`random_clip_params`).
+      seed: initialisation seed (:func:`random_clip_params`; the scales of Hugging Face's
+        Flax initialisation for ``"flax"``, of its PyTorch one for the PyTorch formats).
       weights: ``"flax"`` (flax_model.msgpack), ``"safetensors"`` (no torch needed) or
         ``"bin"`` (needs torch to write).
       **overrides: any preset field (e.g. ``text_layers=4``).
@@ -316,7 +328,11 @@ def save_random_clip(
     directory = os.fspath(directory)
     vocab_size = save_word_tokenizer(directory, words)
     config = clip_config(vocab_size, preset=preset, **overrides)
-    save_clip_weights(directory, config, random_clip_params(config, seed=seed), weights=weights)
+    # The initialisation transformers' class for each format used to draw (see
+    # random_clip_params): what the tests' tolerances and thresholds were tuned on.
+    init = "flax" if weights == "flax" else "pytorch"
+    params = random_clip_params(config, seed=seed, init=init)
+    save_clip_weights(directory, config, params, weights=weights)
     return directory
 
 

@@ -42,12 +42,15 @@ def saved(tmp_path_factory):
     """The same random tiny CLIP saved in each weights format (``.bin`` needs torch)."""
     root = tmp_path_factory.mktemp("formats")
     out = {}
+    params = None
     for weights in ("flax", "safetensors", "bin"):
         if weights == "bin" and not _has_torch():
             continue
-        out[weights] = testing.save_random_clip(
-            root / weights, words=TINY_WORDS, seed=3, weights=weights
-        )
+        d = str(root / weights)
+        config = testing.clip_config(testing.save_word_tokenizer(d, TINY_WORDS))
+        params = params or testing.random_clip_params(config, seed=3, init="pytorch")
+        testing.save_clip_weights(d, config, params, weights=weights)
+        out[weights] = d
     return out
 
 
