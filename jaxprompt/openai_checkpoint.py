@@ -10,10 +10,11 @@ module class (``__torch__.*``) becomes an inert record of its attributes. Anythi
 ``os.system``) is refused before it is called. torch is not needed.
 
 :func:`read_state_dict` returns the tensors under OpenAI's names; :func:`convert` turns a CLIP
-into Hugging Face's ``CLIPConfig`` arguments and a parameter tree, inferring the sizes from the
-tensor shapes (heads are ``width // 64``, as in every OpenAI model): a ViT goes entirely to
-FlaxCLIP's layout (:func:`convert_vit`); a modified ResNet (RN50, RN101, ...) keeps the text
-tower in that layout and its image tower in :mod:`jaxprompt.resnet`'s (:func:`convert_resnet`).
+into a Hugging Face CLIP ``config.json`` mapping and a parameter tree, inferring the sizes from
+the tensor shapes (heads are ``width // 64``, as in every OpenAI model): a ViT goes entirely to
+Hugging Face's Flax CLIP layout (:func:`convert_vit`); a modified ResNet (RN50, RN101, ...)
+keeps the text tower in that layout and its image tower in :mod:`jaxprompt.resnet`'s
+(:func:`convert_resnet`).
 """
 
 from __future__ import annotations
@@ -320,8 +321,9 @@ def convert_vit(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, An
     """Converts an OpenAI ViT CLIP state dict to Hugging Face's layout.
 
     Returns:
-      ``(config_kwargs, params)``: keyword arguments for ``transformers.CLIPConfig`` (with
-      ``text_config`` / ``vision_config`` dicts) and the FlaxCLIP parameter tree (float32).
+      ``(config_kwargs, params)``: the CLIP ``config.json`` entries (with ``text_config`` /
+      ``vision_config`` dicts) and the parameter tree in Hugging Face's Flax CLIP layout
+      (float32).
 
     Raises:
       CheckpointError: a ResNet image tower (use :func:`convert_resnet`) or missing tensors.

@@ -30,7 +30,9 @@ __all__ = [
     "clip_config",
     "openai_resnet_tensors",
     "openai_text_tensors",
+    "random_clip_params",
     "random_openai_resnet",
+    "save_clip_weights",
     "save_random_clip",
     "save_torchscript",
     "save_word_tokenizer",
@@ -129,45 +131,168 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def clip_config(vocab_size: int, *, preset: str = "tiny", **overrides: int) -> Any:
-    """A Hugging Face ``CLIPConfig`` of a preset's shapes (QuickGELU, logit scale 100).
+def clip_config(vocab_size: int, *, preset: str = "tiny", **overrides: int) -> dict[str, Any]:
+    """A CLIP ``config.json`` (Hugging Face's layout, as a plain dict) of a preset's shapes:
+    QuickGELU, logit scale 100.
 
-    The tokenizer's start and end ids are the last two of the vocabulary, as
-    :func:`save_word_tokenizer` writes them.
+    ``transformers.CLIPConfig(**config)`` and ``CLIPModel.from_pretrained`` of a directory
+    holding it accept it. The tokenizer's start and end ids are the last two of the
+    vocabulary, as :func:`save_word_tokenizer` writes them.
     """
-    transformers = _quiet_transformers()
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     shape = {**PRESETS[preset], **overrides}
-    text = transformers.CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=shape["text_width"],
-        intermediate_size=4 * shape["text_width"],
-        num_hidden_layers=shape["text_layers"],
-        num_attention_heads=shape["text_heads"],
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-        projection_dim=shape["embed_dim"],
-    )
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=shape["vision_width"],
-        intermediate_size=4 * shape["vision_width"],
-        num_hidden_layers=shape["vision_layers"],
-        num_attention_heads=shape["vision_heads"],
-        image_size=shape["image_size"],
-        patch_size=shape["patch_size"],
-        hidden_act="quick_gelu",
-        projection_dim=shape["embed_dim"],
-    )
-    return transformers.CLIPConfig(
-        text_config=text.to_dict(),
-        vision_config=vision.to_dict(),
-        projection_dim=shape["embed_dim"],
-        logit_scale_init_value=float(np.log(100.0)),
-    )
+    unknown = sorted(set(shape) - set(PRESETS[preset]))
+    if unknown:
+        raise ValueError(
+            f"unknown preset field(s) {unknown}; choose from {sorted(PRESETS['tiny'])}"
+        )
+    # Initialiser entries are written out because transformers' PyTorch CLIP reads them.
+    init = {"attention_dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02}
+    text = {
+        "model_type": "clip_text_model",
+        "vocab_size": vocab_size,
+        "hidden_size": shape["text_width"],
+        "intermediate_size": 4 * shape["text_width"],
+        "num_hidden_layers": shape["text_layers"],
+        "num_attention_heads": shape["text_heads"],
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+        "projection_dim": shape["embed_dim"],
+        **init,
+    }
+    vision = {
+        "model_type": "clip_vision_model",
+        "hidden_size": shape["vision_width"],
+        "intermediate_size": 4 * shape["vision_width"],
+        "num_hidden_layers": shape["vision_layers"],
+        "num_attention_heads": shape["vision_heads"],
+        "num_channels": 3,
+        "image_size": shape["image_size"],
+        "patch_size": shape["patch_size"],
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": shape["embed_dim"],
+        **init,
+    }
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": shape["embed_dim"],
+        "logit_scale_init_value": float(np.log(100.0)),
+        "initializer_factor": 1.0,
+        "text_config": text,
+        "vision_config": vision,
+    }
+
+
+def random_clip_params(
+    config: dict[str, Any], *, seed: int = 0, init: str = "flax"
+) -> dict[str, Any]:
+    """Random CLIP parameters in Hugging Face's Flax layout (float32 NumPy), of every shape
+    :func:`jaxprompt.clip.model.param_shapes` lists for ``config``.
+
+    Biases are 0, LayerNorms scale 1 and bias 0, the logit scale ``log(100)``. The other scales
+    follow one of Hugging Face's two CLIP initialisations (the tests were tuned on each, for
+    the formats that transformers' Flax and PyTorch classes used to write):
+
+    * ``init="flax"``: token, position and patch embeddings and every attention and MLP kernel
+      0.01, the class token and both projections 0.02;
+    * ``init="pytorch"``: embeddings 0.02, the class token ``width**-0.5``, attention and MLP
+      inputs to the residual stream ``width**-0.5 * (2 * layers)**-0.5``, attention outputs
+      ``width**-0.5``, the first MLP layer ``(2 * width)**-0.5``, projections ``width**-0.5``
+      (features about ten times larger).
+    """
+    from jaxprompt import hf_checkpoint
+    from jaxprompt.clip.model import full_config, param_shapes
+
+    if init not in ("flax", "pytorch"):
+        raise ValueError(f"init must be 'flax' or 'pytorch', got {init!r}")
+    c = full_config(config)
+    rng = np.random.default_rng(seed)
+    flat: dict[str, np.ndarray] = {}
+    for name, shape in param_shapes(c).items():
+        tower = c["text_config"] if name.startswith("text") else c["vision_config"]
+        width = int(tower["hidden_size"])
+        residual = width**-0.5 * (2 * int(tower["num_hidden_layers"])) ** -0.5
+        leaf = name.rsplit("/", 1)[-1]
+        if name == "logit_scale":
+            value = np.asarray(np.log(100.0))
+        elif leaf == "scale":
+            value = np.ones(shape)
+        elif leaf == "bias":
+            value = np.zeros(shape)
+        elif init == "flax":
+            big = name.endswith(("class_embedding", "projection/kernel"))
+            value = rng.normal(0, 0.02 if big else 0.01, shape)
+        elif name.endswith("class_embedding"):
+            value = rng.normal(0, width**-0.5, shape)
+        elif leaf == "embedding" or name.endswith("patch_embedding/kernel"):
+            value = rng.normal(0, 0.02, shape)
+        elif name.endswith("projection/kernel") or "/out_proj/" in name:
+            value = rng.normal(0, width**-0.5, shape)
+        elif "/fc1/" in name:
+            value = rng.normal(0, (2 * width) ** -0.5, shape)
+        else:  # q, k, v and fc2: the inputs to the residual stream
+            value = rng.normal(0, residual, shape)
+        flat[name] = np.asarray(value, np.float32)
+    return hf_checkpoint._nest(flat)
+
+
+def save_clip_weights(
+    directory: str | os.PathLike,
+    config: dict[str, Any],
+    params: Any,
+    *,
+    weights: str = "flax",
+) -> str:
+    """Writes ``config.json`` and CLIP parameters in Hugging Face's Flax layout to a directory,
+    as ``flax_model.msgpack`` (``weights="flax"``), ``model.safetensors`` or
+    ``pytorch_model.bin`` (PyTorch names, for transformers' ``CLIPModel`` too; ``"bin"``
+    needs torch to write).
+
+    Returns:
+      The weights file's path.
+    """
+    import json
+
+    from jaxprompt import hf_checkpoint
+
+    if weights not in ("flax", "safetensors", "bin"):
+        raise ValueError(f"weights must be 'flax', 'safetensors' or 'bin', got {weights!r}")
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    tree = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    # Stale weights of another format would win the loader's preference order.
+    for name in hf_checkpoint.WEIGHT_FILES:
+        if os.path.exists(os.path.join(directory, name)):
+            os.remove(os.path.join(directory, name))
+    if weights == "flax":
+        import flax.serialization
+
+        path = os.path.join(directory, "flax_model.msgpack")
+        with open(path, "wb") as f:
+            f.write(flax.serialization.msgpack_serialize(tree))
+        return path
+    tensors = hf_checkpoint.to_torch(tree)
+    if weights == "safetensors":
+        import safetensors.numpy
+
+        path = os.path.join(directory, "model.safetensors")
+        # transformers refuses safetensors files without a "format" entry.
+        safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
+        return path
+    import torch
+
+    path = os.path.join(directory, "pytorch_model.bin")
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, path)
+    return path
 
 
 def save_random_clip(
@@ -181,39 +306,33 @@ def save_random_clip(
 ) -> str:
     """Saves a randomly initialised CLIP and a word tokenizer in Hugging Face format.
 
-    The result loads through :func:`load_clip` exactly like a downloaded checkpoint; this is how
-    tests and benchmarks get a model on a machine without hub access.
+    The result loads through :func:`load_clip` exactly like a downloaded checkpoint (and, as
+    ``"safetensors"`` or ``"bin"``, through transformers' ``CLIPModel.from_pretrained``); this
+    is how tests and benchmarks get a model on a machine without hub access.
 
     Args:
       directory: output directory.
       words: vocabulary words for :func:`save_word_tokenizer`.
-      preset: ``"tiny"`` or ``"vit-b/16"`` (shapes only; weights are random).
-      seed: initialisation seed.
-      weights: ``"flax"`` (flax_model.msgpack), ``"safetensors"`` or ``"bin"`` (PyTorch
-        formats; need torch to write).
+      preset: ``"tiny"``, ``"toy"`` or ``"vit-b/16"`` (shapes only; weights are random).
+      seed: initialisation seed (:func:`random_clip_params`; the scales of Hugging Face's
+        Flax initialisation for ``"flax"``, of its PyTorch one for the PyTorch formats).
+      weights: ``"flax"`` (flax_model.msgpack), ``"safetensors"`` (no torch needed) or
+        ``"bin"`` (needs torch to write).
       **overrides: any preset field (e.g. ``text_layers=4``).
 
     Returns:
       The directory, as a string.
     """
-    transformers = _quiet_transformers()
+    if weights not in ("flax", "safetensors", "bin"):
+        raise ValueError(f"weights must be 'flax', 'safetensors' or 'bin', got {weights!r}")
     directory = os.fspath(directory)
     vocab_size = save_word_tokenizer(directory, words)
     config = clip_config(vocab_size, preset=preset, **overrides)
-    if weights == "flax":
-        model = transformers.FlaxCLIPModel(config, _do_init=False)
-        # Jitted init: Hugging Face's eager init compiles op by op and is several times slower.
-        init = jax.jit(model.init_weights, static_argnums=1)
-        params = init(jax.random.key(seed), model.input_shape)
-        model.save_pretrained(directory, params=params)
-    elif weights in ("safetensors", "bin"):
-        import torch
-
-        torch.manual_seed(seed)
-        model = transformers.CLIPModel(config)
-        model.save_pretrained(directory, safe_serialization=weights == "safetensors")
-    else:
-        raise ValueError(f"weights must be 'flax', 'safetensors' or 'bin', got {weights!r}")
+    # The initialisation transformers' class for each format used to draw (see
+    # random_clip_params): what the tests' tolerances and thresholds were tuned on.
+    init = "flax" if weights == "flax" else "pytorch"
+    params = random_clip_params(config, seed=seed, init=init)
+    save_clip_weights(directory, config, params, weights=weights)
     return directory
 
 

@@ -28,6 +28,13 @@ from jaxprompt import testing
 
 ATOL = 1e-5
 
+
+def _features(out) -> np.ndarray:
+    """``CLIPModel.get_*_features``'s result as NumPy: transformers 4 returns the projected
+    tensor, transformers 5 a model output holding it as ``pooler_output``."""
+    return (out if hasattr(out, "numpy") else out.pooler_output).numpy()
+
+
 # ------------------------------------------------------------------------------------------------
 # An independent CLIP BPE tokenizer (the reference)
 # ------------------------------------------------------------------------------------------------
@@ -286,8 +293,8 @@ def test_openai_checkpoint_features_equal_pytorch_clip(kind, openai_files, pt_mo
         ref_i = pt_model.get_image_features(pixel_values=torch.tensor(images.transpose(0, 3, 1, 2)))
     ids, eot = clip_lib.tokenize(clip, texts)
     got_t = clip_lib.encode_token_ids(clip, jnp.asarray(ids), jnp.asarray(eot))
-    np.testing.assert_allclose(got_t, ref_t.numpy(), atol=ATOL)
-    np.testing.assert_allclose(clip_lib.encode_image(clip, images), ref_i.numpy(), atol=ATOL)
+    np.testing.assert_allclose(got_t, _features(ref_t), atol=ATOL)
+    np.testing.assert_allclose(clip_lib.encode_image(clip, images), _features(ref_i), atol=ATOL)
     np.testing.assert_allclose(
         float(clip_lib.logit_scale(clip)), float(pt_model.logit_scale.detach().exp()), rtol=1e-6
     )

@@ -3,6 +3,7 @@ trees in memory."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -11,8 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprompt import backbones
-from jaxprompt.clip.model import CheckpointLoadError, Clip, ClipLoadError, spec_from_config
+from jaxprompt import backbones, hf_checkpoint
+from jaxprompt.clip.model import (
+    CheckpointLoadError,
+    Clip,
+    ClipLoadError,
+    full_config,
+    param_shapes,
+    spec_from_config,
+)
 from jaxprompt.clip.tokens import openai_tokenizer, quiet_transformers
 
 PyTree = Any
@@ -20,6 +28,9 @@ PyTree = Any
 _FLAX_WEIGHTS = "flax_model.msgpack"
 _SAFE_WEIGHTS = "model.safetensors"
 _TORCH_WEIGHTS = "pytorch_model.bin"
+_CONFIG = "config.json"
+# The ViT image tower's parameters: a ResNet checkpoint brings jaxprompt.resnet's instead.
+_VIT_IMAGE_TOWER = ("vision_model", "visual_projection")
 
 
 def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Clip:
@@ -29,15 +40,15 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
       name_or_path: one of OpenAI's model names (``"RN50"``, ``"ViT-B/16"``, ...; looked up
         as its checkpoint file in ``$JAXPROMPT_CLIP_DIR`` then ``~/.cache/clip``, a ViT
         falling back to its hub id: :func:`jaxprompt.backbones.resolve`), a Hugging Face hub
-        id (e.g. ``"openai/clip-vit-base-patch16"``), a local
-        directory in Hugging Face format holding ``flax_model.msgpack``, ``model.safetensors``
-        or ``pytorch_model.bin`` (PyTorch weights are converted on load; ``.bin`` needs torch)
-        and the tokenizer files, or an OpenAI-format checkpoint file (``ViT-B-16.pt``: a
-        TorchScript archive or a ``torch.save`` state dict), read without running code from it
-        and without torch, with the CLIP BPE vocabulary shipped with jaxprompt as its tokenizer.
-        ViT checkpoints become FlaxCLIP models; ResNet ones (``RN50.pt``, ``RN101.pt``, ...)
-        keep the FlaxCLIP text tower and get :mod:`jaxprompt.resnet`'s image tower, frozen in
-        inference mode (BatchNorm from the running statistics).
+        id (e.g. ``"openai/clip-vit-base-patch16"``, through the hub's local cache), a local
+        directory in Hugging Face format holding ``config.json``, the tokenizer files and
+        ``model.safetensors``, ``pytorch_model.bin`` or ``flax_model.msgpack`` (read in that
+        preference, all without torch: :mod:`jaxprompt.hf_checkpoint`), or an OpenAI-format
+        checkpoint file (``ViT-B-16.pt``: a TorchScript archive or a ``torch.save`` state
+        dict), read without running code from it and without torch, with the CLIP BPE
+        vocabulary shipped with jaxprompt as its tokenizer. ResNet checkpoints (``RN50.pt``,
+        ``RN101.pt``, ...) get :mod:`jaxprompt.resnet`'s image tower, frozen in inference mode
+        (BatchNorm from the running statistics).
       dtype: compute dtype of the frozen towers, ``"float32"`` (default, and what CPU tests
         use) or ``"bfloat16"`` (accelerators). Prompts, logits and losses stay float32.
 
@@ -45,10 +56,10 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
       A :class:`Clip`.
 
     Raises:
-      ClipLoadError: with a one-line message naming the fix (missing weights, offline hub,
-        torch needed for ``.bin`` weights).
-      CheckpointLoadError: (also a ``ValueError``) an OpenAI-format file that is unreadable,
-        asks to run code, or is not a CLIP.
+      ClipLoadError: with a one-line message naming the fix (missing weights or config, offline
+        hub, unreadable tokenizer).
+      CheckpointLoadError: (also a ``ValueError``) a weights file that is unreadable or
+        truncated, asks to run code, lacks tensors or has shapes that do not fit the config.
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
@@ -58,46 +69,20 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
         path = os.path.expanduser(backbones.resolve(name_or_path))
     except backbones.CheckpointNotFoundError as e:
         raise ClipLoadError(str(e)) from None
-    transformers = quiet_transformers()
-    kwargs: dict[str, Any] = {}
     if os.path.isdir(path):
-        files = set(os.listdir(path))
-        if _FLAX_WEIGHTS in files:
-            pass
-        elif _SAFE_WEIGHTS in files:
-            kwargs["from_pt"] = True
-        elif _TORCH_WEIGHTS in files:
-            import importlib.util
-
-            if importlib.util.find_spec("torch") is None:
-                raise ClipLoadError(
-                    f"{path} has only PyTorch .bin weights: install torch "
-                    "(pip install 'jaxprompt[torch]') or save them as model.safetensors"
-                )
-            kwargs["from_pt"] = True
-        else:
-            raise ClipLoadError(
-                f"no CLIP weights in {path}: expected {_FLAX_WEIGHTS}, {_SAFE_WEIGHTS} or "
-                f"{_TORCH_WEIGHTS} (save a model there with save_pretrained)"
-            )
-    elif os.path.isfile(path):
+        return _load_hf_dir(path, name=str(name_or_path), dtype=dtype)
+    if os.path.isfile(path):
         return _load_openai(path, name=str(name_or_path), dtype=dtype)
-    elif os.path.exists(path) or path.startswith((".", "/", "~")):
+    if os.path.exists(path) or path.startswith((".", "/", "~")):
         raise ClipLoadError(f"{path} is not a directory: pass a Hugging Face model directory")
-    elif not _hub_reachable():
-        # Offline, the hub client retries for most of a minute before failing: read the local
-        # cache only, which fails at once when the model is not there.
-        kwargs["local_files_only"] = True
+    # Offline, the hub client retries for most of a minute before failing: read the local
+    # cache only, which fails at once when the model is not there.
+    local_only = not _hub_reachable()
     try:
-        model, params = _from_pretrained(transformers, path, kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            path, local_files_only=kwargs.get("local_files_only", False)
-        )
-    except ClipLoadError:
-        raise
+        directory = hf_checkpoint.snapshot(path, local_only=local_only)
     except Exception as e:  # noqa: BLE001 - turn hub/IO errors into one actionable line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if kwargs.get("local_files_only"):
+        if local_only:
             raise ClipLoadError(
                 f"could not load CLIP {path!r}: the model hub is unreachable and the model is "
                 "not in the local cache; pass a local directory in Hugging Face format, or set "
@@ -107,7 +92,63 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
             f"could not load CLIP {path!r} ({first[:160]}): pass a local directory in Hugging "
             "Face format, or set HF_HOME to a cache that holds it (no network access here?)"
         ) from e
-    return from_params(model.config, params, tokenizer, name=str(name_or_path), dtype=dtype)
+    return _load_hf_dir(directory, name=str(name_or_path), dtype=dtype)
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """A Hugging Face CLIP directory's ``config.json`` as a plain dict (not yet filled in with
+    defaults: :func:`jaxprompt.clip.model.full_config` does that).
+
+    Raises:
+      ClipLoadError: no ``config.json``, not JSON, or not a CLIP config (one line).
+    """
+    file = os.path.join(os.fspath(directory), _CONFIG)
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ClipLoadError(
+            f"{directory} has no {_CONFIG}: save the model with save_pretrained, which writes it"
+        ) from None
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ClipLoadError(f"could not read {file} as JSON ({first[:120]})") from None
+    if not isinstance(config, dict):
+        raise ClipLoadError(f"{file} is not a JSON object: not a model config")
+    kind = config.get("model_type", "clip")
+    if kind != "clip":
+        raise ClipLoadError(
+            f"{file} describes a {kind!r} model, not CLIP: pass a CLIPModel checkpoint"
+        )
+    return config
+
+
+def _load_hf_dir(directory: str, *, name: str, dtype: str) -> Clip:
+    """A Hugging Face CLIP directory: config.json, the preferred weights file, the tokenizer."""
+    try:
+        weights = hf_checkpoint.find_weights(directory)
+    except hf_checkpoint.CheckpointError:
+        raise ClipLoadError(
+            f"no CLIP weights in {directory}: expected {_SAFE_WEIGHTS}, {_TORCH_WEIGHTS} or "
+            f"{_FLAX_WEIGHTS} (save a model there with save_pretrained)"
+        ) from None
+    config = read_config(directory)
+    try:
+        params = hf_checkpoint.to_flax(
+            hf_checkpoint.read_weights(weights), param_shapes(config), source=weights
+        )
+    except hf_checkpoint.CheckpointError as e:
+        raise CheckpointLoadError(str(e)) from None
+    transformers = quiet_transformers()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # noqa: BLE001 - tokenizer files missing or unreadable: one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ClipLoadError(
+            f"could not load the tokenizer in {directory} ({first[:160]}): save it there with "
+            "tokenizer.save_pretrained"
+        ) from None
+    return from_params(config, params, tokenizer, name=name, dtype=dtype)
 
 
 def _load_openai(path: str, *, name: str, dtype: str) -> Clip:
@@ -129,7 +170,7 @@ def from_openai_state_dict(
     OpenAI's ``CLIP.state_dict()``: ``visual.conv1.weight``, ``transformer.resblocks.0...``;
     arrays or anything ``np.asarray`` takes).
 
-    A ViT is converted to the Hugging Face layout; a modified ResNet keeps the FlaxCLIP text
+    A ViT is converted to the Hugging Face layout; a modified ResNet keeps the ViT CLIP's text
     tower and gets :mod:`jaxprompt.resnet`'s image tower. The tokenizer is the CLIP BPE
     vocabulary shipped with jaxprompt (OpenAI's checkpoints carry none). :func:`load_clip` ends
     here for ``.pt`` files.
@@ -151,21 +192,18 @@ def from_openai_state_dict(
         config_kwargs, params = oc.convert(sd)
     except oc.CheckpointError as e:
         raise CheckpointLoadError(str(e)) from None
-    transformers = quiet_transformers()
-    config = transformers.CLIPConfig(**config_kwargs)
+    config = full_config(config_kwargs)
     if "resnet_layers" in config_kwargs["vision_config"]:
-        # The image tower is jaxprompt.resnet's; the text tower is FlaxCLIP's, checked below.
+        # The image tower is jaxprompt.resnet's; the text tower is CLIP's, checked below.
         vision, params = (
             params["vision_model"],
             {k: v for k, v in params.items() if k != "vision_model"},
         )
     else:
         vision = None
-    model = transformers.FlaxCLIPModel(config, _do_init=False)
-    shapes = dict(model.params_shape_tree)
+    want = param_shapes(config)
     if vision is not None:
-        shapes = {k: v for k, v in shapes.items() if k not in ("vision_model", "visual_projection")}
-    want = {k: v.shape for k, v in _flat_items(shapes)}
+        want = {k: v for k, v in want.items() if k.split("/")[0] not in _VIT_IMAGE_TOWER}
     got = {k: np.shape(v) for k, v in _flat_items(params)}
     if want != got:
         bad = sorted(set(want.items()) ^ set(got.items()))[0]
@@ -228,61 +266,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
-
-
-def _from_pretrained(transformers, path: str, kwargs: dict[str, Any]):
-    """Returns ``(model, params)`` without initialising random weights first.
-
-    Hugging Face's own from_pretrained initialises a random model before converting PyTorch
-    weights, which on a CPU takes minutes for ViT-B/16; we call its converter with the shape tree
-    instead.
-    """
-    cls = transformers.FlaxCLIPModel
-    local = bool(kwargs.get("local_files_only"))
-    if not kwargs.get("from_pt"):
-        try:
-            model, params = cls.from_pretrained(path, _do_init=False, local_files_only=local)
-            return model, jax.tree.map(np.asarray, dict(params))
-        except OSError as e:
-            # A hub repository may hold only PyTorch weights: fetch those and convert them.
-            if "from_pt=True" not in str(e) or os.path.isdir(path):
-                raise
-            import huggingface_hub
-
-            path = huggingface_hub.snapshot_download(
-                path,
-                allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"],
-                local_files_only=local,
-            )
-    from types import SimpleNamespace
-
-    from transformers.modeling_flax_pytorch_utils import load_pytorch_checkpoint_in_flax_state_dict
-
-    config = transformers.CLIPConfig.from_pretrained(path)
-    model = cls(config, _do_init=False)
-    weights = os.path.join(path, _SAFE_WEIGHTS)
-    if not os.path.exists(weights):
-        weights = os.path.join(path, _TORCH_WEIGHTS)
-    like = SimpleNamespace(
-        params=model.params_shape_tree, base_model_prefix=model.base_model_prefix
-    )
-    params = load_pytorch_checkpoint_in_flax_state_dict(like, weights, is_sharded=False)
-    want = set(_flat_keys(model.params_shape_tree))
-    got = set(_flat_keys(params))
-    if want - got:
-        raise ClipLoadError(
-            f"{weights} lacks {len(want - got)} CLIP weights (e.g. {sorted(want - got)[0]}): "
-            "is it a CLIPModel checkpoint?"
-        )
-    return model, jax.tree.map(np.asarray, dict(params))
-
-
-def _flat_keys(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict) or hasattr(v, "items"):
-            yield from _flat_keys(v, prefix + (k,))
-        else:
-            yield "/".join(prefix + (k,))
 
 
 # --------------------------------------------------------------------------- tokens and tasks

@@ -66,6 +66,55 @@ def full_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _block_shapes(prefix: str, width: int, mlp: int) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        out[f"{prefix}self_attn/{proj}/kernel"] = (width, width)
+        out[f"{prefix}self_attn/{proj}/bias"] = (width,)
+    for norm in ("layer_norm1", "layer_norm2"):
+        out[f"{prefix}{norm}/scale"] = (width,)
+        out[f"{prefix}{norm}/bias"] = (width,)
+    out[f"{prefix}mlp/fc1/kernel"] = (width, mlp)
+    out[f"{prefix}mlp/fc1/bias"] = (mlp,)
+    out[f"{prefix}mlp/fc2/kernel"] = (mlp, width)
+    out[f"{prefix}mlp/fc2/bias"] = (width,)
+    return out
+
+
+def param_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every parameter of a ViT CLIP in Hugging Face's Flax layout (``"/"``-joined names) -> its
+    shape, from the config alone: what a checkpoint must hold to load (see
+    :func:`jaxprompt.hf_checkpoint.to_flax`)."""
+    c = full_config(config)
+    tc, vc = c["text_config"], c["vision_config"]
+    dt, dv, embed = int(tc["hidden_size"]), int(vc["hidden_size"]), int(c["projection_dim"])
+    patch, channels = int(vc["patch_size"]), int(vc["num_channels"])
+    grid = int(vc["image_size"]) // patch
+    ln = lambda p, d: {f"{p}/scale": (d,), f"{p}/bias": (d,)}  # noqa: E731
+    out: dict[str, tuple[int, ...]] = {
+        "text_model/embeddings/token_embedding/embedding": (int(tc["vocab_size"]), dt),
+        "text_model/embeddings/position_embedding/embedding": (
+            int(tc["max_position_embeddings"]),
+            dt,
+        ),
+        **ln("text_model/final_layer_norm", dt),
+        "text_projection/kernel": (dt, embed),
+        "vision_model/embeddings/class_embedding": (dv,),
+        "vision_model/embeddings/patch_embedding/kernel": (patch, patch, channels, dv),
+        "vision_model/embeddings/position_embedding/embedding": (grid * grid + 1, dv),
+        **ln("vision_model/pre_layrnorm", dv),
+        **ln("vision_model/post_layernorm", dv),
+        "visual_projection/kernel": (dv, embed),
+        "logit_scale": (),
+    }
+    for tower, d, cfg in (("text_model", dt, tc), ("vision_model", dv, vc)):
+        for i in range(int(cfg["num_hidden_layers"])):
+            out.update(
+                _block_shapes(f"{tower}/encoder/layers/{i}/", d, int(cfg["intermediate_size"]))
+            )
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ClipSpec:
     """Static description of a CLIP backbone (hashable: it is a jit-static field of `Clip`)."""

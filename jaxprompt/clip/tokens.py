@@ -64,7 +64,10 @@ def openai_tokenizer():
             json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
         with open(merges_file, "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-        tokenizer = transformers.CLIPTokenizer(
+        # The fast (Rust) tokenizer: what transformers 5 calls CLIPTokenizer. Transformers 4's slow
+        # CLIPTokenizer cleans text like BERT without ftfy (CJK characters split apart), unlike
+        # OpenAI's and the fast one, so ids would depend on the transformers version.
+        tokenizer = transformers.CLIPTokenizerFast(
             vocab_file,
             merges_file,
             model_max_length=77,

@@ -2,9 +2,10 @@
 
 Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
 arXiv 2103.00020 (InfoNCE with a learned temperature), at toy scale: a Hugging Face
-``CLIPConfig`` model (ViT, 4 layers, width 128 per tower) and a word-level tokenizer, trained
-from scratch on captions of toy-world images, saved with ``save_pretrained`` and loaded back
-through :func:`jaxprompt.load_clip` like any checkpoint.
+CLIP in Hugging Face's layout (ViT, 4 layers, width 128 per tower) and a word-level tokenizer,
+trained from scratch on captions of toy-world images, saved as a Hugging Face directory
+(:func:`jaxprompt.testing.save_clip_weights`) and loaded back through :func:`jaxprompt.load_clip`
+like any checkpoint.
 
 Two choices make the class concept learnable within minutes on two CPU cores:
 
@@ -217,8 +218,7 @@ def pretrain(
     vocab_size = testing.save_word_tokenizer(out_dir, toyworld.vocabulary())
     config = testing.clip_config(vocab_size, preset="toy", **shape)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir)
-    model = transformers.FlaxCLIPModel(config, _do_init=False)
-    params = jax.jit(model.init_weights, static_argnums=1)(jax.random.key(seed), model.input_shape)
+    params = testing.random_clip_params(config, seed=seed)
     clip = clip_lib.from_params(config, params, tokenizer, name="toy-clip")
     # The temperature starts at CLIP's initial 1/0.07, not the 100 the config stores for
     # finished models; it is learned.
@@ -308,7 +308,7 @@ def pretrain(
     final_loss = float(probe_loss(params, *probe))
     params = dict(params)
     # Save with the learned temperature, as CLIP checkpoints do.
-    model.save_pretrained(out_dir, params=jax.tree.map(np.asarray, params))
+    testing.save_clip_weights(out_dir, config, params, weights="flax")
     trained = clip_lib.load_clip(out_dir)
     base = range(len(toyworld.CLASSES) // 2)
     report = {
