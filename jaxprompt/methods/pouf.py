@@ -30,9 +30,9 @@ What is trained (the prompt pytree):
   (as ``exp``) in the logits, both plans and the IM softmax instead of CLIP's frozen one. No
   clamp, as in the reference. Off with ``train_logit_scale=False`` (CLIP's frozen scale).
 * ``"clip"`` (``full_model=True``, the reference's "model tuning"): a nested dict with the same
-  keys as ``clip.params`` (the Hugging Face FlaxCLIP tree) holding the leaves to train. Every
-  function of this method first builds ``clip.replace(params=merge(clip.params, prompt["clip"]))``
-  (:func:`override_clip`): each leaf present in the group replaces the frozen leaf at the same
+  keys as ``clip.params`` (the CLIP tree, Hugging Face's Flax layout) holding the leaves to
+  train. Every function of this method first builds
+  ``clip.replace(params=merge(clip.params, prompt["clip"]))`` (:func:`override_clip`): each leaf present in the group replaces the frozen leaf at the same
   path (cast to the frozen leaf's dtype, so a bfloat16 CLIP computes in bfloat16 from float32
   master weights); leaves absent from the group stay frozen. CLIP itself therefore stays a
   plain argument that the optimizer never sees, and "frozen CLIP" becomes "frozen unless
