@@ -32,9 +32,10 @@ What is trained (the prompt pytree):
 * ``"clip"`` (``full_model=True``, the reference's "model tuning"): a nested dict with the same
   keys as ``clip.params`` (the CLIP tree, Hugging Face's Flax layout) holding the leaves to
   train. Every function of this method first builds
-  ``clip.replace(params=merge(clip.params, prompt["clip"]))`` (:func:`override_clip`): each leaf present in the group replaces the frozen leaf at the same
-  path (cast to the frozen leaf's dtype, so a bfloat16 CLIP computes in bfloat16 from float32
-  master weights); leaves absent from the group stay frozen. CLIP itself therefore stays a
+  ``clip.replace(params=merge(clip.params, prompt["clip"]))`` (:func:`override_clip`): each
+  leaf present in the group replaces the frozen leaf at the same path (cast to the frozen
+  leaf's dtype, so a bfloat16 CLIP computes in bfloat16 from float32 master weights); leaves
+  absent from the group stay frozen. CLIP itself therefore stays a
   plain argument that the optimizer never sees, and "frozen CLIP" becomes "frozen unless
   the prompt overrides it". The default group is every CLIP weight except ``logit_scale``,
   which lives in its own group; ``clip_params`` restricts it to sub-trees (e.g.
