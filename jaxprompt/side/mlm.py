@@ -95,14 +95,8 @@ __all__ = [
     "task_metrics",
 ]
 
-_FLAX_WEIGHTS = "flax_model.msgpack"
-_SAFE_WEIGHTS = "model.safetensors"
-_TORCH_WEIGHTS = "pytorch_model.bin"
-#: Weight files in the order a directory's are tried: Flax's own layout first, then PyTorch's.
-_WEIGHT_FILES = (_FLAX_WEIGHTS, _SAFE_WEIGHTS, _TORCH_WEIGHTS)
 _CONFIG = "config.json"
-# What a hub snapshot needs: the config, one weight file and the tokenizer's files.
-_HUB_FILES = [_CONFIG, *_WEIGHT_FILES, "*.json", "*.txt", "*.model"]
+_SAFE_WEIGHTS = "model.safetensors"
 
 
 class MlmLoadError(RuntimeError):
@@ -290,7 +284,7 @@ def mlm_logits(
 
 
 # --------------------------------------------------------------------------------------------
-# Loading: config.json as JSON; Flax msgpack, safetensors or PyTorch weights by our own code
+# Loading: config.json as JSON, the weights through jaxprompt.hf_checkpoint
 # --------------------------------------------------------------------------------------------
 
 
@@ -304,139 +298,42 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, v in flat.items():
-        *parents, leaf = path.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
-def _torch_names(flax_path: str) -> list[str]:
-    """PyTorch's names for one Flax parameter, the current spelling first.
-
-    PyTorch's Linear ``weight`` is the transposed ``kernel``; LayerNorm's ``weight``/``bias``
-    are Flax's ``scale``/``bias`` (old BERT-era saves: ``gamma``/``beta``); an Embedding's
-    ``weight`` is ``embedding``. The tied decoder's bias is saved as ``lm_head.bias`` and/or
-    ``lm_head.decoder.bias``.
-    """
+def _torch_name(flax_path: str) -> str:
+    """PyTorch's name of a Flax parameter (``weight`` for a kernel, scale or embedding)."""
     *parents, leaf = flax_path.split("/")
-    base = ".".join(parents)
-    if flax_path == "lm_head/bias":
-        return ["lm_head.bias", "lm_head.decoder.bias"]
-    if leaf in ("kernel", "embedding"):
-        return [f"{base}.weight"]
-    if leaf == "scale":
-        return [f"{base}.weight", f"{base}.gamma"]
-    if parents and parents[-1] in ("LayerNorm", "layer_norm"):
-        return [f"{base}.bias", f"{base}.beta"]
-    return [f"{base}.{leaf}"]
+    return ".".join([*parents, "weight" if leaf in ("kernel", "scale", "embedding") else leaf])
 
 
-def _to_flax(
-    state_dict: Mapping[str, np.ndarray], expected: Mapping[str, Any], *, source: str
-) -> dict[str, Any]:
-    """PyTorch-named tensors -> the nested Flax tree of ``expected`` (shapes), float32.
+def _old_names(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Today's PyTorch names for older spellings of a RoBERTa MLM's tensors.
 
-    Only the expected parameters are taken: buffers (``position_ids``), the pooler and the
-    tied decoder weight are ignored. Raises :class:`MlmLoadError` naming the first missing or
-    mis-shaped parameter.
+    BERT-era saves call the LayerNorm parameters ``gamma``/``beta``; the tied decoder bias is
+    saved as ``lm_head.bias``, ``lm_head.decoder.bias`` or both (the same tensor).
     """
-    out = {}
-    for path, shape in _flat(expected).items():
-        names = _torch_names(path)
-        name = next((n for n in names if n in state_dict), None)
-        if name is None:
-            raise MlmLoadError(
-                f"{source} lacks {names[0]}: not a RobertaForMaskedLM checkpoint of this "
-                "config.json (save one with RobertaForMaskedLM.save_pretrained)"
-            )
-        arr = np.asarray(state_dict[name])
-        if path.endswith("/kernel"):
-            arr = arr.T  # PyTorch's Linear stores [out, in]
-        if arr.shape != tuple(shape):
-            raise MlmLoadError(
-                f"{source}: {name} has shape {arr.shape}, config.json implies {tuple(shape)}: "
-                "the weights and config.json are from different models"
-            )
-        out[path] = arr.astype(np.float32)
-    return _nest(out)
+    sd = dict(state_dict)
+    for k in list(sd):
+        for old, new in (("LayerNorm.gamma", "LayerNorm.weight"),
+                         ("LayerNorm.beta", "LayerNorm.bias")):  # fmt: skip
+            if k.endswith(old):
+                sd.setdefault(k[: -len(old)] + new, sd[k])
+    if "lm_head.bias" not in sd and "lm_head.decoder.bias" in sd:
+        sd["lm_head.bias"] = sd["lm_head.decoder.bias"]
+    return sd
 
 
-def _from_flax(tree: Mapping[str, Any], expected: Mapping[str, Any], *, source: str):
-    """A Flax msgpack tree, checked against ``expected`` and cast to float32."""
-    flat = _flat(tree)
-    out = {}
-    for path, shape in _flat(expected).items():
-        if path not in flat:
-            raise MlmLoadError(
-                f"{source} lacks {path}: not a FlaxRobertaForMaskedLM checkpoint (save a masked "
-                "LM there with save_pretrained)"
-            )
-        arr = np.asarray(flat[path])
-        if arr.shape != tuple(shape):
-            raise MlmLoadError(
-                f"{source}: {path} has shape {arr.shape}, config.json implies {tuple(shape)}: "
-                "the weights and config.json are from different models"
-            )
-        out[path] = arr.astype(np.float32)
-    return _nest(out)
-
-
-def _read_weights(path: str) -> dict[str, np.ndarray]:
-    """A safetensors or ``torch.save`` file -> its tensors by name (NumPy, no torch needed)."""
-    if path.endswith(".safetensors"):
-        from safetensors.flax import load_file  # bfloat16 too, which NumPy's reader lacks
-
-        return {k: np.asarray(v) for k, v in load_file(path).items()}
-    from jaxprompt import openai_checkpoint
+def _read_params(directory: str, c: _Config) -> PyTree:
+    """The weights of ``directory`` (:func:`jaxprompt.hf_checkpoint.find_weights`'s choice) as
+    the Flax tree of the config ``c``, float32. Buffers (``position_ids``), a pooler and the
+    tied decoder weight are not read."""
+    from jaxprompt import hf_checkpoint
 
     try:
-        return openai_checkpoint.read_state_dict(path)
-    except openai_checkpoint.CheckpointError as e:
-        raise MlmLoadError(str(e)) from None
-
-
-def _weights_file(directory: str) -> str:
-    files = set(os.listdir(directory))
-    name = next((f for f in _WEIGHT_FILES if f in files), None)
-    if name is None:
-        raise MlmLoadError(
-            f"no masked-LM weights in {directory}: expected {', '.join(_WEIGHT_FILES)} "
-            "(save a model there with save_pretrained)"
-        )
-    return os.path.join(directory, name)
-
-
-def _read_params(path: str, c: _Config) -> PyTree:
-    """The weights file ``path`` as the Flax tree of the config ``c``."""
-    name = os.path.basename(path)
-    expected = _shapes(c)
-    try:
-        if name == _FLAX_WEIGHTS:
-            from flax import serialization
-
-            with open(path, "rb") as f:
-                tree = serialization.msgpack_restore(f.read())
-            return _from_flax(tree, expected, source=path)
-        return _to_flax(_read_weights(path), expected, source=path)
-    except MlmLoadError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a corrupt file: one line
-        raise MlmLoadError(
-            f"could not read {path} ({type(e).__name__}: {str(e).strip()[:120]}): re-save the "
-            "model with save_pretrained"
-        ) from None
-
-
-def _snapshot(repo_id: str) -> str:
-    """The local directory of a hub model (the cache only when ``HF_HUB_OFFLINE`` is set)."""
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(repo_id, allow_patterns=_HUB_FILES)
+        path = hf_checkpoint.find_weights(directory)
+        state_dict = _old_names(hf_checkpoint.read_weights(path))
+        tree = hf_checkpoint.to_flax(state_dict, _flat(_shapes(c)), source=path)
+    except hf_checkpoint.CheckpointError as e:
+        raise MlmLoadError(f"masked LM: {e}") from None
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
 
 
 def load_mlm(name_or_path: str | os.PathLike) -> MaskedLM:
@@ -444,9 +341,9 @@ def load_mlm(name_or_path: str | os.PathLike) -> MaskedLM:
 
     Args:
       name_or_path: a hub id or a local directory in Hugging Face format: ``config.json``, the
-        tokenizer files, and ``flax_model.msgpack``, ``model.safetensors`` or
-        ``pytorch_model.bin`` (PyTorch's names and layout are converted here; the ``.bin`` is
-        read without unpickling code).
+        tokenizer files, and ``model.safetensors``, ``pytorch_model.bin`` or
+        ``flax_model.msgpack`` (tried in that order; PyTorch's names and layout are converted
+        here, and the ``.bin`` is read without running code from it).
 
     Returns:
       A :class:`MaskedLM` with float32 parameters.
@@ -454,19 +351,24 @@ def load_mlm(name_or_path: str | os.PathLike) -> MaskedLM:
     Raises:
       MlmLoadError: a one-line message naming the fix.
     """
+    from jaxprompt import hf_checkpoint
+
     path = os.path.expanduser(os.fspath(name_or_path))
     if not os.path.isdir(path):
         if os.path.exists(path) or path.startswith((".", "/", "~")):
             raise MlmLoadError(f"{path} is not a directory: pass a Hugging Face model directory")
         try:
-            path = _snapshot(path)
+            path = hf_checkpoint.snapshot(path, local_only=False)
         except Exception as e:  # noqa: BLE001 - turn hub/IO errors into one actionable line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise MlmLoadError(
                 f"could not load masked LM {path!r} ({first[:160]}): pass a local directory in "
                 "Hugging Face format, or set HF_HOME to a cache that holds it (no network?)"
             ) from e
-    weights = _weights_file(path)
+    try:
+        hf_checkpoint.find_weights(path)
+    except hf_checkpoint.CheckpointError as e:
+        raise MlmLoadError(f"masked LM: {e}") from None
     try:
         with open(os.path.join(path, _CONFIG)) as f:
             raw = json.load(f)
@@ -476,7 +378,7 @@ def load_mlm(name_or_path: str | os.PathLike) -> MaskedLM:
             "save_pretrained, which writes it"
         ) from None
     config_json = json.dumps(raw, sort_keys=True)
-    params = _read_params(weights, _config(config_json))
+    params = _read_params(path, _config(config_json))
     try:
         tokenizer = _transformers().AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - a missing or broken tokenizer: one line
@@ -508,7 +410,7 @@ def _random_params(c: _Config, seed: int) -> dict[str, np.ndarray]:
             arr = 1.0 + rng.normal(0.0, 0.1, shape)
         else:
             arr = rng.normal(0.0, 0.1, shape)
-        out[_torch_names(path)[0]] = arr.astype(np.float32)
+        out[_torch_name(path)] = arr.astype(np.float32)
     return out
 
 
