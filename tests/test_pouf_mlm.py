@@ -263,6 +263,10 @@ def test_flax_msgpack_loads_and_bad_weights_name_the_fix(model_dir, model, tmp_p
               str(bad / "model.safetensors"))  # fmt: skip
     with pytest.raises(mlm.MlmLoadError, match="another model size"):
         mlm.load_mlm(bad)
+    config = (bad / "config.json").read_text()
+    (bad / "config.json").write_text(config.replace('"roberta"', '"bert"'))
+    with pytest.raises(mlm.MlmLoadError, match="runs RoBERTa"):
+        mlm.load_mlm(bad)
     os.remove(bad / "config.json")
     with pytest.raises(mlm.MlmLoadError, match="config.json"):
         mlm.load_mlm(bad)

@@ -155,6 +155,19 @@ _REQUIRED = tuple(f.name for f in dataclasses.fields(_Config) if f.default is da
 @functools.lru_cache(maxsize=16)
 def _config(config_json: str) -> _Config:
     raw = json.loads(config_json)
+    # BERT numbers positions from 0 and XLM-R-likes share RoBERTa's layout; anything else is
+    # refused rather than run with RoBERTa's position rule.
+    kind = raw.get("model_type", "roberta")
+    if kind not in ("roberta", "xlm-roberta", "camembert"):
+        raise MlmLoadError(
+            f"config.json is a {kind!r} model: POUF's masked-LM variant runs RoBERTa "
+            "(pass e.g. roberta-large)"
+        )
+    if raw.get("tie_word_embeddings") is False:
+        raise MlmLoadError(
+            "config.json unties the decoder from the word embeddings: POUF's prototypes are the "
+            "tied rows; pass a RoBERTa with tie_word_embeddings true"
+        )
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
         raise MlmLoadError(
