@@ -32,6 +32,7 @@ __all__ = [
     "read_weights",
     "snapshot",
     "to_flax",
+    "to_torch",
 ]
 
 # In order of preference: safetensors reads fast and runs no code; the pickle-based .bin is read
@@ -216,7 +217,7 @@ def to_flax(
                 f"{source}: {key} has shape {_shape(value.shape, how)}, the model expects "
                 f"{_shape(shape, how)}: a checkpoint of another model size (check config.json)"
             )
-        flat[name] = np.ascontiguousarray(value)
+        flat[name] = np.array(value, order="C")
     if missing:
         raise CheckpointError(
             f"{source} lacks {len(missing)} of the model's {len(expected)} weights (e.g. "
@@ -281,3 +282,22 @@ def snapshot(repo_id: str, *, local_only: bool) -> str:
     return huggingface_hub.snapshot_download(
         repo_id, allow_patterns=patterns, local_files_only=local_only, cache_dir=_cache_dir()
     )
+
+
+def to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The inverse of :func:`to_flax`: a nested Flax tree -> PyTorch names and layouts (a 2-D
+    ``kernel`` becomes a Linear ``weight`` [out, in], a 4-D one a Conv2d ``weight`` [O, I, H, W],
+    ``scale`` and ``embedding`` become ``weight``), for writing ``model.safetensors`` or
+    ``pytorch_model.bin`` that transformers' PyTorch models read."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in _flatten(params):
+        *path, leaf = name.split("/")
+        value = np.asarray(value)
+        if leaf == "kernel" and value.ndim == 2:
+            leaf, value = "weight", value.T
+        elif leaf == "kernel" and value.ndim == 4:
+            leaf, value = "weight", value.transpose(3, 2, 0, 1)
+        elif leaf in ("kernel", "scale", "embedding"):
+            leaf = "weight"
+        out[".".join([*path, leaf])] = np.array(value, order="C")
+    return out
