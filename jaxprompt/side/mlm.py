@@ -311,12 +311,6 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _torch_name(flax_path: str) -> str:
-    """PyTorch's name of a Flax parameter (``weight`` for a kernel, scale or embedding)."""
-    *parents, leaf = flax_path.split("/")
-    return ".".join([*parents, "weight" if leaf in ("kernel", "scale", "embedding") else leaf])
-
-
 def _old_names(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Today's PyTorch names for older spellings of a RoBERTa MLM's tensors.
 
@@ -410,21 +404,26 @@ def load_mlm(name_or_path: str | os.PathLike) -> MaskedLM:
 def _random_params(c: _Config, seed: int) -> dict[str, np.ndarray]:
     """Random parameters under PyTorch's names, large enough that every part of the forward
     pass moves the logits (LayerNorm scales and all biases away from 1 and 0)."""
+    from jaxprompt import hf_checkpoint
+
     rng = np.random.default_rng(seed)
-    out = {}
+    tree: dict[str, Any] = {}
     for path, shape in _flat(_shapes(c)).items():
         leaf = path.rsplit("/", 1)[1]
-        if leaf == "kernel":
-            # PyTorch's [out, in], scaled by 1/sqrt(fan_in) so activations stay O(1).
-            arr = rng.normal(0.0, shape[0] ** -0.5, shape[::-1])
+        if leaf == "kernel":  # scaled by 1/sqrt(fan_in) so activations stay O(1)
+            arr = rng.normal(0.0, shape[0] ** -0.5, shape)
         elif leaf == "embedding":
             arr = rng.normal(0.0, 0.5, shape)
         elif leaf == "scale":
             arr = 1.0 + rng.normal(0.0, 0.1, shape)
         else:
             arr = rng.normal(0.0, 0.1, shape)
-        out[_torch_name(path)] = arr.astype(np.float32)
-    return out
+        *parents, leaf = path.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = arr.astype(np.float32)
+    return hf_checkpoint.to_torch(tree)
 
 
 def save_random_mlm(
