@@ -389,6 +389,34 @@ def _openai_batchnorm(rng, name: str, c: int) -> dict[str, np.ndarray]:
     }
 
 
+def _openai_conv_bn(rng, conv: str, bn: str, cout: int, cin: int, k: int) -> dict[str, np.ndarray]:
+    """A convolution and the BatchNorm after it, with the statistics real checkpoints have.
+
+    Released ResNets have nearly dead channels, running variance 1e-6..1e-3, where ``eps``
+    (1e-5) is a large part of ``var + eps``: putting it outside the square root, or dropping
+    it, changes their output severalfold, which variances of 0.5..2 would never show. Such a
+    channel's convolution is scaled by ``sqrt(var)`` here, so its activations are as small as
+    its statistics say and the normalised output stays O(1) (otherwise it would blow up by
+    1/sqrt(var + eps) through every later layer). A few channels also get large running means
+    (|mean| 5..20), with variances that put the mean 1..3 standard deviations from 0: their
+    outputs shift by a few units, as a live channel's do; a mean 20 deviations away would
+    only make the tower's activations huge (and loosen every float32 comparison).
+    """
+    out = _openai_conv(rng, conv, cout, cin, k)
+    out.update(_openai_batchnorm(rng, bn, cout))
+    n_quiet, n_shifted = max(1, cout // 8), max(1, cout // 16)
+    chans = rng.permutation(cout)
+    quiet, shifted = chans[:n_quiet], chans[n_quiet : n_quiet + n_shifted]
+    var = 10.0 ** rng.uniform(-6.0, -3.0, n_quiet)
+    out[conv][quiet] *= np.sqrt(var)[:, None, None, None]
+    out[f"{bn}.running_var"][quiet] = var
+    out[f"{bn}.running_mean"][quiet] *= np.sqrt(var)
+    big = rng.choice([-1.0, 1.0], n_shifted) * rng.uniform(5.0, 20.0, n_shifted)
+    out[f"{bn}.running_mean"][shifted] = big
+    out[f"{bn}.running_var"][shifted] = (big / rng.uniform(1.0, 3.0, n_shifted)) ** 2
+    return out
+
+
 def openai_text_tensors(
     *, text_width: int, text_layers: int, embed_dim: int, seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -414,12 +442,11 @@ def openai_resnet_tensors(
     """A random modified-ResNet image tower in OpenAI's state-dict names (``visual.*``): the
     three-conv stem, four stages of bottlenecks (the first block of a stage projects its
     shortcut when the shape changes), the attention pool; float32, BatchNorm with running
-    statistics."""
+    statistics that include nearly dead channels and large means (:func:`_openai_conv_bn`)."""
     rng = np.random.default_rng(seed)
     w, out = width, {}
     for i, (cin, cout) in enumerate(((3, w // 2), (w // 2, w // 2), (w // 2, w)), start=1):
-        out.update(_openai_conv(rng, f"visual.conv{i}.weight", cout, cin, 3))
-        out.update(_openai_batchnorm(rng, f"visual.bn{i}", cout))
+        out.update(_openai_conv_bn(rng, f"visual.conv{i}.weight", f"visual.bn{i}", cout, cin, 3))
     inplanes = w
     for s, n in enumerate(layers, start=1):
         planes = w * 2 ** (s - 1)
@@ -428,11 +455,13 @@ def openai_resnet_tensors(
             for i, (cin, cout, k) in enumerate(
                 ((inplanes, planes, 1), (planes, planes, 3), (planes, 4 * planes, 1)), start=1
             ):
-                out.update(_openai_conv(rng, f"{p}conv{i}.weight", cout, cin, k))
-                out.update(_openai_batchnorm(rng, f"{p}bn{i}", cout))
+                out.update(_openai_conv_bn(rng, f"{p}conv{i}.weight", f"{p}bn{i}", cout, cin, k))
             if j == 0 and (s > 1 or inplanes != 4 * planes):
-                out.update(_openai_conv(rng, p + "downsample.0.weight", 4 * planes, inplanes, 1))
-                out.update(_openai_batchnorm(rng, p + "downsample.1", 4 * planes))
+                out.update(
+                    _openai_conv_bn(
+                        rng, p + "downsample.0.weight", p + "downsample.1", 4 * planes, inplanes, 1
+                    )
+                )
             inplanes = 4 * planes
     c, grid = 32 * w, image_size // 32
     out["visual.attnpool.positional_embedding"] = rng.normal(0, c**-0.5, (grid * grid + 1, c))

@@ -82,6 +82,8 @@ def attention(
     *,
     causal: bool,
     key_mask: Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key: Array | None = None,
 ) -> Array:
     """Scaled dot-product attention, ``softmax(q k^T / sqrt(d)) v`` per head.
 
@@ -93,6 +95,11 @@ def attention(
       v: ``[B, S, H, d]`` values.
       causal: query ``t`` sees keys ``0 .. S - T + t`` only.
       key_mask: optional ``[B, S]`` bool, False for keys no query may see (padding).
+      dropout_rate: dropout on the attention probabilities, applied only with a
+        ``dropout_key`` (training the masked LM of :mod:`jaxprompt.side.mlm`). One ``[T, S]``
+        mask is shared by every batch row and head, as Hugging Face's Flax RoBERTa drew it
+        (``broadcast_dropout=True``); kept probabilities are scaled by ``1 / (1 - rate)``.
+      dropout_key: PRNG key of that dropout; None (the default) is deterministic.
 
     Returns:
       ``[B, T, H, d]``.
@@ -105,7 +112,17 @@ def attention(
     if key_mask is not None:
         km = key_mask[:, None, None, :]
         mask = km if mask is None else mask & km
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if dropout_key is None or dropout_rate <= 0.0:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    # The fused kernel has no dropout on the probabilities: spell the softmax out.
+    logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, (1, 1) + probs.shape[-2:])
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
 def encoder_block(

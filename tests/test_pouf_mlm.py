@@ -1,7 +1,9 @@
-"""POUF for masked LMs on a tiny random RoBERTa saved and loaded through ``from_pretrained``:
-loader errors, templates and label words, mask features / prototypes / logits / loss against
-NumPy computed from the saved parameters, gradients into the tied embedding rows, labels
-ignored, CSV data and the adapt loop."""
+"""POUF for masked LMs on a tiny random RoBERTa written by ``save_random_mlm`` and read by our
+loader: logits and hidden states against Hugging Face's PyTorch RobertaForMaskedLM (two
+configs, padded batches), PyTorch ``save_pretrained`` directories (safetensors and ``.bin``),
+a Flax msgpack, loader errors, dropout, templates and label words, mask features / prototypes /
+logits / loss against NumPy computed from the saved parameters, gradients into the tied
+embedding rows, labels ignored, CSV data and the adapt loop."""
 
 from __future__ import annotations
 
@@ -33,11 +35,36 @@ def model(model_dir):
 
 @pytest.fixture(scope="module")
 def saved(model_dir):
-    """The saved parameters read back with flax's msgpack reader (not through the loader)."""
-    from flax import serialization
+    """The saved parameters read back under PyTorch's names (not through the loader)."""
+    from safetensors.numpy import load_file
 
-    with open(os.path.join(model_dir, "flax_model.msgpack"), "rb") as f:
-        return serialization.msgpack_restore(f.read())
+    return load_file(os.path.join(model_dir, "model.safetensors"))
+
+
+def torch_mlm(directory):
+    """Hugging Face's PyTorch RobertaForMaskedLM of ``directory``, in eval mode (no dropout)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    model, info = transformers.RobertaForMaskedLM.from_pretrained(
+        directory, output_loading_info=True
+    )
+    # Every parameter came from the file (a tied decoder is not "missing").
+    assert not [k for k in info["missing_keys"] if not k.startswith("lm_head.decoder")], info
+    return model.eval()
+
+
+def torch_forward(model, batch):
+    """``(logits [B, L, V], last hidden states [B, L, H])`` of a PyTorch masked LM."""
+    import torch
+
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long),
+            attention_mask=torch.as_tensor(np.asarray(batch["attention_mask"])),
+            output_hidden_states=True,
+        )
+    return out.logits.numpy(), out.hidden_states[-1].numpy()
 
 
 SST2 = mlm.TASKS["sst2"]
@@ -50,7 +77,7 @@ RECORDS = [
 
 
 def test_loader_errors(tmp_path):
-    with pytest.raises(mlm.MlmLoadError, match="no masked-LM weights"):
+    with pytest.raises(mlm.MlmLoadError, match="no weights in"):
         mlm.load_mlm(tmp_path)
     with pytest.raises(mlm.MlmLoadError, match="not a directory"):
         mlm.load_mlm(tmp_path / "missing")
@@ -90,31 +117,28 @@ def np_softmax(a, axis):
 
 
 def test_features_prototypes_logits_loss_vs_numpy(model, model_dir, saved):
-    import transformers
-
     tok = model.tokenizer
     batch = mlm.encode(SST2, tok, RECORDS)
     label_ids = mlm.label_word_ids(tok, SST2.words)
-    # Hidden state at <mask> from Hugging Face's own wrapper (its own position ids).
-    hf = transformers.FlaxRobertaForMaskedLM.from_pretrained(model_dir)
-    out = hf(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    # Hidden state at <mask> from Hugging Face's PyTorch model (its own position ids).
+    logits_pt, hidden_pt = torch_forward(torch_mlm(model_dir), batch)
     rows = np.arange(len(RECORDS))
-    h_hf = np.asarray(out.hidden_states[-1])[rows, batch["mask_pos"]]
+    h_hf = hidden_pt[rows, batch["mask_pos"]]
     h = np.asarray(mlm.mask_hidden(model, model.params, batch))
     np.testing.assert_allclose(h, h_hf, rtol=1e-5, atol=1e-5)
 
-    head = saved["lm_head"]
-    emb = saved["roberta"]["embeddings"]["word_embeddings"]["embedding"]
-    eps = hf.config.layer_norm_eps
-    x = h @ head["dense"]["kernel"] + head["dense"]["bias"]
-    f_np = np_layer_norm(np_gelu_tanh(x), head["layer_norm"]["scale"], head["layer_norm"]["bias"],
-                         eps)  # fmt: skip
+    eps = 1e-5  # save_random_mlm's layer_norm_eps
+    dense_kernel, dense_bias = saved["lm_head.dense.weight"].T, saved["lm_head.dense.bias"]
+    ln_scale, ln_bias = saved["lm_head.layer_norm.weight"], saved["lm_head.layer_norm.bias"]
+    emb = saved["roberta.embeddings.word_embeddings.weight"]
+    x = h @ dense_kernel + dense_bias
+    f_np = np_layer_norm(np_gelu_tanh(x), ln_scale, ln_bias, eps)
     f = mlm.mask_features(model, model.params, jnp.asarray(h))
     np.testing.assert_allclose(f, f_np, rtol=1e-5, atol=1e-5)
     w_np = emb[label_ids]
     np.testing.assert_allclose(mlm.prototypes(model.params, label_ids), w_np, rtol=0, atol=0)
     # Label-word logits = Hugging Face's full MLM logits at <mask>, at the label words.
-    z_hf = np.asarray(out.logits)[rows, batch["mask_pos"]][:, label_ids]
+    z_hf = logits_pt[rows, batch["mask_pos"]][:, label_ids]
     z = np.asarray(mlm.label_logits(model, model.params, jnp.asarray(h), label_ids))
     np.testing.assert_allclose(z, z_hf, rtol=1e-4, atol=1e-5)
 
@@ -131,6 +155,150 @@ def test_features_prototypes_logits_loss_vs_numpy(model, model_dir, saved):
     np.testing.assert_allclose(metrics["transport"], ct, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(metrics["mutual_information"], im, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(loss, ct + 0.6 * im, rtol=1e-4, atol=1e-5)
+
+
+# Two tiny configs that differ in width, heads, head size, layers and feed-forward width.
+CONFIGS = {
+    "h32_l2_a4": dict(hidden=32, layers=2, heads=4, seed=1),
+    "h48_l3_a3": dict(hidden=48, layers=3, heads=3, intermediate=80, seed=2),
+}
+# Rows of different lengths: the batch is right-padded (padding positions and masked keys).
+PADDED = [
+    {"sentence": "a great movie the plot was dull and the cat sat"},
+    {"sentence": "bad"},
+    {"sentence": "the dog ran"},
+]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_and_mask_hidden_match_pytorch_roberta(name, tmp_path):
+    d = mlm.save_random_mlm(tmp_path, WORDS, **CONFIGS[name])
+    model = mlm.load_mlm(d)
+    batch = mlm.encode(SST2, model.tokenizer, PADDED)
+    assert batch["attention_mask"].min() == 0  # padding in the batch
+    logits_pt, hidden_pt = torch_forward(torch_mlm(d), batch)
+    logits = np.asarray(mlm.mlm_logits(model, model.params, batch))
+    assert logits.shape == logits_pt.shape
+    # Every position, padding included (its queries still see the real keys only).
+    np.testing.assert_allclose(logits, logits_pt, rtol=1e-5, atol=1e-5)
+    rows = np.arange(len(PADDED))
+    h = np.asarray(mlm.mask_hidden(model, model.params, batch))
+    np.testing.assert_allclose(h, hidden_pt[rows, batch["mask_pos"]], rtol=1e-5, atol=1e-5)
+
+
+def _save_pytorch(src, dst, *, binary):
+    """A directory as ``RobertaForMaskedLM.save_pretrained`` writes it (``.bin`` if binary)."""
+    import torch
+    import transformers
+
+    model = torch_mlm(src)
+    transformers.AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    if binary and int(transformers.__version__.split(".")[0]) < 5:
+        model.save_pretrained(dst, safe_serialization=False)
+    elif binary:
+        # transformers 5 writes only safetensors; a .bin is torch.save of the state dict, as
+        # earlier versions (and the hub's older models) wrote it.
+        model.save_pretrained(dst)
+        os.remove(os.path.join(dst, "model.safetensors"))
+        torch.save(model.state_dict(), os.path.join(dst, "pytorch_model.bin"))
+    else:
+        model.save_pretrained(dst)
+    weights = {"model.safetensors", "pytorch_model.bin"} & set(os.listdir(dst))
+    assert weights == {"pytorch_model.bin" if binary else "model.safetensors"}
+    return model
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["safetensors", "bin"])
+def test_pytorch_save_pretrained_directory_loads(binary, model_dir, model, tmp_path):
+    torch_model = _save_pytorch(model_dir, tmp_path, binary=binary)
+    loaded = mlm.load_mlm(tmp_path)
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), loaded.params, model.params)
+    assert all(jax.tree.leaves(same)) and jax.tree.structure(same) == jax.tree.structure(
+        model.params
+    )
+    batch = mlm.encode(SST2, loaded.tokenizer, PADDED)
+    logits_pt, _ = torch_forward(torch_model, batch)
+    logits = np.asarray(mlm.mlm_logits(loaded, loaded.params, batch))
+    np.testing.assert_allclose(logits, logits_pt, rtol=1e-5, atol=1e-5)
+
+
+def test_flax_msgpack_loads_and_bad_weights_name_the_fix(model_dir, model, tmp_path):
+    import shutil
+
+    from flax import serialization
+
+    flax_dir = tmp_path / "flax"
+    shutil.copytree(model_dir, flax_dir)
+    os.remove(flax_dir / "model.safetensors")
+    params = jax.tree.map(np.asarray, model.params)
+    (flax_dir / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params))
+    loaded = mlm.load_mlm(flax_dir)
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), loaded.params, model.params)
+    assert all(jax.tree.leaves(same))
+
+    from safetensors.numpy import load_file, save_file
+
+    sd = load_file(os.path.join(model_dir, "model.safetensors"))
+    # Older spellings: LayerNorm gamma/beta, the decoder bias under the decoder's name.
+    old = tmp_path / "old"
+    shutil.copytree(model_dir, old)
+    renamed = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        .replace("lm_head.bias", "lm_head.decoder.bias"): v
+        for k, v in sd.items()
+    }  # fmt: skip
+    assert "roberta.embeddings.LayerNorm.gamma" in renamed and "lm_head.bias" not in renamed
+    save_file(renamed, str(old / "model.safetensors"))
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), mlm.load_mlm(old).params,
+                        model.params)  # fmt: skip
+    assert all(jax.tree.leaves(same))
+
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    save_file({k: v for k, v in sd.items() if "layer.1.output" not in k},
+              str(bad / "model.safetensors"))  # fmt: skip
+    with pytest.raises(mlm.MlmLoadError, match=r"e\.g\. roberta\.encoder\.layer\.1\.output"):
+        mlm.load_mlm(bad)
+    save_file({**sd, "lm_head.dense.weight": sd["lm_head.dense.weight"][:, :3]},
+              str(bad / "model.safetensors"))  # fmt: skip
+    with pytest.raises(mlm.MlmLoadError, match="another model size"):
+        mlm.load_mlm(bad)
+    config = (bad / "config.json").read_text()
+    (bad / "config.json").write_text(config.replace('"roberta"', '"bert"'))
+    with pytest.raises(mlm.MlmLoadError, match="runs RoBERTa"):
+        mlm.load_mlm(bad)
+    os.remove(bad / "config.json")
+    with pytest.raises(mlm.MlmLoadError, match="config.json"):
+        mlm.load_mlm(bad)
+
+
+def test_dropout_is_hf_flax_roberta_s(model):
+    """Training-mode dropout: random per key, a no-op without one, and the attention dropout
+    one [T, S] mask for every row and head, scaled by 1 / (1 - rate)."""
+    from jaxprompt import transformer as tfm
+
+    batch = mlm.encode(SST2, model.tokenizer, PADDED)
+    h0 = mlm.mask_hidden(model, model.params, batch)
+    ha = mlm.mask_hidden(model, model.params, batch, dropout_key=jax.random.key(1))
+    hb = mlm.mask_hidden(model, model.params, batch, dropout_key=jax.random.key(2))
+    assert float(jnp.abs(ha - h0).max()) > 1e-3 and float(jnp.abs(ha - hb).max()) > 1e-3
+    again = mlm.mask_hidden(model, model.params, batch, dropout_key=jax.random.key(1))
+    np.testing.assert_array_equal(ha, again)
+
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 3, 4))
+    key_mask = np.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    rate, key = 0.4, jax.random.key(7)
+    out = tfm.attention(q, k, v, causal=False, key_mask=key_mask, dropout_rate=rate,
+                        dropout_key=key)  # fmt: skip
+    keep = np.asarray(jax.random.bernoulli(key, 1 - rate, (1, 1, 5, 5)))
+    s = np.einsum("bthd,bshd->bhts", q, k) / 2.0 + np.where(key_mask, 0, -1e30)[:, None, None]
+    p = np_softmax(s, -1) * keep / (1 - rate)
+    np.testing.assert_allclose(out, np.einsum("bhts,bshd->bthd", p, v), rtol=1e-5, atol=1e-6)
+    plain = tfm.attention(q, k, v, causal=False, key_mask=key_mask)
+    np.testing.assert_allclose(
+        tfm.attention(q, k, v, causal=False, key_mask=key_mask, dropout_rate=rate),
+        plain, rtol=0, atol=0,
+    )  # fmt: skip
 
 
 def test_gradients_reach_tied_rows_and_labels_are_ignored(model):

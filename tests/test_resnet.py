@@ -12,6 +12,7 @@ attention uses torch's own ``multi_head_attention_forward``.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -440,3 +441,40 @@ def test_half_and_bfloat16_weights_load(checkpoints, rn_clip):
         got = np.asarray(clip_lib.encode_image(clip_lib.from_openai_state_dict(sd), images))
         cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
         assert cos.min() > 0.99, (dt, cos)
+
+
+def test_batchnorm_on_nearly_dead_channels_equals_torch_eval_mode():
+    """Folded BatchNorm against ``F.batch_norm(training=False)`` where it is fragile.
+
+    Channels with running variance 1e-6..1e-3 (released ResNets have them): there ``eps`` is
+    most of ``var + eps``, so an ``eps`` outside the square root (``sqrt(var) + eps``) or a
+    missing one changes the output up to 3x. Activations sit at the running mean, some of them
+    large (5..20), as a nearly dead channel's do: ``x * scale + (beta - mean * scale)`` would
+    cancel two numbers of size ~1e3 and miss by ~4e-4 in float32, while ``(x - mean) * scale +
+    beta`` rounds only the O(1) result (a few 1e-7), hence the 1e-5 tolerance on outputs of a
+    few units. The reference runs in float64 on the same float32 inputs.
+    """
+    from jaxprompt import resnet
+
+    rng = np.random.default_rng(3)
+    c = 32
+    quiet = np.arange(c) % 2 == 0
+    var = np.where(quiet, 10.0 ** rng.uniform(-6, -3, c), rng.uniform(0.5, 2.0, c))
+    mean = rng.choice([-1.0, 1.0], c) * rng.uniform(5.0, 20.0, c)
+    gamma, beta = 1 + rng.normal(0, 0.2, c), rng.normal(0, 0.2, c)
+    gamma, beta, mean, var = (a.astype(np.float32) for a in (gamma, beta, mean, var))
+    x = (mean + np.sqrt(var) * rng.normal(size=(2, 3, 3, c))).astype(np.float32)
+    want = F.batch_norm(
+        torch.tensor(x, dtype=torch.float64).permute(0, 3, 1, 2),
+        *(torch.tensor(a, dtype=torch.float64) for a in (mean, var, gamma, beta)),
+        training=False, eps=resnet.BN_EPS,
+    ).permute(0, 2, 3, 1).numpy()  # fmt: skip
+    got = np.asarray(resnet._bn(jnp.asarray(x), resnet.fold_batchnorm(gamma, beta, mean, var)))
+    assert np.abs(want[..., quiet]).max() > 1.0  # the quiet channels' outputs are not ~0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # The tower's fixture has such channels too, so the full forward above checks them as well.
+    rn = testing.random_openai_resnet("rn-tiny", seed=0)
+    variances = np.concatenate([v for k, v in rn.items() if k.endswith("running_var")])
+    means = np.concatenate([v for k, v in rn.items() if k.endswith("running_mean")])
+    assert variances.min() < 1e-5 and (variances < 1e-3).mean() > 0.05
+    assert np.abs(means).max() > 5.0

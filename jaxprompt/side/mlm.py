@@ -5,8 +5,10 @@ Pre-trained Models", ICML 2023, arXiv 2305.00350; reference github.com/korawat-t
 @9e12dbb (``pouf_mlm/src/models.py``, ``src/dataset.py``, ``src/trainer.py``, ``run_exp.sh``).
 Spec: ``specs/pouf.md`` sections 2 and 4. The CLIP half is :mod:`jaxprompt.methods.pouf`.
 
-This is the only module besides :mod:`jaxprompt.clip` that imports ``transformers`` (for
-``FlaxRobertaForMaskedLM``'s weights and its encoder module). A sentence (or pair) is put into
+The RoBERTa masked LM is our own: pure functions (:func:`hidden_states`, :func:`mlm_logits`)
+over Hugging Face's Flax parameter tree, built from :mod:`jaxprompt.transformer`, and a loader
+that reads ``config.json`` and the weights (Flax msgpack, safetensors or ``pytorch_model.bin``)
+itself. ``transformers`` is imported only for the tokenizer. A sentence (or pair) is put into
 an LM-BFF template such as ``<s> {sentence} It was <mask> . </s>``; with ``h`` the encoder's
 last hidden state at ``<mask>`` and ``W`` the (tied) word-embedding matrix:
 
@@ -34,6 +36,7 @@ labels (``select_with_target_labels``) is label leakage, kept opt-in for compari
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -51,6 +54,7 @@ from etils import epath
 from flax import struct
 
 from jaxprompt import losses
+from jaxprompt import transformer as tfm
 
 Array = jax.Array
 PyTree = Any
@@ -70,6 +74,7 @@ __all__ = [
     "encode",
     "evaluate",
     "f1_score",
+    "hidden_states",
     "kshot_dataset",
     "kshot_splits",
     "label_logits",
@@ -79,7 +84,9 @@ __all__ = [
     "main_metric",
     "make_optimizer",
     "mask_features",
+    "mask_hidden",
     "matthews_corrcoef",
+    "mlm_logits",
     "pearson_corr",
     "pouf_mlm_loss",
     "prototypes",
@@ -88,9 +95,8 @@ __all__ = [
     "task_metrics",
 ]
 
-_FLAX_WEIGHTS = "flax_model.msgpack"
+_CONFIG = "config.json"
 _SAFE_WEIGHTS = "model.safetensors"
-_TORCH_WEIGHTS = "pytorch_model.bin"
 
 
 class MlmLoadError(RuntimeError):
@@ -118,13 +124,233 @@ def _transformers():
     return transformers
 
 
+# --------------------------------------------------------------------------------------------
+# The RoBERTa masked LM as pure functions over Hugging Face's Flax parameter tree
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """The fields of a Hugging Face RoBERTa ``config.json`` that the forward pass reads."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int = 2
+    pad_token_id: int = 1
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+
+
+# The sizes have no sensible default: a config without them is not a RoBERTa config. The other
+# fields default as in Hugging Face's RobertaConfig (released checkpoints spell them all out).
+_REQUIRED = tuple(f.name for f in dataclasses.fields(_Config) if f.default is dataclasses.MISSING)
+
+
+@functools.lru_cache(maxsize=16)
+def _config(config_json: str) -> _Config:
+    raw = json.loads(config_json)
+    # BERT numbers positions from 0 and XLM-R-likes share RoBERTa's layout; anything else is
+    # refused rather than run with RoBERTa's position rule.
+    kind = raw.get("model_type", "roberta")
+    if kind not in ("roberta", "xlm-roberta", "camembert"):
+        raise MlmLoadError(
+            f"config.json is a {kind!r} model: POUF's masked-LM variant runs RoBERTa "
+            "(pass e.g. roberta-large)"
+        )
+    if raw.get("tie_word_embeddings") is False:
+        raise MlmLoadError(
+            "config.json unties the decoder from the word embeddings: POUF's prototypes are the "
+            "tied rows; pass a RoBERTa with tie_word_embeddings true"
+        )
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise MlmLoadError(
+            f"config.json lacks {', '.join(missing)}: not a RoBERTa config (pass a directory "
+            "saved by RobertaForMaskedLM.save_pretrained)"
+        )
+    names = [f.name for f in dataclasses.fields(_Config)]
+    return _Config(**{k: raw[k] for k in names if raw.get(k) is not None})
+
+
+def _shapes(c: _Config) -> dict[str, Any]:
+    """The Flax parameter tree of ``FlaxRobertaForMaskedLM`` as shapes (tied decoder: none)."""
+    h, f = c.hidden_size, c.intermediate_size
+
+    def dense(n_in: int, n_out: int) -> dict[str, tuple[int, ...]]:
+        return {"kernel": (n_in, n_out), "bias": (n_out,)}
+
+    def norm() -> dict[str, tuple[int, ...]]:
+        return {"scale": (h,), "bias": (h,)}
+
+    layer = {
+        "attention": {
+            "self": {"query": dense(h, h), "key": dense(h, h), "value": dense(h, h)},
+            "output": {"dense": dense(h, h), "LayerNorm": norm()},
+        },
+        "intermediate": {"dense": dense(h, f)},
+        "output": {"dense": dense(f, h), "LayerNorm": norm()},
+    }
+    embeddings = {
+        "word_embeddings": {"embedding": (c.vocab_size, h)},
+        "position_embeddings": {"embedding": (c.max_position_embeddings, h)},
+        "token_type_embeddings": {"embedding": (c.type_vocab_size, h)},
+        "LayerNorm": norm(),
+    }
+    return {
+        "roberta": {
+            "embeddings": embeddings,
+            "encoder": {"layer": {str(i): layer for i in range(c.num_hidden_layers)}},
+        },
+        "lm_head": {"dense": dense(h, h), "layer_norm": norm(), "bias": (c.vocab_size,)},
+    }
+
+
+def _dropout(x: Array, rate: float, key: Array | None) -> Array:
+    """Inverted dropout (flax.linen.Dropout's): keep with ``1 - rate``, scale by its inverse."""
+    if key is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _layer(p: PyTree, x: Array, key_mask: Array, c: _Config, keys) -> Array:
+    """One post-LayerNorm RoBERTa layer: ``LN(x + attn(x))``, then ``LN(x + ffn(x))``."""
+    f32, eps = jnp.float32, c.layer_norm_eps
+    a = p["attention"]
+    q, k, v = (
+        tfm.split_heads(tfm.dense(x, a["self"][n], f32), c.num_attention_heads)
+        for n in ("query", "key", "value")
+    )
+    o = tfm.attention(
+        q, k, v, causal=False, key_mask=key_mask,
+        dropout_rate=c.attention_probs_dropout_prob, dropout_key=keys[0],
+    )  # fmt: skip
+    o = tfm.dense(o.reshape(x.shape), a["output"]["dense"], f32)
+    o = _dropout(o, c.hidden_dropout_prob, keys[1])
+    x = tfm.layer_norm(x + o, a["output"]["LayerNorm"], eps=eps, dtype=f32)
+    h = tfm.activation(c.hidden_act)(tfm.dense(x, p["intermediate"]["dense"], f32))
+    h = _dropout(tfm.dense(h, p["output"]["dense"], f32), c.hidden_dropout_prob, keys[2])
+    return tfm.layer_norm(x + h, p["output"]["LayerNorm"], eps=eps, dtype=f32)
+
+
+def hidden_states(
+    model: MaskedLM,
+    params: PyTree,
+    batch: Mapping[str, Array],
+    *,
+    dropout_key: Array | None = None,
+) -> Array:
+    """The encoder's last hidden states -> ``[B, L, H]`` float32.
+
+    Args:
+      model: the masked LM (its config).
+      params: its parameters (Hugging Face's Flax tree, ``{"roberta", "lm_head"}``).
+      batch: ``input_ids`` and ``attention_mask``, ``[B, L]``.
+      dropout_key: turns RoBERTa's dropout on (training): after the embeddings, on the
+        attention probabilities, and after each layer's two output projections, at the config's
+        rates, as Hugging Face's Flax RoBERTa with ``deterministic=False``. None: deterministic.
+    """
+    c = _config(model.config_json)
+    r = params["roberta"]
+    emb = r["embeddings"]
+    ids = jnp.asarray(batch["input_ids"], jnp.int32)
+    key_mask = jnp.asarray(batch["attention_mask"]) > 0
+    # RoBERTa numbers positions from pad_id + 1, skipping padding (fairseq's make_positions).
+    not_pad = (ids != c.pad_token_id).astype(jnp.int32)
+    positions = jnp.cumsum(not_pad, axis=1) * not_pad + c.pad_token_id
+    x = (
+        emb["word_embeddings"]["embedding"][ids]
+        + emb["position_embeddings"]["embedding"][positions]
+        + emb["token_type_embeddings"]["embedding"][0]  # one segment: token type 0 throughout
+    ).astype(jnp.float32)
+    x = tfm.layer_norm(x, emb["LayerNorm"], eps=c.layer_norm_eps, dtype=jnp.float32)
+    n = c.num_hidden_layers
+    keys: list = [None] * (1 + 3 * n)
+    if dropout_key is not None:
+        keys = list(jax.random.split(dropout_key, 1 + 3 * n))
+    x = _dropout(x, c.hidden_dropout_prob, keys[0])
+    layers = r["encoder"]["layer"]
+    for i in range(n):
+        x = _layer(layers[str(i)], x, key_mask, c, keys[1 + 3 * i : 4 + 3 * i])
+    return x
+
+
+def mlm_logits(
+    model: MaskedLM,
+    params: PyTree,
+    batch: Mapping[str, Array],
+    *,
+    dropout_key: Array | None = None,
+) -> Array:
+    """The masked-LM logits over the whole vocabulary at every position -> ``[B, L, V]``
+    (the lm_head with its exact GELU and tied decoder)."""
+    h = hidden_states(model, params, batch, dropout_key=dropout_key)
+    c = _config(model.config_json)
+    x = _head_pre_decoder(params, h, "exact", c.layer_norm_eps)
+    return x @ _word_embeddings(params).T + params["lm_head"]["bias"]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: config.json as JSON, the weights through jaxprompt.hf_checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _old_names(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Today's PyTorch names for older spellings of a RoBERTa MLM's tensors.
+
+    BERT-era saves call the LayerNorm parameters ``gamma``/``beta``; the tied decoder bias is
+    saved as ``lm_head.bias``, ``lm_head.decoder.bias`` or both (the same tensor).
+    """
+    sd = dict(state_dict)
+    for k in list(sd):
+        for old, new in (("LayerNorm.gamma", "LayerNorm.weight"),
+                         ("LayerNorm.beta", "LayerNorm.bias")):  # fmt: skip
+            if k.endswith(old):
+                sd.setdefault(k[: -len(old)] + new, sd[k])
+    if "lm_head.bias" not in sd and "lm_head.decoder.bias" in sd:
+        sd["lm_head.bias"] = sd["lm_head.decoder.bias"]
+    return sd
+
+
+def _read_params(directory: str, c: _Config) -> PyTree:
+    """The weights of ``directory`` (:func:`jaxprompt.hf_checkpoint.find_weights`'s choice) as
+    the Flax tree of the config ``c``, float32. Buffers (``position_ids``), a pooler and the
+    tied decoder weight are not read."""
+    from jaxprompt import hf_checkpoint
+
+    try:
+        path = hf_checkpoint.find_weights(directory)
+        state_dict = _old_names(hf_checkpoint.read_weights(path))
+        tree = hf_checkpoint.to_flax(state_dict, _flat(_shapes(c)), source=path)
+    except hf_checkpoint.CheckpointError as e:
+        raise MlmLoadError(f"masked LM: {e}") from None
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+
+
 def load_mlm(name_or_path: str | os.PathLike) -> MaskedLM:
     """Loads a RoBERTa masked LM and its tokenizer (e.g. ``"roberta-large"`` or a local dir).
 
     Args:
-      name_or_path: a hub id or a local directory in Hugging Face format holding
-        ``flax_model.msgpack``, ``model.safetensors`` or ``pytorch_model.bin`` (PyTorch weights
-        are converted on load) and the tokenizer files.
+      name_or_path: a hub id or a local directory in Hugging Face format: ``config.json``, the
+        tokenizer files, and ``model.safetensors``, ``pytorch_model.bin`` or
+        ``flax_model.msgpack`` (tried in that order; PyTorch's names and layout are converted
+        here, and the ``.bin`` is read without running code from it).
 
     Returns:
       A :class:`MaskedLM` with float32 parameters.
@@ -132,38 +358,72 @@ def load_mlm(name_or_path: str | os.PathLike) -> MaskedLM:
     Raises:
       MlmLoadError: a one-line message naming the fix.
     """
-    transformers = _transformers()
+    from jaxprompt import hf_checkpoint
+
     path = os.path.expanduser(os.fspath(name_or_path))
-    kwargs: dict[str, Any] = {}
-    if os.path.isdir(path):
-        files = set(os.listdir(path))
-        if _FLAX_WEIGHTS not in files:
-            if not files & {_SAFE_WEIGHTS, _TORCH_WEIGHTS}:
-                raise MlmLoadError(
-                    f"no masked-LM weights in {path}: expected {_FLAX_WEIGHTS}, {_SAFE_WEIGHTS} "
-                    f"or {_TORCH_WEIGHTS} (save a model there with save_pretrained)"
-                )
-            kwargs["from_pt"] = True
-    elif os.path.exists(path) or path.startswith((".", "/", "~")):
-        raise MlmLoadError(f"{path} is not a directory: pass a Hugging Face model directory")
+    if not os.path.isdir(path):
+        if os.path.exists(path) or path.startswith((".", "/", "~")):
+            raise MlmLoadError(f"{path} is not a directory: pass a Hugging Face model directory")
+        try:
+            path = hf_checkpoint.snapshot(path, local_only=False)
+        except Exception as e:  # noqa: BLE001 - turn hub/IO errors into one actionable line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MlmLoadError(
+                f"could not load masked LM {path!r} ({first[:160]}): pass a local directory in "
+                "Hugging Face format, or set HF_HOME to a cache that holds it (no network?)"
+            ) from e
     try:
-        model = transformers.FlaxRobertaForMaskedLM.from_pretrained(path, **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - turn hub/IO errors into one actionable line
+        hf_checkpoint.find_weights(path)
+    except hf_checkpoint.CheckpointError as e:
+        raise MlmLoadError(f"masked LM: {e}") from None
+    try:
+        with open(os.path.join(path, _CONFIG)) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MlmLoadError(
+            f"could not read {path}/{_CONFIG} ({type(e).__name__}): save the model with "
+            "save_pretrained, which writes it"
+        ) from None
+    config_json = json.dumps(raw, sort_keys=True)
+    params = _read_params(path, _config(config_json))
+    try:
+        tokenizer = _transformers().AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - a missing or broken tokenizer: one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MlmLoadError(
-            f"could not load masked LM {path!r} ({first[:160]}): pass a local directory in "
-            "Hugging Face format, or set HF_HOME to a cache that holds it (no network access?)"
+            f"could not load the tokenizer of {path!r} ({first[:160]}): save it there with "
+            "the tokenizer's save_pretrained"
         ) from e
     if tokenizer.mask_token_id is None:
         raise MlmLoadError(f"the tokenizer of {path!r} has no mask token: not a masked LM")
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), dict(model.params))
-    return MaskedLM(
-        params=params,
-        config_json=model.config.to_json_string(use_diff=False),
-        tokenizer=tokenizer,
-        name=str(name_or_path),
-    )
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return MaskedLM(params=params, config_json=config_json, tokenizer=tokenizer,
+                    name=str(name_or_path))  # fmt: skip
+
+
+def _random_params(c: _Config, seed: int) -> dict[str, np.ndarray]:
+    """Random parameters under PyTorch's names, large enough that every part of the forward
+    pass moves the logits (LayerNorm scales and all biases away from 1 and 0)."""
+    from jaxprompt import hf_checkpoint
+
+    rng = np.random.default_rng(seed)
+    tree: dict[str, Any] = {}
+    for path, shape in _flat(_shapes(c)).items():
+        leaf = path.rsplit("/", 1)[1]
+        if leaf == "kernel":  # scaled by 1/sqrt(fan_in) so activations stay O(1)
+            arr = rng.normal(0.0, shape[0] ** -0.5, shape)
+        elif leaf == "embedding":
+            arr = rng.normal(0.0, 0.5, shape)
+        elif leaf == "scale":
+            arr = 1.0 + rng.normal(0.0, 0.1, shape)
+        else:
+            arr = rng.normal(0.0, 0.1, shape)
+        *parents, leaf = path.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = arr.astype(np.float32)
+    return hf_checkpoint.to_torch(tree)
 
 
 def save_random_mlm(
@@ -173,18 +433,26 @@ def save_random_mlm(
     hidden: int = 32,
     layers: int = 2,
     heads: int = 4,
+    intermediate: int | None = None,
     max_len: int = 64,
     seed: int = 0,
 ) -> str:
     """Saves a tiny random RoBERTa masked LM with a byte-level BPE tokenizer (tests, demos).
 
-    The tokenizer is trained on ``words`` (each repeated, with and without a leading space),
-    so every given word is one token in both forms, like RoBERTa's ``Ġgreat``.
+    The model is written as Hugging Face writes a ``RobertaForMaskedLM``: ``config.json`` and
+    ``model.safetensors`` under PyTorch's names (the decoder tied to the word embeddings), so
+    PyTorch's class loads the same directory. The tokenizer is trained on ``words`` (each
+    repeated, with and without a leading space), so every given word is one token in both
+    forms, like RoBERTa's ``Ġgreat``.
+
+    Args:
+      intermediate: the feed-forward width (default ``2 * hidden``).
 
     Returns:
       ``directory`` as a string.
     """
     transformers = _transformers()
+    from safetensors.numpy import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     directory = os.fspath(directory)
@@ -214,20 +482,30 @@ def save_random_mlm(
         model_max_length=max_len,
     )
     fast.save_pretrained(directory)
-    config = transformers.RobertaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=max_len + 2,  # RoBERTa's positions start after the pad id
-        type_vocab_size=1,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-    )
-    model = transformers.FlaxRobertaForMaskedLM(config, seed=seed)
-    model.save_pretrained(directory)
+    config = {
+        "architectures": ["RobertaForMaskedLM"],
+        "model_type": "roberta",
+        "vocab_size": tok.get_vocab_size(),
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": intermediate or 2 * hidden,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "max_position_embeddings": max_len + 2,  # RoBERTa's positions start after the pad id
+        "type_vocab_size": 1,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-5,
+        "pad_token_id": 1,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "tie_word_embeddings": True,
+    }
+    with open(os.path.join(directory, _CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+    weights = _random_params(_config(json.dumps(config, sort_keys=True)), seed)
+    save_file(weights, os.path.join(directory, _SAFE_WEIGHTS), metadata={"format": "pt"})
     return directory
 
 
@@ -407,20 +685,6 @@ def encode(
 # --------------------------------------------------------------------------------------------
 
 
-_ENCODERS: dict[str, Any] = {}
-
-
-def _encoder(config_json: str):
-    """Hugging Face's Flax RoBERTa encoder (no pooler) for a config, built once."""
-    if config_json not in _ENCODERS:
-        transformers = _transformers()
-        from transformers.models.roberta import modeling_flax_roberta as hf
-
-        config = transformers.RobertaConfig.from_dict(json.loads(config_json))
-        _ENCODERS[config_json] = (hf.FlaxRobertaModule(config, add_pooling_layer=False), config)
-    return _ENCODERS[config_json]
-
-
 def _word_embeddings(params: PyTree) -> Array:
     return params["roberta"]["embeddings"]["word_embeddings"]["embedding"]
 
@@ -437,36 +701,15 @@ def mask_hidden(
     ``dropout_key`` turns RoBERTa's dropout on (training; the reference trains in
     ``model.train()``); ``None`` is deterministic.
     """
-    module, config = _encoder(model.config_json)
-    ids = jnp.asarray(batch["input_ids"], jnp.int32)
-    att = jnp.asarray(batch["attention_mask"], jnp.int32)
-    # RoBERTa numbers positions from pad_id + 1, skipping padding (fairseq's make_positions).
-    not_pad = (ids != config.pad_token_id).astype(jnp.int32)
-    positions = jnp.cumsum(not_pad, axis=1) * not_pad + config.pad_token_id
-    rngs = None if dropout_key is None else {"dropout": dropout_key}
-    out = module.apply(
-        {"params": params["roberta"]},
-        ids,
-        att,
-        jnp.zeros_like(ids),
-        positions,
-        None,
-        deterministic=dropout_key is None,
-        rngs=rngs,
-    )
-    hidden = out[0]  # [B, L, H]
+    hidden = hidden_states(model, params, batch, dropout_key=dropout_key)  # [B, L, H]
     pos = jnp.asarray(batch["mask_pos"], jnp.int32)
     return jnp.take_along_axis(hidden, pos[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
 
 def _head_pre_decoder(params: PyTree, h: Array, gelu: str, eps: float) -> Array:
     head = params["lm_head"]
-    x = h @ head["dense"]["kernel"] + head["dense"]["bias"]
-    x = jax.nn.gelu(x, approximate=(gelu == "tanh"))
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    x = (x - mean) * jax.lax.rsqrt(var + eps)
-    return x * head["layer_norm"]["scale"] + head["layer_norm"]["bias"]
+    x = jax.nn.gelu(tfm.dense(h, head["dense"], jnp.float32), approximate=(gelu == "tanh"))
+    return tfm.layer_norm(x, head["layer_norm"], eps=eps, dtype=jnp.float32)
 
 
 def mask_features(model: MaskedLM, params: PyTree, h: Array, *, gelu: str = "tanh") -> Array:
@@ -480,8 +723,7 @@ def mask_features(model: MaskedLM, params: PyTree, h: Array, *, gelu: str = "tan
     """
     if gelu not in ("tanh", "exact"):
         raise ValueError(f"gelu must be 'tanh' or 'exact', got {gelu!r}")
-    _, config = _encoder(model.config_json)
-    return _head_pre_decoder(params, h, gelu, config.layer_norm_eps)
+    return _head_pre_decoder(params, h, gelu, _config(model.config_json).layer_norm_eps)
 
 
 def prototypes(params: PyTree, label_ids: Array) -> Array:
@@ -491,8 +733,7 @@ def prototypes(params: PyTree, label_ids: Array) -> Array:
 
 def label_logits(model: MaskedLM, params: PyTree, h: Array, label_ids: Array) -> Array:
     """The MLM logits at the label words (exact GELU, tied decoder + bias) -> [B, K]."""
-    _, config = _encoder(model.config_json)
-    x = _head_pre_decoder(params, h, "exact", config.layer_norm_eps)
+    x = _head_pre_decoder(params, h, "exact", _config(model.config_json).layer_norm_eps)
     ids = jnp.asarray(label_ids)
     return x @ prototypes(params, ids).T + params["lm_head"]["bias"][ids]
 
