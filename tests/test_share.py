@@ -254,6 +254,21 @@ def test_prompt_file_on_a_bucket(gcs, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+def _hub_error(cls, message, status):
+    """A huggingface_hub HTTP error as the Hub client raises it: before huggingface_hub 1.0 from
+    a message alone, since then with the HTTP response it came with (a keyword argument)."""
+    try:
+        return cls(message)
+    except TypeError:
+        import importlib
+
+        from huggingface_hub import errors
+
+        http = importlib.import_module(errors.Response.__module__.split(".")[0])  # httpx(2)
+        request = http.Request("GET", "https://huggingface.co/api/models")
+        return cls(message, response=errors.Response(status, request=request))
+
+
 class FakeHub:
     """A local Hub: files under ``root/<user>/<name>/<revision>/``, and every call recorded.
 
@@ -281,7 +296,7 @@ class FakeHub:
             hub.calls.append(("create_repo", repo_id))
             assert repo_type == "model"
             if repo_id in hub.repos and not exist_ok:
-                raise hf_utils.HfHubHTTPError(f"409 {repo_id} exists")
+                raise _hub_error(hf_utils.HfHubHTTPError, f"409 {repo_id} exists", 409)
             hub.repos.setdefault(repo_id, bool(private))
             (hub.root / repo_id / "main").mkdir(parents=True, exist_ok=True)
             return f"https://huggingface.co/{repo_id}"
@@ -302,10 +317,10 @@ class FakeHub:
         def hf_hub_download(repo_id, filename, *, revision=None, repo_type=None, **kw):
             hub.calls.append(("download", repo_id, filename, revision))
             if repo_id not in hub.repos:
-                raise hf_utils.RepositoryNotFoundError(f"404 {repo_id}")
+                raise _hub_error(hf_utils.RepositoryNotFoundError, f"404 {repo_id}", 404)
             path = hub.root / repo_id / (revision or "main") / filename
             if not path.exists():
-                raise hf_utils.EntryNotFoundError(f"404 {filename}")
+                raise _hub_error(hf_utils.EntryNotFoundError, f"404 {filename}", 404)
             return str(path)
 
         monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
