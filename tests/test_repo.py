@@ -150,7 +150,11 @@ def _flax_model_uses(source: str, path: str) -> list[str]:
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("transformers"):
             if "modeling_flax" in (node.module or ""):
                 found.append(f"from {node.module} import ...")
-            found += [f"import {a.name}" for a in node.names if a.name.startswith("Flax")]
+            found += [
+                f"import {a.name}"
+                for a in node.names
+                if a.name.startswith("Flax") or "modeling_flax" in a.name
+            ]
         elif isinstance(node, ast.Import):
             found += [f"import {a.name}" for a in node.names if "modeling_flax" in a.name]
         elif isinstance(node, ast.Attribute) and node.attr.startswith("Flax"):
