@@ -141,26 +141,61 @@ def test_bad_input_is_one_line_exit_2(args, expect, tmp_path, capsys):
     assert not wd.exists()  # bad input writes nothing
 
 
-@pytest.mark.slow
-def test_a_typo_then_the_corrected_command_in_the_same_workdir(tiny_clip_dir, tmp_path, capsys):
-    """Bad input is refused before anything is written, so fixing it just works."""
-    wd = str(tmp_path / "wd")
+@pytest.fixture(scope="module")
+def typo_then_curve(tiny_clip_dir, tmp_path_factory):
+    """Three refused commands, then the corrected one, all in the same workdir. The corrected
+    run evaluates every epoch, so it is also the run the per-epoch evaluation test reads (one
+    training instead of two; each costs the compilation of a fresh train step)."""
+    import contextlib
+    import io
+
+    wd = str(tmp_path_factory.mktemp("typo") / "wd")
     common = [f"--config.clip.name={tiny_clip_dir}", "--config.method.kw.n_ctx=2", "--workdir", wd]
     bad = ["jaxprompt", "train", "--config", "base2new:coop,runlocal=true,dataset=toy_texturez"]
-    assert cli.main([*bad, *common]) == 2
-    assert "unknown dataset 'toy_texturez'" in capsys.readouterr().err
-    assert not os.path.exists(wd)
-    # A batch larger than the training set (2 shots x 8 base classes) is caught as early.
     big = ["jaxprompt", "train", "--config", "base2new:coop,runlocal=true"]
-    assert cli.main([*big, "--config.data.batch_size=64", *common]) == 2
-    assert "exceeds the 16 training examples" in capsys.readouterr().err
-    assert not os.path.exists(wd)
-    # So is a batch that does not split over the (8 simulated) data-parallel devices.
-    assert cli.main([*big, "--config.data.batch_size=12", *common]) == 2
-    assert "does not split over the 8 data-parallel devices" in capsys.readouterr().err
-    assert not os.path.exists(wd)
-    assert cli.main([*big, *common]) == 0
+    refused = []  # (exit code, stderr, workdir exists afterwards) of each bad command
+    for args in (
+        [*bad, *common],
+        # A batch larger than the training set (2 shots x 8 base classes) is caught as early.
+        [*big, "--config.data.batch_size=64", *common],
+        # So is a batch that does not split over the (8 simulated) data-parallel devices.
+        [*big, "--config.data.batch_size=12", *common],
+    ):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = cli.main(args)
+        refused.append((code, err.getvalue(), os.path.exists(wd)))
+    curve = ["--config.optim.epochs=2", "--config.eval_every_epochs=1"]
+    code = cli.main([*big, *curve, *common])
+    return refused, code, wd
+
+
+@pytest.mark.slow
+def test_a_typo_then_the_corrected_command_in_the_same_workdir(typo_then_curve):
+    """Bad input is refused before anything is written, so fixing it just works."""
+    refused, code, wd = typo_then_curve
+    expect = [
+        "unknown dataset 'toy_texturez'",
+        "exceeds the 16 training examples",
+        "does not split over the 8 data-parallel devices",
+    ]
+    for (bad_code, err, wrote), message in zip(refused, expect, strict=True):
+        assert bad_code == 2 and message in err and not wrote, (message, err)
+    assert code == 0
     assert os.path.exists(os.path.join(wd, "results.json"))
+
+
+@pytest.mark.slow
+def test_eval_every_epochs_records_base_and_new_per_epoch(typo_then_curve):
+    _, code, wd = typo_then_curve
+    assert code == 0
+    rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl")).read().splitlines()]
+    evals = [r for r in rows if "eval/base" in r]
+    # Epoch 1 (of 2 steps each: 16 examples, batch 8) and the end of training.
+    assert [r["step"] for r in evals] == [2, 4], rows
+    assert all("eval/new" in r and 0 <= r["eval/new"] <= 100 for r in evals)
+    final = json.load(open(os.path.join(wd, "results.json")))["accuracy"]
+    assert evals[-1]["eval/base"] == final["base"]
 
 
 def test_missing_weights_directory(tmp_path, capsys):
@@ -350,24 +385,6 @@ def test_zero_shot_run_can_be_evaluated_again(tiny_clip_dir, tmp_path):
     (key,) = os.listdir(os.path.join(wd, "evals"))
     again = json.load(open(os.path.join(wd, "evals", key)))
     assert again["accuracy"] == first["accuracy"] and again["step"] == 0
-
-
-@pytest.mark.slow
-def test_eval_every_epochs_records_base_and_new_per_epoch(tiny_clip_dir, tmp_path):
-    wd = tmp_path / "curve"
-    code = cli.main(
-        ["jaxprompt", "train", "--config", "base2new:coop,runlocal=true",
-         f"--config.clip.name={tiny_clip_dir}", "--config.method.kw.n_ctx=2",
-         "--config.optim.epochs=2", "--config.eval_every_epochs=1", "--workdir", str(wd)]
-    )  # fmt: skip
-    assert code == 0
-    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "eval/base" in r]
-    # Epoch 1 (of 2 steps each: 16 examples, batch 8) and the end of training.
-    assert [r["step"] for r in evals] == [2, 4], rows
-    assert all("eval/new" in r and 0 <= r["eval/new"] <= 100 for r in evals)
-    final = json.load(open(wd / "results.json"))["accuracy"]
-    assert evals[-1]["eval/base"] == final["base"]
 
 
 def test_a_config_runs_only_with_its_command(tmp_path, capsys):

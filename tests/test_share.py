@@ -95,13 +95,6 @@ def test_fresh_process_without_the_run_gives_the_runs_logits(run, tiny_clip, toy
     )
     np.save(tmp_path / "images.npy", images)
     shutil.copy(os.path.join(run, NAME), tmp_path / "p.safetensors")
-    # The reference: the run's own checkpoint and method, in this process.
-    prompt, meta = checkpoint.load_prompt(run)
-    method = methods.get(meta["method"], **meta["method_config"])
-    want = {
-        k: np.asarray(method.logits(prompt, tiny_clip, jp.make_task(tiny_clip, names), images))
-        for k, names in (("base", base), ("new", new))
-    }
     script = (
         "import json, sys, numpy as np, jax\n"
         "jax.config.update('jax_default_matmul_precision', 'highest')\n"
@@ -115,17 +108,34 @@ def test_fresh_process_without_the_run_gives_the_runs_logits(run, tiny_clip, toy
         "np.savez('logits.npz', **out)\n"
     )
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    # The reference's prompt is read before the run directory goes away; its (eager, slow)
+    # logits are computed while the fresh process starts and computes its own, so the two
+    # overlap on a multi-core machine instead of running one after the other.
+    prompt, meta = checkpoint.load_prompt(run)
+    method = methods.get(meta["method"], **meta["method_config"])
     away = run + ".away"
     os.rename(run, away)  # the run directory is not there for the fresh process
     try:
-        out = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-c", script, os.fspath(tiny_clip.spec.name),
              json.dumps({"base": base, "new": new})],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
+        try:
+            want = {
+                k: np.asarray(
+                    method.logits(prompt, tiny_clip, jp.make_task(tiny_clip, names), images)
+                )
+                for k, names in (("base", base), ("new", new))
+            }
+            _, stderr = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     finally:
         os.rename(away, run)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert proc.returncode == 0, stderr[-3000:]
     got = np.load(tmp_path / "logits.npz")
     for k in ("base", "new"):
         np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=0)
@@ -503,36 +513,47 @@ def test_predict_on_a_tpt_prompt_equals_the_library_episode(run, tpt_export, toy
     _, path = tpt_export
     ds, _, new, examples = toy
     files = _image_files(ds, examples[:3], tmp_path / "imgs")
-    out = subprocess.run(
+    # The command runs in a fresh process while this one compiles and runs the library's
+    # episodes: the two overlap on a multi-core machine instead of running one after the other.
+    proc = subprocess.Popen(
         [sys.executable, "-m", "jaxprompt", "predict", "--prompt", path, "--classes",
          ",".join(new), "--top_k", "3", "--json", *files],
-        capture_output=True, text=True, cwd=REPO, check=False,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
         env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"},
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    recs = [json.loads(ln) for ln in out.stdout.splitlines() if ln.strip()]
+    try:
+        clip = jp.load_clip(share.read_prompt_file(path)[1]["backbone"]["name"])
+        trained, _ = checkpoint.load_prompt(run)
+        base = methods.coop(n_ctx=4, remat=True)
+        task = jp.make_task(clip, new, template=ds.spec.template)
+        tx = adamw_torch(5e-3, weight_decay=0.01)
+        size = clip.spec.image_size
+
+        @jax.jit
+        def library(x, i):
+            key = jax.random.fold_in(jax.random.key(0), i)
+            views = views_from_images(key, x[None], 16, True)[0]
+            tuned = episode(base, tx, trained, clip, task, views, steps=1, keep=0.1)
+            return tuned, base.logits(trained, clip, task, views[:1])[0]
+
+        expected = []
+        for i, f in enumerate(files):
+            x = data.eval_transform(open(f, "rb").read(), size)
+            logits, untuned = library(np.asarray(x), i)
+            expected.append((np.asarray(jax.nn.softmax(logits)), np.asarray(untuned)))
+        stdout, stderr = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    recs = [json.loads(ln) for ln in stdout.splitlines() if ln.strip()]
     assert [r["image"] for r in recs] == files
     for r in recs:
         assert len(r["top_k"]) == 3 and set(r["probs"]) == set(new)
         assert abs(sum(r["probs"].values()) - 1.0) < 1e-4
 
-    clip = jp.load_clip(share.read_prompt_file(path)[1]["backbone"]["name"])
-    trained, _ = checkpoint.load_prompt(run)
-    base = methods.coop(n_ctx=4, remat=True)
-    task = jp.make_task(clip, new, template=ds.spec.template)
-    tx = adamw_torch(5e-3, weight_decay=0.01)
-    size = clip.spec.image_size
-
-    @jax.jit
-    def library(x, i):
-        views = views_from_images(jax.random.fold_in(jax.random.key(0), i), x[None], 16, True)[0]
-        tuned = episode(base, tx, trained, clip, task, views, steps=1, keep=0.1)
-        return tuned, base.logits(trained, clip, task, views[:1])[0]
-
-    for i, (f, r) in enumerate(zip(files, recs, strict=True)):
-        x = data.eval_transform(open(f, "rb").read(), size)
-        logits, untuned = library(np.asarray(x), i)
-        probs = np.asarray(jax.nn.softmax(logits))
+    for r, (probs, untuned) in zip(recs, expected, strict=True):
         order = np.argsort(-probs)[:3]
         assert [t["label"] for t in r["top_k"]] == [new[j] for j in order]
         np.testing.assert_allclose([t["prob"] for t in r["top_k"]], probs[order], atol=1e-4)

@@ -355,14 +355,24 @@ def test_sigkill_and_resume_is_bit_identical(tiny_clip_dir, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert killed_after is not None and killed_after < resume_worker.STEPS
 
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    start = int(out.stdout.split("start_step=")[1].split()[0])
+    # The resumed run, in a fresh process; meanwhile the uninterrupted reference runs in this
+    # one (same 8 simulated devices, same program, its own workdir), so the two overlap on a
+    # multi-core machine instead of running one after the other.
+    resume = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        reference = resume_worker.run(str(tiny_clip_dir), str(tmp_path / "reference"))
+        stdout, stderr = resume.communicate(timeout=300)
+    finally:
+        if resume.poll() is None:
+            resume.kill()
+            resume.wait()
+    assert resume.returncode == 0, stderr[-3000:]
+    start = int(stdout.split("start_step=")[1].split()[0])
     assert resume_worker.CHECKPOINT_EVERY <= start < resume_worker.STEPS  # really resumed
     resumed = dict(np.load(workdir / "final.npz"))
 
-    # The uninterrupted reference, in this process (same 8 simulated devices, same program).
-    reference = resume_worker.run(str(tiny_clip_dir), str(tmp_path / "reference"))
     assert resumed.keys() == reference.keys() == {"ctx"}
     np.testing.assert_array_equal(resumed["ctx"], reference["ctx"])
     # And training moved the prompt away from its initialisation: the equality is not vacuous.
