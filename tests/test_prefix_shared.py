@@ -119,11 +119,7 @@ def test_any_split_point_and_eot_inside_the_prefix(tiny_clip):
 
 def test_prompted_text_features_switch(tiny_clip, tiny_task, monkeypatch):
     """Shared context takes the shared path; class-specific or non-end contexts do not."""
-    calls = []
-    real = clip_lib.encode_text_shared
-    monkeypatch.setattr(
-        clip_lib.text, "encode_text_shared", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    calls = _count_shared(monkeypatch)
     ctx = _ctx(tiny_clip, 2)
     embeds, eot = clip_lib.prompted_text_inputs(tiny_clip, tiny_task, ctx)
     want = clip_lib.encode_text(tiny_clip, embeds, eot)
@@ -179,13 +175,26 @@ def _assert_same(got, want):
         np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-6)
 
 
+def _replace_shared(monkeypatch, fn):
+    """Puts ``fn`` in place of the prefix-shared encoder under both of its names: the package's
+    (methods call ``clip_lib.encode_text_shared``) and the text module's (what
+    ``prompted_text_features`` calls)."""
+    for module in (clip_lib, clip_lib.text):
+        monkeypatch.setattr(module, "encode_text_shared", fn)
+
+
+def _count_shared(monkeypatch):
+    calls = []
+    real = clip_lib.encode_text_shared
+    _replace_shared(monkeypatch, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 def _no_shared(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the prefix-shared encoder was used")
 
-    # The package's name (methods call it) and the text module's (prompted_text_features).
-    for module in (clip_lib, clip_lib.text):
-        monkeypatch.setattr(module, "encode_text_shared", fail)
+    _replace_shared(monkeypatch, fail)
 
 
 def test_coop_shared_equals_plain(tiny_clip, batch):
@@ -252,11 +261,7 @@ def test_deep_methods_shared_equals_plain(deep_clip, images, name, depth, monkey
     assert float(jnp.max(jnp.abs(want[2]["ctx"]))) > 0
     _assert_same(got, want)
     # The shared method's text side really takes the prefix-shared encoder.
-    calls = []
-    real = clip_lib.encode_text_shared
-    monkeypatch.setattr(
-        clip_lib.text, "encode_text_shared", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    calls = _count_shared(monkeypatch)
     shared.encode_classes(prompt, deep_clip, task)
     assert calls == [1]
 
@@ -281,11 +286,7 @@ def test_zeroshot_template_ensemble_shared_equals_plain(tiny_clip, images, monke
     plain = zeroshot(templates=templates, shared_prefix=False, chunk=7)
     assert shared.config["shared_prefix"] and not plain.config["shared_prefix"]
     want = jax.jit(plain.encode_classes)({}, tiny_clip, task)
-    calls = []
-    real = clip_lib.encode_text_shared
-    monkeypatch.setattr(
-        clip_lib.text, "encode_text_shared", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    calls = _count_shared(monkeypatch)
     got = jax.jit(shared.encode_classes)({}, tiny_clip, task)
     assert calls  # the shared encoder did the work
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
@@ -386,8 +387,7 @@ def test_shared_path_with_classes_split_over_model(tiny_clip, batch, name, monke
         suffix = sharding.constrain_classes(suffix, mesh)
         return sharding.constrain_classes(real(clip, prefix, suffix, eot, **kwargs), mesh)
 
-    for module in (clip_lib, clip_lib.text):  # methods' calls and prompted_text_features'
-        monkeypatch.setattr(module, "encode_text_shared", split)
+    _replace_shared(monkeypatch, split)
     clip = sharding.shard_clip(tiny_clip, mesh)
     got = _method_outputs(
         method,
@@ -436,12 +436,12 @@ def test_eot_as_the_first_suffix_position(tiny_clip, names, template):
     """A template's shared prefix is the longest prefix all rows agree on, so a row can end
     right where the prefix ends: its EOT is the first suffix position (it must see the whole
     prefix and itself, and be pooled from the suffix). The shared path equals the plain one."""
-    from jaxprompt.methods import zeroshot
+    from jaxprompt.methods.zeroshot import _common_prefix, template_features
 
     ids, eot = clip_lib.tokenize(tiny_clip, [template.format(n) for n in names])
-    n_p = zeroshot._common_prefix(ids)
+    n_p = _common_prefix(ids)
     assert (eot == n_p).any(), (n_p, eot)  # the case under test occurs
-    got = zeroshot.template_features(tiny_clip, ids[None], eot[None])[0]
+    got = template_features(tiny_clip, ids[None], eot[None])[0]
     want = clip_lib.encode_token_ids(tiny_clip, jnp.asarray(ids), jnp.asarray(eot))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL, rtol=0)
     # Also straight through encode_text_shared on the embeddings.
