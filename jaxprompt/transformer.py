@@ -21,7 +21,7 @@ PyTree = Any
 
 __all__ = [
     "ACTIVATIONS", "activation", "attention", "dense", "encoder_block", "layer_norm",
-    "run_layers", "split_heads",
+    "put_tokens", "run_layers", "split_heads",
 ]  # fmt: skip
 
 
@@ -171,6 +171,15 @@ def encoder_block(
     h = layer_norm(x, p["layer_norm2"], eps=eps, dtype=dtype)
     x = x + dense(activation(act)(dense(h, p["mlp"]["fc1"], dtype)), p["mlp"]["fc2"], dtype)
     return x, (k, v)
+
+
+def put_tokens(x: Array, d: Array, start: int) -> Array:
+    """``x`` ``[B, L, D]`` with positions ``start .. start + n - 1`` replaced by ``d`` (``[n, D]``
+    for every row, or ``[B, n, D]``): how deep prompts replace their tokens before a layer."""
+    d = d.astype(x.dtype)
+    if d.ndim == 2:
+        d = jnp.broadcast_to(d, (x.shape[0],) + d.shape)
+    return x.at[:, start : start + d.shape[-2]].set(d)
 
 
 def run_layers(

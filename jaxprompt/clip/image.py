@@ -91,11 +91,8 @@ def encode_image(
     def layer(p, x):
         return tf.encoder_block(p, x, causal=False, **kw)[0]
 
-    def put(x, d):
-        d = d.astype(x.dtype)
-        if d.ndim == 2:
-            d = jnp.broadcast_to(d, (x.shape[0],) + d.shape)
-        return x.at[:, x.shape[1] - d.shape[-2] :].set(d)
+    def put(x, d):  # deep vision prompts replace the last n_v tokens
+        return tf.put_tokens(x, d, x.shape[1] - d.shape[-2])
 
     x = tf.run_layers(
         layer, params["encoder"]["layers"], s.vision_layers, x, deep=deep, put=put, remat=remat

@@ -90,10 +90,7 @@ def encode_text(
         return tf.encoder_block(p, x, causal=True, **kw)[0]
 
     def put(x, d):
-        d = d.astype(x.dtype)
-        if d.ndim == 2:
-            d = jnp.broadcast_to(d, (x.shape[0],) + d.shape)
-        return x.at[:, deep_start : deep_start + d.shape[-2]].set(d)
+        return tf.put_tokens(x, d, deep_start)
 
     x = tf.run_layers(
         layer, params["encoder"]["layers"], clip.spec.text_layers, x, deep=deep, put=put,
