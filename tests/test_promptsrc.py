@@ -301,5 +301,7 @@ def test_cached_teacher_in_the_sharded_train_step(method, clip, tiny_task):
         state, metrics = jax.jit(train.make_train_step(m, tx))(state, clip_s, task_s, batch, key)
         out.append((state.prompt, metrics["loss"]))
     np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-6)
+    # Rounding of the two steps' gradients is relative to the leaf's scale, not to each entry:
+    # an entry near 0 (here -0.005 in a leaf up to 0.4) differed by 1.8e-7 on one CPU.
     for a, b in zip(jax.tree.leaves(out[1][0]), jax.tree.leaves(out[0][0]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
