@@ -179,7 +179,7 @@ def _config(config_json: str) -> _Config:
 
 
 def _shapes(c: _Config) -> dict[str, Any]:
-    """The Flax parameter tree of ``FlaxRobertaForMaskedLM`` as shapes (tied decoder: none)."""
+    """Hugging Face's Flax RoBERTa masked-LM parameter tree as shapes (tied decoder: none)."""
     h, f = c.hidden_size, c.intermediate_size
 
     def dense(n_in: int, n_out: int) -> dict[str, tuple[int, ...]]:
