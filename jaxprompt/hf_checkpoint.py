@@ -29,6 +29,7 @@ __all__ = [
     "CheckpointError",
     "WEIGHT_FILES",
     "find_weights",
+    "first_line",
     "read_weights",
     "snapshot",
     "to_flax",
@@ -96,7 +97,7 @@ def _read_sharded(path: str) -> dict[str, np.ndarray]:
         with open(path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a sharded-weights index ({_first_line(e)})") from None
+        raise CheckpointError(f"{path} is not a sharded-weights index ({first_line(e)})") from None
     out: dict[str, np.ndarray] = {}
     folder = os.path.dirname(path)
     for shard in sorted(set(weight_map.values())):
@@ -113,7 +114,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
         return dict(safetensors.numpy.load_file(path))
     except Exception as e:  # noqa: BLE001 - SafetensorError and friends: one line
         raise CheckpointError(
-            f"could not read {path} as safetensors ({_first_line(e)}): the file is truncated "
+            f"could not read {path} as safetensors ({first_line(e)}): the file is truncated "
             "or corrupt; download or save it again"
         ) from None
 
@@ -125,7 +126,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
         return openai_checkpoint.read_state_dict(path)
     except openai_checkpoint.CheckpointError as e:
         raise CheckpointError(
-            f"{_first_line(e)} (a truncated or corrupt download? fetch or save it again)"
+            f"{first_line(e)} (a truncated or corrupt download? fetch or save it again)"
         ) from None
 
 
@@ -137,7 +138,7 @@ def _read_msgpack(path: str) -> dict[str, np.ndarray]:
             tree = flax.serialization.msgpack_restore(f.read())
     except Exception as e:  # noqa: BLE001 - msgpack's errors are many: one line
         raise CheckpointError(
-            f"could not read {path} as Flax msgpack ({_first_line(e)}): the file is truncated "
+            f"could not read {path} as Flax msgpack ({first_line(e)}): the file is truncated "
             "or corrupt; download or save it again"
         ) from None
     if not isinstance(tree, Mapping):
@@ -153,7 +154,9 @@ def _flatten(tree: Mapping[str, Any], prefix: str = ""):
             yield f"{prefix}{k}", np.asarray(v)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's first line (or its type's name), at most 160 characters: what one-line
+    errors quote of the error underneath."""
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:160]
 

@@ -81,7 +81,7 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
     try:
         directory = hf_checkpoint.snapshot(path, local_only=local_only)
     except Exception as e:  # noqa: BLE001 - turn hub/IO errors into one actionable line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = hf_checkpoint.first_line(e)
         if local_only:
             raise ClipLoadError(
                 f"could not load CLIP {path!r}: the model hub is unreachable and the model is "
@@ -89,7 +89,7 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
                 "HF_HOME to a cache that holds it"
             ) from e
         raise ClipLoadError(
-            f"could not load CLIP {path!r} ({first[:160]}): pass a local directory in Hugging "
+            f"could not load CLIP {path!r} ({first}): pass a local directory in Hugging "
             "Face format, or set HF_HOME to a cache that holds it (no network access here?)"
         ) from e
     return _load_hf_dir(directory, name=str(name_or_path), dtype=dtype)
@@ -111,7 +111,7 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
             f"{directory} has no {_CONFIG}: save the model with save_pretrained, which writes it"
         ) from None
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = hf_checkpoint.first_line(e)
         raise ClipLoadError(f"could not read {file} as JSON ({first[:120]})") from None
     if not isinstance(config, dict):
         raise ClipLoadError(f"{file} is not a JSON object: not a model config")
@@ -143,9 +143,9 @@ def _load_hf_dir(directory: str, *, name: str, dtype: str) -> Clip:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     except Exception as e:  # noqa: BLE001 - tokenizer files missing or unreadable: one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = hf_checkpoint.first_line(e)
         raise ClipLoadError(
-            f"could not load the tokenizer in {directory} ({first[:160]}): save it there with "
+            f"could not load the tokenizer in {directory} ({first}): save it there with "
             "tokenizer.save_pretrained"
         ) from None
     return from_params(config, params, tokenizer, name=name, dtype=dtype)

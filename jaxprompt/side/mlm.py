@@ -367,9 +367,9 @@ def load_mlm(name_or_path: str | os.PathLike) -> MaskedLM:
         try:
             path = hf_checkpoint.snapshot(path, local_only=False)
         except Exception as e:  # noqa: BLE001 - turn hub/IO errors into one actionable line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = hf_checkpoint.first_line(e)
             raise MlmLoadError(
-                f"could not load masked LM {path!r} ({first[:160]}): pass a local directory in "
+                f"could not load masked LM {path!r} ({first}): pass a local directory in "
                 "Hugging Face format, or set HF_HOME to a cache that holds it (no network?)"
             ) from e
     try:
@@ -389,9 +389,9 @@ def load_mlm(name_or_path: str | os.PathLike) -> MaskedLM:
     try:
         tokenizer = _transformers().AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - a missing or broken tokenizer: one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = hf_checkpoint.first_line(e)
         raise MlmLoadError(
-            f"could not load the tokenizer of {path!r} ({first[:160]}): save it there with "
+            f"could not load the tokenizer of {path!r} ({first}): save it there with "
             "the tokenizer's save_pretrained"
         ) from e
     if tokenizer.mask_token_id is None:
