@@ -15,6 +15,9 @@ hub, so a missing ResNet file is an error that says where to put it. Offline, co
 files into one of the two directories (or pass a file's path). Anything that is not one of
 these names (a hub id, a directory, a file) is returned unchanged.
 
+``"toy"`` is the toy world's CLIP (:mod:`jaxprompt.side.toyclip`), the name its runs record:
+the weights shipped in the package, else a copy pretrained into ``$JAXPROMPT_CACHE/toy_clip``.
+
 Pure Python (no jax, no transformers), so it costs nothing to import.
 """
 
@@ -26,11 +29,13 @@ __all__ = [
     "ENV_DIR",
     "HUB_IDS",
     "NAMES",
+    "TOY",
     "CheckpointNotFoundError",
     "canonical",
     "file_name",
     "resolve",
     "search_dirs",
+    "toy_cache_dir",
 ]
 
 # OpenAI's clip.available_models(), in its order.
@@ -56,6 +61,7 @@ HUB_IDS = {
 }
 
 ENV_DIR = "JAXPROMPT_CLIP_DIR"
+TOY = "toy"
 _OPENAI_CACHE = os.path.join("~", ".cache", "clip")
 
 # Case-insensitive lookup, also under the file-name spelling ("vit-b-16", "ViT-L-14-336px"),
@@ -100,6 +106,28 @@ def search_dirs() -> list[str]:
     return dirs
 
 
+def toy_cache_dir() -> str:
+    """Where ``jaxprompt`` pretrains the toy CLIP when the package ships none:
+    ``$JAXPROMPT_CACHE/toy_clip`` (default ``~/.cache/jaxprompt/toy_clip``)."""
+    root = os.environ.get("JAXPROMPT_CACHE", os.path.join("~", ".cache", "jaxprompt"))
+    return os.path.join(os.path.expanduser(root), "toy_clip")
+
+
+def _toy() -> str:
+    from importlib import resources
+
+    shipped = resources.files("jaxprompt").joinpath("assets/toy_clip")
+    if shipped.joinpath("flax_model.msgpack").is_file():
+        return str(shipped)
+    cache = toy_cache_dir()
+    if os.path.isfile(os.path.join(cache, "pretrain.json")):
+        return cache
+    raise CheckpointNotFoundError(
+        f"this install ships no toy CLIP and none is in {cache}: run `jaxprompt pretrain-toy "
+        f"--out {cache}` (minutes on a CPU)"
+    )
+
+
 def resolve(name: str | os.PathLike) -> str:
     """What :func:`jaxprompt.load_clip` loads for ``name``.
 
@@ -109,14 +137,18 @@ def resolve(name: str | os.PathLike) -> str:
 
     Returns:
       For a known name: the path of its checkpoint file in the first of :func:`search_dirs`
-      that holds it, else (ViTs only) its hub id from :data:`HUB_IDS`. Anything else:
+      that holds it, else (ViTs only) its hub id from :data:`HUB_IDS`. For ``"toy"``: the
+      toy CLIP's directory. Anything else:
       ``name`` unchanged, as a string. OpenAI's names win over a local path of the same
       spelling, as in OpenAI's ``clip.load`` (pass ``./RN50`` for such a directory).
 
     Raises:
-      CheckpointNotFoundError: a ResNet name whose file is in none of the directories.
+      CheckpointNotFoundError: a ResNet name whose file is in none of the directories, or
+        ``"toy"`` with neither shipped nor cached weights.
     """
     name = os.fspath(name)
+    if name == TOY:
+        return _toy()
     known = canonical(name)
     if known is None:
         return name

@@ -178,6 +178,8 @@ def _run(cmd: str, argv: list[str]) -> int:
     except runners.USER_ERRORS as e:
         # The library and the runners raise one-line messages that name the fix.
         return flags_lib.fail(flags_lib.one_line(e))
+    except KeyboardInterrupt:
+        return flags_lib.interrupted(runners.resume_note(workdir))
     return 0
 
 
@@ -201,6 +203,8 @@ def run() -> None:
     try:
         code = main()
         sys.stdout.flush()
+    except KeyboardInterrupt:  # outside a run (prepare, pretrain-toy, predict, ...)
+        code = flags_lib.interrupted()
     except BrokenPipeError:
         # `jaxprompt train --help | head`: the reader left; no traceback for that.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

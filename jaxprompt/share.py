@@ -349,6 +349,11 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     p = epath.Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no prompt file {os.fspath(path)}")
+    if p.is_dir():
+        raise ValueError(
+            f"{os.fspath(path)} is a directory: give a prompt file, e.g. `jaxprompt export "
+            f"--workdir {os.fspath(path)}` writes one from a run directory"
+        )
     data = p.read_bytes()
     if data[:2] == b"PK":  # a zip: the old .npz export
         return checkpoint.load_exported(path)
@@ -365,7 +370,14 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
             f"{path} has prompt format version {version}; this jaxprompt reads up to "
             f"{FORMAT_VERSION}: upgrade jaxprompt"
         )
-    flat = safetensors.numpy.load(data)
+    try:
+        flat = safetensors.numpy.load(data)
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type is not public API
+        # A header that parses over data that does not: a file cut short (an interrupted copy).
+        raise ValueError(
+            f"{path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+            "copy or export it again"
+        ) from e
     return checkpoint.unflatten_dict(flat), meta
 
 

@@ -142,7 +142,11 @@ def main(argv: list[str]) -> None:
     clip_dir, workdir, out = argv[1], argv[2], argv[3]
     pid, nproc, port, devices = (int(a) for a in argv[4:8])
     opts = dict(a.split("=", 1) for a in argv[8:])
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # The device count is this host's; the parent's flags (conftest.FAST_COMPILE) are kept.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+        + f" --xla_force_host_platform_device_count={devices}"
+    ).strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()

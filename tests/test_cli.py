@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FAST_COMPILE
 
 from jaxprompt import cli
 
@@ -312,7 +313,7 @@ def test_prepare_then_train_on_an_image_folder_without_tensorflow(tiny_clip_dir,
             Image.fromarray(img).save(folder / name / f"{i:03d}.png")
     data_dir = tmp_path / "tfds"
     # One CPU device, as on a laptop (the test process simulates 8).
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     prep = subprocess.run(
         [sys.executable, "-m", "jaxprompt.cli", "prepare", "--dataset", f"folder:{folder}",

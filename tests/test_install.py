@@ -14,6 +14,7 @@ import sys
 import zipfile
 
 import pytest
+from conftest import FAST_COMPILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +38,7 @@ def installed(wheel, tmp_path_factory):
     site = tmp_path_factory.mktemp("site")
     with zipfile.ZipFile(wheel) as z:
         z.extractall(site)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}  # one device, as a user's machine
     env["PYTHONPATH"] = str(site)
     env["HF_HUB_OFFLINE"] = "1"
     return env, str(site)

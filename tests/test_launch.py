@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+from conftest import FAST_COMPILE
 
 from jaxprompt import cli
 from jaxprompt.app import flags, sweep
@@ -384,8 +385,8 @@ def _worker_home(tmp_path) -> tuple[str, dict[str, str]]:
     pyproject = (home / "jaxprompt" / "pyproject.toml").read_bytes()
     stamp = hashlib.sha256(pyproject + b"tpu\n").hexdigest()  # host.sh: pyproject + extras
     (home / "jaxprompt-venv" / ".jaxprompt-install").write_text(stamp + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
-    env.update(HOME=str(home), JAXPROMPT_MULTIHOST="0", HF_HUB_OFFLINE="1")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(XLA_FLAGS=FAST_COMPILE, HOME=str(home), JAXPROMPT_MULTIHOST="0", HF_HUB_OFFLINE="1")
     return str(home), env
 
 

@@ -20,6 +20,7 @@ alone writes the JSON, markdown and plot files.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -87,11 +88,12 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def resolve_clip(name: str, dtype: str = "float32") -> clip_lib.Clip:
-    """Loads the configured CLIP; ``"toy"`` is the toy world's shipped (or cached) model."""
+    """Loads the configured CLIP; ``"toy"`` is the toy world's shipped (or cached) model,
+    pretrained now when this install has neither."""
     if name == "toy":
         from jaxprompt.side import toyclip
 
-        name = toyclip.toy_clip_dir()
+        toyclip.toy_clip_dir()  # pretrains into the cache when nothing is shipped or cached
     return clip_lib.load_clip(name, dtype=dtype)
 
 
@@ -107,7 +109,7 @@ def _load(name: str, cfg: Mapping[str, Any], cache: dict) -> data_lib.LoadedData
         try:
             cache[name] = data_lib.load_dataset(name, **_dataset_kwargs(cfg))
         except KeyError as e:
-            raise ConfigError(str(e).strip("'\"")) from e
+            raise ConfigError(str(e.args[0]) if e.args else str(e)) from e
     return cache[name]
 
 
@@ -248,32 +250,50 @@ def check_batch(
             )
 
 
-def run_train(config: Any, workdir: str) -> dict[str, Any]:
-    """Trains the configured method and evaluates it; writes the run directory.
+@dataclasses.dataclass
+class TrainCheck:
+    """A training run whose inputs were all checked (:func:`check_train`); nothing written.
 
-    Order: a finished run is skipped and a different config refused (reading only); then the
-    method, the datasets, the weights and the batch size are checked; only then is the run
-    directory written.
+    ``finished`` holds the record of a run that is already done (it is skipped).
+    """
 
-    Returns:
-      The contents of ``results.json``.
+    cfg: dict[str, Any]
+    run: rundir_lib.RunDir
+    finished: dict[str, Any] | None = None
+    method: Any = None
+    ds: Any = None
+    clip: Any = None
+    mesh: Any = None
+    cache: dict = dataclasses.field(default_factory=dict)
+
+
+def check_train(config: Any, workdir: str, *, cache: dict | None = None) -> TrainCheck:
+    """Every check of a training run, reading only: a sweep checks all its runs before any.
+
+    Order: a different config in ``workdir`` is refused and a finished run is returned as
+    such; then the method, the datasets, the weights, the method's init on this CLIP and class
+    set, and the batch size are checked.
+
+    Args:
+      config: the run's config.
+      workdir: its run directory.
+      cache: loaded datasets by name, shared between the checks of several runs.
+
+    Raises:
+      ConfigError (or the loaders' one-line errors) for any input that cannot work.
     """
     cfg = to_dict(config)
     run = rundir_lib.RunDir(workdir, cfg)
     finished = run.check()
     if finished is not None:
-        return finished
-    t0 = time.time()
+        return TrainCheck(cfg, run, finished)
     # Cheap checks first: a typo in the method or dataset fails before any weights load.
     method = build_method(cfg)
-    cache: dict = {}
+    cache = {} if cache is None else cache
     d = cfg["data"]
     ds = _load(d["dataset"], cfg, cache)
     for ev in cfg["evals"]:
         _load(ev["dataset"], cfg, cache)
-    o = cfg["optim"]
-    epochs = int(o["epochs"])
-    batch_size = int(d["batch_size"])
     clip = resolve_clip(cfg["clip"]["name"], cfg["clip"]["dtype"])
     mesh = _mesh(cfg)
     # The few-shot draw is checked in memory; the record is written once the run is open.
@@ -287,8 +307,28 @@ def run_train(config: Any, workdir: str) -> dict[str, Any]:
         clip,
         clip_lib.make_task(clip, names, template=ds.spec.template),
     )
-    if epochs > 0:
-        check_batch(batch_size, len(split["train"]), mesh=mesh)
+    if int(cfg["optim"]["epochs"]) > 0:
+        check_batch(int(d["batch_size"]), len(split["train"]), mesh=mesh)
+    return TrainCheck(cfg, run, None, method, ds, clip, mesh, cache)
+
+
+def run_train(config: Any, workdir: str, *, checked: TrainCheck | None = None) -> dict[str, Any]:
+    """Trains the configured method and evaluates it; writes the run directory.
+
+    Everything is checked first (:func:`check_train`, or ``checked``, its result for this
+    config and directory); only then is the run directory written.
+
+    Returns:
+      The contents of ``results.json``.
+    """
+    t0 = time.time()
+    c = checked if checked is not None else check_train(config, workdir)
+    if c.finished is not None:
+        return c.finished
+    cfg, run, method, ds, clip, mesh, cache = c.cfg, c.run, c.method, c.ds, c.clip, c.mesh, c.cache
+    d, o = cfg["data"], cfg["optim"]
+    epochs = int(o["epochs"])
+    batch_size = int(d["batch_size"])
     run.open()
     split, names = _apply_protocol(ds, d, workdir)
     task = clip_lib.make_task(clip, names, template=ds.spec.template)

@@ -130,7 +130,10 @@ def _resolve_config_values(args: list[str]) -> list[str]:
 def one_line(e: BaseException) -> str:
     """The actionable line of an exception (config errors arrive wrapped in tracebacks)."""
     text = str(e.args[0]) if isinstance(e, KeyError | AttributeError) and e.args else str(e)
-    text = text.replace("\\n", "\n").replace("\\'", "'").strip("'\"")
+    text = text.replace("\\n", "\n").replace("\\'", "'").strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        # A KeyError's repr quotes the whole message; a quote that only ends it (`'abc'`) stays.
+        text = text[1:-1]
     hint = re.search(r"^'?(\w+)'?\s*\n?Did you mean \"(\w+)\"", text)
     if hint:
         return f"unknown config key {hint.group(1)!r} (did you mean {hint.group(2)!r}?)"
@@ -153,3 +156,9 @@ def fail(msg: str) -> int:
     """Prints the one-line error and returns exit code 2."""
     print(f"jaxprompt: error: {msg}", file=sys.stderr)
     return 2
+
+
+def interrupted(note: str = "") -> int:
+    """Ctrl-C: one line saying what was kept, exit code 130 (128 + SIGINT), no traceback."""
+    print(f"jaxprompt: interrupted{': ' + note if note else ''}", file=sys.stderr)
+    return 130

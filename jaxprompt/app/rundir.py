@@ -3,8 +3,8 @@
 A runner uses it in this order, so that bad input never writes anything::
 
     run = RunDir(workdir, cfg)
-    finished = run.check()     # read-only: a finished run's record (skip it), or None;
-                               # a different config in the directory is refused here
+    finished = run.check()     # read-only: a different config in the directory is refused,
+                               # then a finished run's record (skip it), or None
     ...                        # validate everything else: method, datasets, weights, batch size
     run.open()                 # now the directory and config.json are written
     ...                        # train / adapt
@@ -91,7 +91,8 @@ class RunDir:
         """A finished run's ``results.json`` record (skip the run), else ``None``.
 
         Reads only. Raises :class:`ConfigError` if the directory holds a run with a different
-        config (nothing is written, so the corrected command then works).
+        config, finished or not (nothing is written, so the corrected command then works), or
+        if the path is a file.
         """
         verdict = shard_lib.decide_once(self._look)
         if verdict.get("error"):
@@ -101,11 +102,12 @@ class RunDir:
         return verdict.get("finished")
 
     def _look(self) -> dict[str, Any]:
-        done = self / RESULTS
-        if done.exists():
-            return {"finished": json.loads(done.read_text())}
+        if self.path.exists() and not self.path.is_dir():
+            return {"error": f"--workdir {self.workdir} is a file: name a directory"}
         path = self / CONFIG
         if path.exists() and self.cfg is not None:
+            # Before the finished check: a finished run of another config is not this run, and
+            # skipping it would report success for a run that never happened.
             diff = diff_keys(json.loads(path.read_text()), self.cfg)
             if diff:
                 return {
@@ -113,12 +115,26 @@ class RunDir:
                     f"({', '.join(diff[:4])}): use a new --workdir, or the original config "
                     "to resume it"
                 }
+        done = self / RESULTS
+        if done.exists():
+            return {"finished": json.loads(done.read_text())}
         return {}
 
     def open(self) -> None:
-        """Creates the directory and writes ``config.json`` (after every input was checked)."""
+        """Creates the directory and writes ``config.json`` (after every input was checked).
+
+        Raises:
+          ConfigError: the directory cannot be created (the first write of the run).
+        """
         if is_main():
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                reason = e.strerror or type(e).__name__
+                raise ConfigError(
+                    f"cannot create --workdir {self.workdir} ({reason}): choose a directory "
+                    "you can write to"
+                ) from e
             if not (self / CONFIG).exists():
                 write_json(self / CONFIG, self.cfg)
         shard_lib.barrier("jaxprompt:run-opened")

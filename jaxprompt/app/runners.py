@@ -79,6 +79,30 @@ def evaluate(workdir: str, config: Any | None) -> dict[str, Any]:
     return experiment.run_eval(workdir, config)
 
 
+def resume_note(workdir: str) -> str:
+    """What an interrupted run left in ``workdir`` to resume from, in words (Ctrl-C's line).
+
+    The newest finished checkpoint (training, POUF), else TPT's progress file, else nothing.
+    """
+    import json
+
+    from etils import epath
+
+    try:
+        step = checkpoint.latest_step(workdir)
+        if step is not None:
+            return f"{workdir} keeps the checkpoint of step {step}; the same command resumes there"
+        from jaxprompt.app import tpt
+
+        progress = epath.Path(workdir) / tpt.PROGRESS
+        if progress.exists():
+            done = json.loads(progress.read_text())["batches"]
+            return f"{workdir} keeps the progress of {done} batches; the same command resumes there"
+    except Exception:  # noqa: BLE001 - a half-written file: say nothing was kept, never fail
+        pass
+    return "no checkpoint was saved yet; the same command starts the run again"
+
+
 def maybe_initialize_distributed() -> None:
     """Joins the multi-host job on a TPU pod worker (``JAXPROMPT_MULTIHOST=1``)."""
     if os.environ.get("JAXPROMPT_MULTIHOST") == "1":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -167,14 +168,31 @@ def main(argv: Sequence[str]) -> int:
     if ns.dry_run:
         return 0
 
+    from jaxprompt.app import runners
+
+    # Every run is checked (reading only) before the first one starts: a config that cannot
+    # work in the last run of a sweep must not surface hours in, after the others ran.
+    checks, cache = [], {}
+    for r, config in resolved:
+        try:
+            checks.append(experiment.check_train(config, r.workdir, cache=cache))
+        except runners.USER_ERRORS as e:
+            return flags_lib.fail(f"{r.workdir}: {flags_lib.one_line(e)}")
     records, failed = [], []
-    for i, (r, config) in enumerate(resolved):
+    for i, ((r, config), checked) in enumerate(zip(resolved, checks, strict=True)):
         log.info("sweep run %d/%d: %s", i + 1, len(resolved), r.workdir)
         try:
-            records.append((r, experiment.run_train(config, r.workdir)))
-        except Exception as e:  # noqa: BLE001 - reported, then stop or go on
+            records.append((r, experiment.run_train(config, r.workdir, checked=checked)))
+        except KeyboardInterrupt:
+            return flags_lib.interrupted(
+                f"{len(records)} of {len(resolved)} runs finished, {r.workdir} stopped "
+                f"({runners.resume_note(r.workdir)})"
+            )
+        except runners.USER_ERRORS as e:
             if not ns.keep_going:
-                raise
+                print(f"jaxprompt: error: sweep run {r.workdir}: {flags_lib.one_line(e)}",
+                      file=sys.stderr)  # fmt: skip
+                return 1
             log.error("sweep run %s failed: %s", r.workdir, flags_lib.one_line(e))
             failed.append(r.workdir)
     if records:

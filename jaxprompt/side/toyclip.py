@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprompt import backbones, testing
 from jaxprompt import clip as clip_lib
-from jaxprompt import testing
 from jaxprompt.data import toyworld
 
 log = logging.getLogger(__name__)
@@ -371,17 +371,12 @@ def toy_clip_dir() -> str:
     """The toy CLIP's directory: the shipped weights, else a cached copy, else pretrain now.
 
     Pretraining on first use (when the package ships no weights) writes to
-    ``$JAXPROMPT_CACHE/toy_clip`` (default ``~/.cache/jaxprompt``) and takes minutes.
+    :func:`jaxprompt.backbones.toy_cache_dir` and takes minutes.
     """
-    from importlib import resources
-
-    shipped = resources.files("jaxprompt").joinpath("assets/toy_clip")
-    if shipped.joinpath("flax_model.msgpack").is_file():
-        return str(shipped)
-    cache = os.path.join(
-        os.environ.get("JAXPROMPT_CACHE", os.path.expanduser("~/.cache/jaxprompt")), "toy_clip"
-    )
-    if not os.path.exists(os.path.join(cache, "pretrain.json")):
+    try:
+        return backbones.resolve(backbones.TOY)
+    except backbones.CheckpointNotFoundError:
+        cache = backbones.toy_cache_dir()
         log.info("no toy CLIP shipped or cached: pretraining one into %s (minutes)", cache)
         pretrain(cache, **RECIPE)
-    return cache
+        return cache
