@@ -305,6 +305,24 @@ class _MetricsWriter:
             else:
                 self._tb = SummaryWriter(os.path.join(os.fspath(workdir), "tensorboard"))
 
+    def start_at(self, step: int) -> None:
+        """Drops the records past ``step``: a run resumed there (or restarted at 0) logs those
+        steps again, and ``metrics.jsonl`` must not hold any step twice."""
+        if self._path is None or not self._path.exists():
+            return
+        text = self._text if self._text is not None else self._path.read_text()
+        lines = text.splitlines(keepends=True)
+        steps = [_record_step(ln) for ln in lines]
+        kept = [ln for ln, s in zip(lines, steps, strict=True) if s is not None and s <= step]
+        if len(kept) == len(lines):
+            return
+        text = "".join(kept)
+        if self._text is not None:
+            self._text = text
+        tmp = self._path.parent / (self._path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(self._path)
+
     def write(self, record: Mapping[str, Any]) -> None:
         if self._path is None:
             return
@@ -338,6 +356,14 @@ class _MetricsWriter:
             self._tb.close()
         if self._tb_local is not None:
             shutil.rmtree(self._tb_local, ignore_errors=True)
+
+
+def _record_step(line: str) -> int | None:
+    """A metrics line's step; None for a line cut short by a kill (it is dropped)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _default_meta(method: PromptMethod, clip: Any, task: Any) -> dict[str, Any]:
@@ -503,6 +529,7 @@ def fit(
     if workdir is not None:
         checkpointer = ckpt_lib.Checkpointer(workdir, keep=keep, async_save=async_checkpoints)
     writer = _MetricsWriter(workdir)
+    writer.start_at(start)
 
     def data_position():
         return iterator.get_state() if hasattr(iterator, "get_state") else None

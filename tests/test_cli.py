@@ -66,9 +66,22 @@ def test_train_writes_the_run_directory(trained):
 
 
 @pytest.mark.slow
-def test_finished_run_is_skipped_and_eval_needs_no_config(trained, capsys):
+def test_finished_run_is_skipped_and_eval_needs_no_config(trained, tiny_clip_dir, capsys):
     before = _snapshot(trained)
-    assert cli.main(["jaxprompt", "train", "--config", f"{CONFIG}:coop", "--workdir", trained]) == 0
+    same = [
+        "jaxprompt", "train", "--config", f"{CONFIG}:coop,runlocal=true",
+        f"--config.clip.name={tiny_clip_dir}", "--config.method.kw.n_ctx=4", "--workdir", trained,
+    ]  # fmt: skip
+    assert cli.main(same) == 0
+    assert _snapshot(trained) == before
+    # Another config in the finished run's directory is not that run: refused, not "skipped".
+    capsys.readouterr()
+    assert cli.main([*same[:-2], "--config.optim.lr=0.5", "--workdir", trained]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"jaxprompt: error: {trained} holds a run with a different config (optim.lr): use a new "
+        "--workdir, or the original config to resume it"
+    ]
     assert _snapshot(trained) == before
     assert cli.main(["jaxprompt", "eval", "--workdir", trained]) == 0
     first = json.load(open(os.path.join(trained, "results.json")))
@@ -130,6 +143,10 @@ def test_mismatched_checkpoint_is_a_one_line_error_and_keeps_files(
             "not a directory",
         ),
         ([], "--config is required"),
+        (
+            ["--config", f"{CONFIG}:coop", "--config.optim.lr=abc"],
+            "could not convert string to float: 'abc'",  # the closing quote kept
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, expect, tmp_path, capsys):

@@ -79,6 +79,10 @@ def _write_examples(
     return os.fspath(builder.data_path)
 
 
+class NothingToPrepare(Exception):
+    """The dataset needs no preparation (the toy world is rendered when a run loads it)."""
+
+
 def prepare(
     name: str,
     *,
@@ -102,6 +106,10 @@ def prepare(
       ImportError: TensorFlow is needed (TFDS-backed builders) and missing.
     """
     spec = catalog.get_dataset(name)
+    if spec.generator is not None:
+        raise NothingToPrepare(
+            f"{spec.name} is generated in memory when a run loads it: nothing to prepare"
+        )
     data_dir = catalog._default_data_dir(data_dir)
     if spec.custom is not None or (spec.lister is not None and (manual_dir or not spec.tfds)):
         if spec.custom is not None:
@@ -118,6 +126,15 @@ def prepare(
             root, split, names = spec.lister(manual_dir)
         out = _write_examples(spec.prepared_name, split, names, root, data_dir)
     else:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorflow") is None:
+            # TFDS's builders decode and write with TensorFlow: say so before anything starts.
+            raise ImportError(
+                f"building {spec.name} from TFDS ({spec.tfds}) needs TensorFlow: "
+                "pip install 'jaxprompt[prepare]'"
+                + (", or give its files with --manual_dir" if spec.lister is not None else "")
+            )
         import tensorflow_datasets as tfds
 
         kwargs = {}
@@ -161,9 +178,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             manual_dir=args.manual_dir,
             classnames=args.classnames,
         )
-    except (FileNotFoundError, ImportError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except NothingToPrepare as e:
+        print(e)
+        return 0
+    except (FileNotFoundError, ImportError, KeyError, ValueError) as e:
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"jaxprompt: error: {msg}", file=sys.stderr)
+        return 2
     print(path)
     return 0
 

@@ -1,0 +1,130 @@
+"""Off the happy path, through the installed console script from a directory that is not the
+checkout, as a user meets it: every bad input is one line on stderr, exit code 2, nothing
+written; Ctrl-C is one line and exit code 130, and the same command then resumes exactly."""
+
+import collections
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import FAST_COMPILE
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "jaxprompt")  # the installed command
+
+
+def _env():
+    return {**os.environ, "XLA_FLAGS": FAST_COMPILE}  # one device, as a user's machine
+
+
+def _tree(d):
+    out = {}
+    for root, dirs, files in os.walk(d):
+        for name in files + dirs:
+            p = os.path.join(root, name)
+            out[os.path.relpath(p, d)] = os.path.getsize(p) if os.path.isfile(p) else None
+    return out
+
+
+@pytest.fixture(scope="module")
+def user_dir(tmp_path_factory):
+    """A working directory with what the table's inputs name: an image, a run directory, a cut
+    prompt file and a plain file."""
+    import safetensors.numpy
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("user")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(d / "img.png")
+    (d / "rundir").mkdir()
+    (d / "afile").write_text("not a directory\n")
+    data = safetensors.numpy.save(
+        {"ctx": np.ones((4, 128), np.float32)},
+        metadata={"jaxprompt": json.dumps({"method": "coop"})},
+    )
+    (d / "cut.safetensors").write_bytes(data[:-20])  # an interrupted copy
+    return d
+
+
+TOY = "fewshot:coop,dataset=toy_textures,runlocal=true"
+BAD_INPUT = [
+    # (arguments, what the one line must say)
+    (["predict", "--prompt", "rundir", "--classes", "a,b", "img.png"],
+     "rundir is a directory: give a prompt file, e.g. `jaxprompt export --workdir rundir`"),
+    (["predict", "--prompt", "cut.safetensors", "--classes", "a,b", "img.png"],
+     "cut.safetensors is damaged"),
+    (["train", "--config", TOY, "--workdir", "afile"],
+     "--workdir afile is a file: name a directory"),
+    (["train", "--config", TOY, "--config.optim.lr=abc", "--workdir", "w"],
+     "could not convert string to float: 'abc'"),
+    (["train", "--config", TOY, "--workdir", "/proc/jaxprompt-test/demo"],
+     "cannot create --workdir /proc/jaxprompt-test/demo"),
+    (["prepare", "--dataset", "no_such_set"], "unknown dataset 'no_such_set'"),
+    (["sweep", "--config", "fewshot:coop", "--datasets", "toy_textures,no_such_set",
+      "--root", "sweeps"], "unknown dataset 'no_such_set'"),
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,expect", BAD_INPUT, ids=[e.split(":")[0][:30] for _, e in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, expect, user_dir):
+    before = _tree(user_dir)
+    out = subprocess.run(
+        [SCRIPT, *args], cwd=user_dir, env=_env(), capture_output=True, text=True, timeout=600
+    )
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert len(err) == 1 and err[0].startswith("jaxprompt: error: "), out.stderr[-2000:]
+    assert expect in err[0]
+    assert _tree(user_dir) == before
+
+
+def test_prepare_on_a_generated_set_says_there_is_nothing_to_do(tmp_path):
+    import importlib
+
+    prepare = importlib.import_module("jaxprompt.data.prepare")  # the package binds the function
+    with pytest.raises(prepare.NothingToPrepare, match="nothing to prepare"):
+        prepare.prepare("toy_textures", data_dir=str(tmp_path))
+    assert prepare.main(["--dataset", "toy_textures", "--data_dir", str(tmp_path)]) == 0
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_the_same_command_resumes_without_duplicate_metrics(
+    tiny_clip_dir, tmp_path
+):
+    cmd = [
+        SCRIPT, "train", "--config", TOY, f"--config.clip.name={tiny_clip_dir}",
+        "--config.method.kw.n_ctx=4", "--config.optim.epochs=100", "--workdir", "runs/x",
+    ]  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stderr=subprocess.PIPE, text=True)
+    lines, total = [], None
+    for line in p.stderr:
+        lines.append(line)
+        m = re.search(r"step 30/(\d+)", line)  # four steps an epoch: checkpoints were written
+        if m:
+            total = int(m.group(1))
+            p.send_signal(signal.SIGINT)
+            break
+    lines += p.communicate(timeout=300)[1].splitlines(True)
+    text = "".join(lines)
+    assert p.returncode == 130, text[-3000:]
+    assert "Traceback" not in text
+    m = re.fullmatch(
+        r"jaxprompt: interrupted: runs/x keeps the checkpoint of step (\d+); the same command "
+        r"resumes there",
+        lines[-1].strip(),
+    )
+    assert m, lines[-1]
+    saved = int(m.group(1))
+    assert total == 400 and 28 <= saved < total
+
+    out = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"at step {saved}" in out.stderr
+    records = [json.loads(ln) for ln in open(tmp_path / "runs/x/metrics.jsonl")]
+    train_steps = [r["step"] for r in records if "loss" in r]
+    assert train_steps == list(range(1, total + 1)), collections.Counter(train_steps).most_common(3)
