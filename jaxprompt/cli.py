@@ -9,7 +9,10 @@
     jaxprompt export  --workdir DIR [--out FILE]
     jaxprompt push    --workdir DIR --repo USER/NAME [--private] [--revision main]
     jaxprompt predict --prompt FILE|hf://USER/NAME --classes a,b,c|classes.txt [--clip NAME]
-                      [--top_k 5] [--json] IMAGES_OR_FOLDER...
+                      [--top_k 5] [--json] [--tpt] IMAGES_OR_FOLDER...
+    jaxprompt --version
+
+Every command answers --help.
 
 Every bad input ends with a one-line error naming the fix and exit code 2, before anything is
 written; nothing in a run directory is deleted or overwritten. jax, transformers and the data
@@ -30,13 +33,12 @@ _RUN_FLAGS = """\
 flags:
   --config PROTOCOL:PRESET[,key=value,...]
         a protocol config by name ({protocols}),
-        installed with the package, or a config file: configs/base2new.py:PRESET
+        installed with the package, or a config file: configs/{first}.py:PRESET
         keys after the preset: dataset=NAME, shots=K, seed=S, runlocal=true (a tiny smoke run)
   --config.KEY=VALUE
         override any config key, e.g. --config.optim.lr=0.001 (a misspelt key is an error)
   --workdir DIR
-        the run directory (local path or gs://); a finished run is skipped, an interrupted one
-        resumes, a different config is refused
+        {workdir}
   --verbosity N
         -1 warnings only, 0 progress (default), 1 debug and third-party info
 """
@@ -98,7 +100,15 @@ def command_help(cmd: str) -> str:
     import textwrap
 
     what = textwrap.fill(what, width=92)
-    lines = [f"usage: {usage}", "", what, "", _RUN_FLAGS.format(protocols=", ".join(protocols))]
+    workdir = (
+        "the run directory to evaluate (local path or gs://); its own evaluation is redone and\n"
+        "        kept in DIR/evals/, beside any other"
+        if cmd == "eval"
+        else "the run directory (local path or gs://); a finished run is skipped, an interrupted\n"
+        "        one resumes (Ctrl-C keeps the last checkpoint), a different config is refused"
+    )
+    flags = _RUN_FLAGS.format(protocols=", ".join(protocols), first=protocols[0], workdir=workdir)
+    lines = [f"usage: {usage}", "", what, "", flags]
     lines.append("config presets:")
     for p in protocols:
         lines.append(f"  {p + ':':10s}{' '.join(flags_lib.presets(p))}")
@@ -191,7 +201,8 @@ def _pretrain_toy(args: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="jaxprompt pretrain-toy", description=toyclip.__doc__)
     ap.add_argument("--out", default="toy_clip", help="output directory")
     for k, v in toyclip.RECIPE.items():
-        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+        what = toyclip.RECIPE_HELP[k]
+        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v, help=what)
     ns = ap.parse_args(args)
     rep = toyclip.pretrain(ns.out, **{k: getattr(ns, k) for k in toyclip.RECIPE})
     print({k: v for k, v in rep.items() if k != "history"})

@@ -144,14 +144,14 @@ def export_run(workdir: str, out: str | None = None) -> str:
 
 def export_main(args: list[str]) -> int:
     """``jaxprompt export``: returns the exit code."""
-    from jaxprompt.app import runners
-
     ap = _Parser(prog="jaxprompt export", description="Exports a run's prompt as one file.")
     ap.add_argument("--workdir", required=True, help="the run directory")
     ap.add_argument("--out", default=None, help=f"file to write (default DIR/{DEFAULT_NAME})")
     if any(a in ("-h", "--help") for a in args):
         ap.print_help()  # argparse's own --help would raise SystemExit inside cli.main
         return 0
+    from jaxprompt.app import runners  # jax and the models: not needed for --help
+
     try:
         ns = ap.parse_args(args)
         path = export_run(ns.workdir, ns.out)
@@ -461,8 +461,6 @@ def push_run(
 
 def push_main(args: list[str]) -> int:
     """``jaxprompt push``: returns the exit code."""
-    from jaxprompt.app import runners
-
     ap = _Parser(
         prog="jaxprompt push", description="Publishes a run's prompt on the Hugging Face Hub."
     )
@@ -473,6 +471,8 @@ def push_main(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         ap.print_help()
         return 0
+    from jaxprompt.app import runners  # jax and the models: not needed for --help
+
     try:
         ns = ap.parse_args(args)
         ref = push_run(workdir=ns.workdir, repo=ns.repo, private=ns.private, revision=ns.revision)
@@ -599,8 +599,6 @@ def predict(
 
 def predict_main(args: list[str]) -> int:
     """``jaxprompt predict``: returns the exit code."""
-    from jaxprompt.app import runners
-
     ap = _Parser(prog="jaxprompt predict", description="Classifies images with a shared prompt.")
     ap.add_argument(
         "--prompt", required=True, help="a .safetensors prompt (or old .npz), or hf://USER/NAME"
@@ -623,6 +621,8 @@ def predict_main(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         ap.print_help()
         return 0
+    from jaxprompt.app import runners  # jax and the models: not needed for --help
+
     try:
         ns = ap.parse_args(args)
         if ns.top_k < 1:

@@ -135,10 +135,11 @@ def main(argv: Sequence[str]) -> int:
     run stops the sweep (exit code 1) unless ``--keep-going``, which runs the others and
     reports the failures at the end.
     """
-    from jaxprompt.app import experiment
     from jaxprompt.app import flags as flags_lib
 
     ns, overrides = _parse(argv)
+    from jaxprompt.app import experiment  # jax and the models: not needed for --help
+
     try:
         runs = plan(
             ns.config,

@@ -365,6 +365,14 @@ RECIPE: dict = {
     "other_per_class": 20,
     "seed": 0,
 }
+RECIPE_HELP: dict = {
+    "steps": "optimisation steps (default %(default)s: the shipped weights' recipe)",
+    "batch_size": "images per step (default %(default)s)",
+    "name_noise": "probability that an image's class-name caption uses its partner's name "
+    "(default %(default)s)",
+    "other_per_class": "pretraining images per class in each style but photo (default %(default)s)",
+    "seed": "seed of the images, the initialisation and the batches (default %(default)s)",
+}
 
 
 def toy_clip_dir() -> str:
