@@ -304,3 +304,29 @@ def to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
             leaf = "weight"
         out[".".join([*path, leaf])] = np.array(value, order="C")
     return out
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection (one try, ``timeout`` seconds).
+
+    Asked before a download or upload: unreachable, the hub client retries for most of a
+    minute and logs every try before failing.
+
+    ``HF_HUB_OFFLINE`` and a proxy (which a direct connection would bypass) count as
+    reachable: the hub client's own settings then decide.
+    """
+    import socket
+    import urllib.parse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    if any(os.environ.get(v) for v in proxies):
+        return True
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

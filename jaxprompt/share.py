@@ -299,10 +299,17 @@ def resolve_prompt_path(path: str | os.PathLike) -> str | os.PathLike:
     import huggingface_hub
     from huggingface_hub import utils as hf_utils
 
+    from jaxprompt import hf_checkpoint
+
     repo_id, revision = parse_hub_ref(os.fspath(path))
     try:
         return huggingface_hub.hf_hub_download(
-            repo_id=repo_id, filename=HUB_FILENAME, revision=revision, repo_type="model"
+            repo_id=repo_id,
+            filename=HUB_FILENAME,
+            revision=revision,
+            repo_type="model",
+            # Unreachable, the client retries for ~26 s: read the cache, which answers at once.
+            local_files_only=not hf_checkpoint.hub_reachable(),
         )
     except hf_utils.LocalEntryNotFoundError as e:  # offline, or the Hub unreachable
         raise FileNotFoundError(

@@ -446,6 +446,35 @@ def test_hub_references_parse_and_a_bad_one_is_a_value_error():
             share.parse_hub_ref(bad)
 
 
+def test_an_unreachable_hub_fails_at_once_in_one_line(run, hub, monkeypatch, capsys):
+    # Online settings, but the Hub's address refuses connections (the discard port): the hub
+    # client would retry for ~26 s and log every try; jaxprompt asks once and stops.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    capsys.readouterr()
+    assert cli.main(["jaxprompt", "push", "--workdir", run, "--repo", "user/name"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "jaxprompt: error: cannot reach the Hugging Face Hub (http://127.0.0.1:9): nothing was "
+        "uploaded; check the network (or HF_ENDPOINT) and push again"
+    ]
+    assert hub.calls == []
+    kw = {}
+
+    def cache_only(repo_id, filename, **k):
+        kw.update(k)
+        from huggingface_hub import utils as hf_utils
+
+        raise hf_utils.LocalEntryNotFoundError("not cached")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cache_only)
+    with pytest.raises(FileNotFoundError, match="not in the Hub cache"):
+        jp.load_prompt("hf://user/name")
+    assert kw["local_files_only"] is True  # the cache only: no retries against a dead address
+
+
 def test_hub_download_errors_are_one_line_file_not_found(monkeypatch):
     import huggingface_hub
     from huggingface_hub import utils as hf_utils

@@ -424,7 +424,7 @@ def push_run(
     """
     import huggingface_hub
 
-    from jaxprompt import share
+    from jaxprompt import hf_checkpoint, share
 
     repo_id, rev_in_ref = share.parse_hub_ref(repo)
     if rev_in_ref:
@@ -445,6 +445,12 @@ def push_run(
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             f.write((run / CONFIG_NAME).read_text())
         # Nothing has touched the Hub before this point: bad input never half-publishes.
+        if not hf_checkpoint.hub_reachable():
+            endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+            raise ConnectionError(
+                f"cannot reach the Hugging Face Hub ({endpoint}): "
+                "nothing was uploaded; check the network (or HF_ENDPOINT) and push again"
+            )
         api = huggingface_hub.HfApi()
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         if revision and revision != "main":

@@ -77,7 +77,7 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
         raise ClipLoadError(f"{path} is not a directory: pass a Hugging Face model directory")
     # Offline, the hub client retries for most of a minute before failing: read the local
     # cache only, which fails at once when the model is not there.
-    local_only = not _hub_reachable()
+    local_only = not hf_checkpoint.hub_reachable()
     try:
         directory = hf_checkpoint.snapshot(path, local_only=local_only)
     except Exception as e:  # noqa: BLE001 - turn hub/IO errors into one actionable line
@@ -243,29 +243,6 @@ def from_params(
         raise ClipLoadError(f"the tokenizer of {name!r} has no start/end-of-text tokens")
     spec = spec_from_config(config, name=name, dtype=dtype, sot_id=sot, eot_id=eot)
     return Clip(params=params, spec=spec, tokenizer=tokenizer)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the model hub answers a TCP connection (one try, ``timeout`` seconds).
-
-    ``HF_HUB_OFFLINE`` and a proxy (which a direct connection would bypass) count as
-    reachable: the hub client's own settings then decide.
-    """
-    import socket
-    import urllib.parse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return True
-    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-    if any(os.environ.get(v) for v in proxies):
-        return True
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------- tokens and tasks
