@@ -542,7 +542,10 @@ def fit(
 
     # ---------------------------------------------------------------- loop
     window: list[Metrics] = []
-    examples = 0
+    # Rates count the steps after the first: the first one compiles (seconds to minutes) and
+    # would make the first progress line's rate and ETA wrong by that much.
+    examples, timed = 0, 0
+    first = True
     t_window = time.perf_counter()
     try:
         for s in range(start, steps):
@@ -554,10 +557,21 @@ def fit(
                     "(repeating) iterator or fewer steps"
                 ) from None
             batch = shard_lib.put_batch(local, mesh)
-            examples += int(jax.tree.leaves(batch)[0].shape[0])
+            n_batch = int(jax.tree.leaves(batch)[0].shape[0])
             state, metrics = train_step(state, clip, task, batch, step_key)
             window.append(metrics)
             done = s + 1
+            if first:
+                jax.block_until_ready(metrics)
+                if is_main:
+                    log.info(
+                        "compiled and ran step %d in %s",
+                        done,
+                        _format_eta(time.perf_counter() - t_window),
+                    )
+                first, t_window = False, time.perf_counter()
+            else:
+                examples, timed = examples + n_batch, timed + 1
 
             if aggregator is not None and done % iters_per_epoch == 0:
                 epoch = jnp.asarray(done // iters_per_epoch, jnp.int32)
@@ -567,7 +581,7 @@ def fit(
                 host = jax.device_get(window)
                 record = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
                 elapsed = max(time.perf_counter() - t_window, 1e-9)
-                record["steps_per_sec"] = len(window) / elapsed
+                record["steps_per_sec"] = timed / elapsed
                 record["examples_per_sec"] = examples / elapsed
                 if lr_schedule is not None:
                     record["lr"] = float(lr_schedule(done - 1))  # rate used by this step
@@ -575,7 +589,8 @@ def fit(
                 if not np.isfinite(record.get("loss", 0.0)):
                     log.warning("non-finite loss %s at step %d", record["loss"], done)
                 if is_main:
-                    eta = (steps - done) / record["steps_per_sec"]
+                    rate = record["steps_per_sec"]
+                    eta = (steps - done) / rate if rate > 0 else float("nan")
                     terms = " ".join(
                         f"{k} {v:.4g}"
                         for k, v in sorted(record.items())
@@ -590,7 +605,7 @@ def fit(
                         record["steps_per_sec"],
                         _format_eta(eta),
                     )
-                window, examples, t_window = [], 0, time.perf_counter()
+                window, examples, timed, t_window = [], 0, 0, time.perf_counter()
 
             if eval_fn is not None and eval_every and done % eval_every == 0 and done < steps:
                 run_eval(state.prompt, done)

@@ -12,15 +12,21 @@ receives the positional embedding like the word embeddings it replaces. Logits a
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 
 from jaxprompt import clip as clip_lib
 from jaxprompt.methods import base
 
+log = logging.getLogger(__name__)
+
+DEFAULT_N_CTX = 16  # CoOp's; with init_words the words' token count is used instead
+
 
 def coop(
-    n_ctx: int = 16,
+    n_ctx: int = DEFAULT_N_CTX,
     *,
     init_words: str | None = None,
     class_specific: bool = False,
@@ -62,6 +68,14 @@ def coop(
     def init(key, clip, task):
         if init_words:
             ctx = base.word_embeddings(clip, init_words)
+            if ctx.shape[0] != n_ctx != DEFAULT_N_CTX:
+                # CoOp sizes the context by the words; an n_ctx that was asked for (not the
+                # default) and disagrees would otherwise be recorded in the config unnoticed.
+                log.warning(
+                    "init_words %r are %d tokens on this CLIP's tokenizer: the context has %d "
+                    "vectors (n_ctx=%d is not used)",
+                    init_words, ctx.shape[0], ctx.shape[0], n_ctx,
+                )  # fmt: skip
             if class_specific:
                 # Every class starts from the same words (the reference then keeps one shared
                 # context; here each class gets its own copy to train).
