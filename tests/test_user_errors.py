@@ -128,3 +128,28 @@ def test_ctrl_c_is_one_line_and_the_same_command_resumes_without_duplicate_metri
     records = [json.loads(ln) for ln in open(tmp_path / "runs/x/metrics.jsonl")]
     train_steps = [r["step"] for r in records if "loss" in r]
     assert train_steps == list(range(1, total + 1)), collections.Counter(train_steps).most_common(3)
+
+
+def test_coop_says_when_init_words_size_the_context_differently(tiny_clip, tiny_task, caplog):
+    import jax
+
+    import jaxprompt as jp
+
+    # "a photo of a" is 4 tokens of the tiny tokenizer: the context has 4 vectors, not 2.
+    method = jp.methods.get("coop", n_ctx=2, init_words="a photo of a")
+    with caplog.at_level("WARNING", logger="jaxprompt.methods.coop"):
+        prompt = method.init(jax.random.key(0), tiny_clip, tiny_task)
+    assert prompt["ctx"].shape[0] == 4
+    assert [r.getMessage() for r in caplog.records] == [
+        "init_words 'a photo of a' are 4 tokens on this CLIP's tokenizer: the context has 4 "
+        "vectors (n_ctx=2 is not used)"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jaxprompt.methods.coop"):
+        jp.methods.get("coop", n_ctx=4, init_words="a photo of a").init(
+            jax.random.key(0), tiny_clip, tiny_task
+        )
+        jp.methods.get("coop", init_words="a photo of a").init(  # the default: no request
+            jax.random.key(0), tiny_clip, tiny_task
+        )
+    assert not caplog.records
