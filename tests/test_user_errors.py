@@ -153,3 +153,44 @@ def test_coop_says_when_init_words_size_the_context_differently(tiny_clip, tiny_
             jax.random.key(0), tiny_clip, tiny_task
         )
     assert not caplog.records
+
+
+@pytest.mark.slow
+def test_a_second_process_on_a_running_directory_stops_and_the_first_is_unaffected(
+    tiny_clip_dir, tmp_path
+):
+    cmd = [
+        SCRIPT, "train", "--config", TOY, f"--config.clip.name={tiny_clip_dir}",
+        "--config.method.kw.n_ctx=4", "--config.optim.epochs=60", "--workdir", "runs/x",
+    ]  # fmt: skip
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in first.stderr:
+        lines.append(line)
+        if "step 10/" in line:
+            break
+    lock = json.loads((tmp_path / "runs/x/.jaxprompt.lock").read_text())
+    assert lock["pid"] == first.pid
+    second = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    err = second.stderr.strip().splitlines()
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert len(err) == 1 and err[0].startswith(
+        f"jaxprompt: error: runs/x is in use by jaxprompt process {first.pid} on "
+    ), err
+    lines += first.communicate(timeout=600)[1].splitlines(True)
+    assert first.returncode == 0, "".join(lines)[-3000:]
+    assert not (tmp_path / "runs/x/.jaxprompt.lock").exists()  # released at the end
+    records = [json.loads(ln) for ln in open(tmp_path / "runs/x/metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 241))
+
+    # A lock left by a killed process (no such pid) is taken over by the next run.
+    (tmp_path / "runs/y").mkdir()
+    dead = {"pid": 2**22 + 12345, "host": lock["host"]}
+    (tmp_path / "runs/y/.jaxprompt.lock").write_text(json.dumps(dead))
+    from jaxprompt.app import rundir
+
+    run = rundir.RunDir(str(tmp_path / "runs/y"), {"a": 1})
+    run.open()
+    assert json.loads((tmp_path / "runs/y/.jaxprompt.lock").read_text())["pid"] == os.getpid()
+    run.unlock()
+    assert not (tmp_path / "runs/y/.jaxprompt.lock").exists()

@@ -23,12 +23,16 @@ The directory may be a bucket (``gs://``): every file goes through ``etils.epath
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
 import re
+import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 RESULTS = "results.json"
 CONFIG = "config.json"
 EVALS = "evals"
+LOCK = ".jaxprompt.lock"  # the process running in the directory (local directories)
 
 
 class ConfigError(ValueError):
@@ -135,9 +140,52 @@ class RunDir:
                     f"cannot create --workdir {self.workdir} ({reason}): choose a directory "
                     "you can write to"
                 ) from e
+            self._lock()
             if not (self / CONFIG).exists():
                 write_json(self / CONFIG, self.cfg)
         shard_lib.barrier("jaxprompt:run-opened")
+
+    def _lock(self) -> None:
+        """Claims a local run directory for this process: a second process started on it
+        stops here (one line, nothing written) instead of interleaving checkpoints and metrics
+        with the first. A lock whose process is gone (killed) is taken over."""
+        if not is_local(self.workdir):
+            return  # an object store has no exclusive create; one writer per run is the user's
+        path = os.path.join(self.workdir, LOCK)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(path)
+                if holder is None:  # just created, not yet written: look once more
+                    time.sleep(0.5)
+                    holder = _read_lock(path)
+                if holder == me:
+                    return  # this process again (a sweep, or research code calling twice)
+                if holder is not None and _alive(holder):
+                    raise ConfigError(
+                        f"{self.workdir} is in use by jaxprompt process {holder['pid']} on "
+                        f"{holder['host']}: wait for it, stop it, or use another --workdir "
+                        f"(remove {path} if that process is gone)"
+                    ) from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)  # left by a process that was killed
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            atexit.register(self.unlock)
+            return
+        raise ConfigError(f"could not lock {path}: another process keeps taking it")
+
+    def unlock(self) -> None:
+        """Releases this process's claim on the directory (at the end of the run, or exit)."""
+        if not is_main() or not is_local(self.workdir):
+            return
+        path = os.path.join(self.workdir, LOCK)
+        if _read_lock(path) == {"pid": os.getpid(), "host": socket.gethostname()}:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
     # ------------------------------------------------------------------------ results
     def write_results(self, record: Mapping[str, Any], *, plot: bool = True) -> dict[str, Any]:
@@ -158,6 +206,7 @@ class RunDir:
             self._write_markdown(record)
             write_json(self / RESULTS, record)
         log.info("results: %s", json.dumps(record["accuracy"]))
+        self.unlock()
         shard_lib.barrier("jaxprompt:results")  # a sweep moves on only once the files exist
         return record
 
@@ -197,6 +246,28 @@ class RunDir:
             parts.append(f"Evaluation `{key}`:\n\n" + results_table(rec))
         if parts:
             (self / "results.md").write_text("\n\n".join(parts) + "\n")
+
+
+def _read_lock(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        return {"pid": int(holder["pid"]), "host": str(holder["host"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # gone, or being written this instant: looked at again
+
+
+def _alive(holder: Mapping[str, Any]) -> bool:
+    """Whether a lock's process still runs (another host's cannot be asked: assumed so)."""
+    if holder["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def numerics() -> dict[str, str]:
