@@ -130,6 +130,17 @@ COOP_TEMPLATES: dict[str, str] = {
     "ImageNetR": "a photo of a {}.",
 }
 
+# KgCoOp's hand-crafted prompt per dataset (its teacher): CoOp's table except DTD, where KgCoOp
+# uses "a photo of a {}, a type of texture." (htyao89/KgCoOp, KgCoOp/trainers/kgcoop.py:37-53).
+KGCOOP_TEMPLATES: dict[str, str] = {
+    **COOP_TEMPLATES,
+    "DescribableTextures": "a photo of a {}, a type of texture.",
+}
+# The same table keyed by CoOp's template, which is what a task carries (``Task.template``):
+# equal CoOp templates have equal KgCoOp templates, so the mapping is well defined.
+KGCOOP_FROM_COOP: dict[str, str] = {COOP_TEMPLATES[k]: v for k, v in KGCOOP_TEMPLATES.items()}
+assert len({(COOP_TEMPLATES[k], v) for k, v in KGCOOP_TEMPLATES.items()}) == len(KGCOOP_FROM_COOP)
+
 # Named template sets, for configs and the CLI (`zeroshot(templates="imagenet_80")`).
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "single": ("a photo of a {}.",),

@@ -36,7 +36,10 @@ TINY: dict[str, list[tuple[str, Callable[[], dict[str, Any]]]]] = {
     "cocoop": [("cocoop", lambda: dict(n_ctx=4))],
     "ivlp": [("ivlp", lambda: dict(depth=2))],
     "maple": [("maple", lambda: dict(depth=2))],
-    "promptsrc": [("promptsrc", lambda: dict(depth=2))],
+    # Two teacher templates, as the other self-regulated variants: the 60-template teacher is
+    # checked against the PyTorch reference in test_promptsrc, and here it only made every
+    # program of this variant four times larger to compile.
+    "promptsrc": [("promptsrc", lambda: dict(depth=2, templates=_T2))],
     "bayes": [
         ("bayes", lambda: dict(mc_samples=2)),
         ("bayes-cond", lambda: dict(mc_samples=2, conditional=True)),

@@ -24,7 +24,7 @@ from conftest import CLASSNAMES
 from test_promptsrc import sharpened
 
 import jaxprompt as jp
-from jaxprompt import checkpoint, gpa, losses
+from jaxprompt import checkpoint, gpa, losses, templates
 from jaxprompt import clip as clip_lib
 from jaxprompt.methods.selfreg import self_regulated
 from jaxprompt.methods.zeroshot import template_features
@@ -309,6 +309,32 @@ def test_kgcoop_term_equals_numpy(clip, batch, frozen):
     # "dataset" needs the task's template.
     with pytest.raises(ValueError, match="template"):
         method.loss(prompt, clip, jp.make_task(clip, CLASSNAMES), batch, None)
+
+
+def test_kgcoop_teacher_on_dtd_is_kgcoops_template_not_coops(clip, batch, frozen):
+    # A DTD task carries CoOp's template "{} texture."; KgCoOp's table (its trainers/kgcoop.py)
+    # has "a photo of a {}, a type of texture." there, and that is the teacher.
+    coop_t = templates.COOP_TEMPLATES["DescribableTextures"]
+    kg_t = "a photo of a {}, a type of texture."
+    assert templates.KGCOOP_TEMPLATES["DescribableTextures"] == kg_t != coop_t
+    assert {k: v for k, v in templates.KGCOOP_TEMPLATES.items() if v != kg_t} == {
+        k: v for k, v in templates.COOP_TEMPLATES.items() if k != "DescribableTextures"
+    }
+    task = jp.make_task(clip, CLASSNAMES, template=coop_t)
+    method = jp.methods.get("kgcoop")
+    assert method.config["templates"] == "dataset:kgcoop"
+    prompt = _moved(method.init(jax.random.key(0), clip, task))
+    _, metrics = jax.jit(method.loss)(prompt, clip, task, batch, jax.random.key(0))
+    g_p = _norm(np.asarray(method.config["base"].encode_classes(prompt, clip, task), np.float64))
+
+    def term(template):
+        return 1.0 - np.mean(np.sum(g_p * frozen["teacher"]((template,)), axis=-1))
+
+    np.testing.assert_allclose(metrics["cos_text"], term(kg_t), rtol=RTOL, atol=ATOL)
+    assert abs(term(kg_t) - term(coop_t)) > 100 * ATOL  # the two teachers are told apart
+    # The registry's meta form rebuilds the same teacher choice.
+    again = jp.methods.get("kgcoop", **checkpoint._jsonable(dict(method.config)))
+    assert again.config["templates"] == "dataset:kgcoop"
 
 
 # --------------------------------------------------------------------------- CLI

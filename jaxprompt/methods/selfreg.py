@@ -70,6 +70,10 @@ from jaxprompt.methods.zeroshot import template_features
 TEACHER_KEY = "teacher_text"
 # ``templates=DATASET``: the task's own hand-crafted template (``Task.template``).
 DATASET = "dataset"
+# ``templates=DATASET_KGCOOP``: KgCoOp's table for the task's dataset
+# (:data:`jaxprompt.templates.KGCOOP_TEMPLATES`, found from the task's CoOp template).
+DATASET_KGCOOP = "dataset:kgcoop"
+_PER_TASK = (DATASET, DATASET_KGCOOP)
 TEXT_DISTANCES = ("l1", "cosine")
 # PromptSRC's base-to-novel GPA (mean 15, std 1 over 20 epochs) as fractions of the run, used
 # when gpa_mean / gpa_std are None: the same shape over any number of epochs.
@@ -127,19 +131,21 @@ def resolve_templates(templates: str | Sequence[str]) -> str | tuple[str, ...]:
 
     Args:
       templates: template strings, the name of a set in
-        :data:`jaxprompt.templates.TEMPLATE_SETS`, or ``"dataset"`` (each task's own
-        ``Task.template``, read when the teacher is computed).
+        :data:`jaxprompt.templates.TEMPLATE_SETS`, ``"dataset"`` (each task's own
+        ``Task.template``, read when the teacher is computed) or ``"dataset:kgcoop"``
+        (KgCoOp's table for the task's dataset).
 
     Raises:
       ValueError: an unknown set name, or an empty list / a template without ``{}``.
     """
     if isinstance(templates, str):
-        if templates == DATASET:
-            return DATASET
+        if templates in _PER_TASK:
+            return templates
         if templates not in templates_lib.TEMPLATE_SETS:
             raise ValueError(
                 f"unknown template set {templates!r}; choose one of "
-                f"{sorted(templates_lib.TEMPLATE_SETS)}, 'dataset', or pass template strings"
+                f"{sorted(templates_lib.TEMPLATE_SETS)}, 'dataset', 'dataset:kgcoop', or pass "
+                "template strings"
             )
         templates = templates_lib.TEMPLATE_SETS[templates]
     templates = tuple(templates)
@@ -149,14 +155,17 @@ def resolve_templates(templates: str | Sequence[str]) -> str | tuple[str, ...]:
 
 
 def task_templates(templates: str | tuple[str, ...], task: clip_lib.Task) -> tuple[str, ...]:
-    """The teacher templates for ``task``: ``templates``, or ``(task.template,)`` for DATASET."""
-    if templates != DATASET:
+    """The teacher templates for ``task``: ``templates``, ``(task.template,)`` for DATASET, or
+    KgCoOp's entry for the task's dataset for DATASET_KGCOOP."""
+    if templates not in _PER_TASK:
         return tuple(templates)
     if task.template is None:
         raise ValueError(
-            "templates='dataset' needs the dataset's template on the task: "
+            f"templates={templates!r} needs the dataset's template on the task: "
             "make_task(clip, names, template=...)"
         )
+    if templates == DATASET_KGCOOP:
+        return (templates_lib.KGCOOP_FROM_COOP.get(task.template, task.template),)
     return (task.template,)
 
 
@@ -313,7 +322,7 @@ def self_regulated(
             w_kl=w_kl,
             w_text=w_text,
             w_image=w_image,
-            templates=templates if templates == DATASET else list(templates),
+            templates=templates if isinstance(templates, str) else list(templates),
             text_distance=text_distance,
             gpa=gpa,
             gpa_mean=gpa_mean,
@@ -384,7 +393,7 @@ def _src_preset(name: str, base: base_lib.PromptMethod, **settings: Any) -> base
     """``self_regulated(base, **settings)`` reported as ``name``, with the preset
     constructor's keywords as config, so ``get(name, **config)`` rebuilds it from meta."""
     config = {"base": base, **settings}
-    if settings["templates"] != DATASET:
+    if settings["templates"] not in _PER_TASK:
         config["templates"] = list(resolve_templates(settings["templates"]))
     return self_regulated(base, **settings, name=name, config=config)
 
