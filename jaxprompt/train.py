@@ -377,6 +377,127 @@ def _default_meta(method: PromptMethod, clip: Any, task: Any) -> dict[str, Any]:
     }
 
 
+def _due(done: int, every: int | None, steps: int) -> bool:
+    """Whether a periodic action (evaluation, checkpoint) falls on step ``done``; the last step
+    has its own (the final evaluation and checkpoint)."""
+    return bool(every) and done % every == 0 and done < steps
+
+
+def _resume(
+    workdir: str | epath.PathLike,
+    state: TrainState,
+    agg_state: Any,
+    iterator: Iterator,
+    *,
+    is_main: bool,
+) -> tuple[TrainState, Any, int]:
+    """The checkpoint policy's read side: ``(state, agg_state, start)`` from the newest
+    readable checkpoint in ``workdir`` (an unreadable newest one falls back to the previous,
+    with a warning: :func:`jaxprompt.checkpoint.restore`), the iterator repositioned; the
+    arguments unchanged and ``start = 0`` when there is none."""
+    # Whether to resume, and from which step at most, is decided once, by process 0: hosts
+    # looking at the shared directory at different moments could otherwise disagree (one sees
+    # the checkpoint directory another has just created) and then pass different barriers.
+    # Every host then reads (orbax's reads are collective) the newest readable checkpoint up
+    # to that step.
+    found = shard_lib.decide_once(lambda: ckpt_lib.latest_step(workdir))
+    if found is None:
+        return state, agg_state, 0
+    restored = ckpt_lib.restore(
+        workdir, state, max_step=found, extra_like=agg_state if agg_state is not None else None
+    )
+    state, _, data_state = restored[:3]
+    if agg_state is not None:
+        agg_state = restored[3]
+    start = int(state.step)
+    if hasattr(iterator, "set_state") and data_state is not None:
+        iterator.set_state(data_state)
+    elif start:
+        log.warning(
+            "resuming at step %d with an iterator that has no set_state(): batches restart "
+            "from the iterator's current position, not where the run stopped",
+            start,
+        )
+    if is_main:
+        log.info("resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
+    return state, agg_state, start
+
+
+class _Progress:
+    """The training log: every ``log_every`` steps (and the last), the mean of the step metrics
+    since the previous line, the rates and ``lr``, written to ``metrics.jsonl`` and as a
+    progress line with an ETA.
+
+    Rates count the steps after a run's first: the first one compiles (seconds to minutes) and
+    would make the first line's rate and ETA wrong by that much; it gets its own line.
+    """
+
+    def __init__(
+        self,
+        steps: int,
+        log_every: int,
+        writer: _MetricsWriter,
+        *,
+        lr_schedule: optax.Schedule | None = None,
+        is_main: bool = True,
+    ):
+        self.steps, self.log_every, self.writer = steps, log_every, writer
+        self.lr_schedule, self.is_main = lr_schedule, is_main
+        self.window: list[Metrics] = []
+        self.examples, self.timed, self.first = 0, 0, True
+        self.t0 = time.perf_counter()
+
+    def add(self, done: int, metrics: Metrics, n_batch: int) -> None:
+        """Counts step ``done`` (its metrics and global batch size)."""
+        self.window.append(metrics)
+        if self.first:
+            jax.block_until_ready(metrics)
+            if self.is_main:
+                log.info(
+                    "compiled and ran step %d in %s",
+                    done,
+                    _format_eta(time.perf_counter() - self.t0),
+                )
+            self.first, self.t0 = False, time.perf_counter()
+        else:
+            self.examples, self.timed = self.examples + n_batch, self.timed + 1
+
+    def maybe_log(self, done: int) -> dict[str, float] | None:
+        """Writes the line of step ``done`` if one is due; returns its record."""
+        if done % self.log_every and done != self.steps:
+            return None
+        host = jax.device_get(self.window)
+        record = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        record["steps_per_sec"] = self.timed / elapsed
+        record["examples_per_sec"] = self.examples / elapsed
+        if self.lr_schedule is not None:
+            record["lr"] = float(self.lr_schedule(done - 1))  # rate used by this step
+        self.writer.write({"step": done, **record})
+        if not np.isfinite(record.get("loss", 0.0)):
+            log.warning("non-finite loss %s at step %d", record["loss"], done)
+        if self.is_main:
+            rate = record["steps_per_sec"]
+            eta = (self.steps - done) / rate if rate > 0 else float("nan")
+            terms = " ".join(
+                f"{k} {v:.4g}"
+                for k, v in sorted(record.items())
+                if k not in ("steps_per_sec", "examples_per_sec")
+            )
+            log.info(
+                "step %d/%d %s | %.1f ex/s %.2f it/s eta %s",
+                done,
+                self.steps,
+                terms,
+                record["examples_per_sec"],
+                record["steps_per_sec"],
+                _format_eta(eta),
+            )
+        self.window, self.examples, self.timed = [], 0, 0
+        self.t0 = time.perf_counter()
+        return record
+
+
 def fit(
     method: PromptMethod,
     tx: optax.GradientTransformation,
@@ -425,8 +546,8 @@ def fit(
     Outputs in ``workdir``: ``metrics.jsonl`` (one line per logged step: ``step``, ``lr`` if
     ``lr_schedule`` is given, the averaged loss terms, ``examples_per_sec``,
     ``steps_per_sec``; and eval results under ``eval/<name>``), checkpoints every
-    ``checkpoint_every`` steps and at the end. After a resume, steps logged after the restored
-    checkpoint appear again; the later line wins.
+    ``checkpoint_every`` steps and at the end. After a resume, the lines logged past the
+    restored checkpoint are dropped (the steps are run and logged again): each step once.
 
     Args:
       method: the prompt method.
@@ -479,35 +600,8 @@ def fit(
     run_meta = {**_default_meta(method, clip, task), **dict(meta or {})}
     iterator: Iterator = iter(batches)
     start = 0
-    # Whether to resume, and from which step at most, is decided once, by process 0: hosts
-    # looking at the shared directory at different moments could otherwise disagree (one sees
-    # the checkpoint directory another has just created) and then pass different barriers.
-    # Every host then reads (orbax's reads are collective) the newest readable checkpoint up
-    # to that step.
-    found = None
     if workdir is not None:
-        found = shard_lib.decide_once(lambda: ckpt_lib.latest_step(workdir))
-    if found is not None:
-        restored = ckpt_lib.restore(
-            workdir,
-            state,
-            max_step=found,
-            extra_like=agg_state if aggregator is not None else None,
-        )
-        state, _, data_state = restored[:3]
-        if aggregator is not None:
-            agg_state = restored[3]
-        start = int(state.step)
-        if hasattr(iterator, "set_state") and data_state is not None:
-            iterator.set_state(data_state)
-        elif start:
-            log.warning(
-                "resuming at step %d with an iterator that has no set_state(): batches restart "
-                "from the iterator's current position, not where the run stopped",
-                start,
-            )
-        if is_main:
-            log.info("resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
+        state, agg_state, start = _resume(workdir, state, agg_state, iterator, is_main=is_main)
 
     # ---------------------------------------------------------------- compile
     state_sh = jax.tree.map(lambda _: rep, state)
@@ -541,12 +635,7 @@ def fit(
         writer.write({"step": step, **{f"eval/{k}": _scalar(v) for k, v in results.items()}})
 
     # ---------------------------------------------------------------- loop
-    window: list[Metrics] = []
-    # Rates count the steps after the first: the first one compiles (seconds to minutes) and
-    # would make the first progress line's rate and ETA wrong by that much.
-    examples, timed = 0, 0
-    first = True
-    t_window = time.perf_counter()
+    progress = _Progress(steps, log_every, writer, lr_schedule=lr_schedule, is_main=is_main)
     try:
         for s in range(start, steps):
             try:
@@ -557,60 +646,16 @@ def fit(
                     "(repeating) iterator or fewer steps"
                 ) from None
             batch = shard_lib.put_batch(local, mesh)
-            n_batch = int(jax.tree.leaves(batch)[0].shape[0])
             state, metrics = train_step(state, clip, task, batch, step_key)
-            window.append(metrics)
             done = s + 1
-            if first:
-                jax.block_until_ready(metrics)
-                if is_main:
-                    log.info(
-                        "compiled and ran step %d in %s",
-                        done,
-                        _format_eta(time.perf_counter() - t_window),
-                    )
-                first, t_window = False, time.perf_counter()
-            else:
-                examples, timed = examples + n_batch, timed + 1
-
+            progress.add(done, metrics, int(jax.tree.leaves(batch)[0].shape[0]))
             if aggregator is not None and done % iters_per_epoch == 0:
                 epoch = jnp.asarray(done // iters_per_epoch, jnp.int32)
                 agg_state = agg_update(agg_state, state.prompt, epoch)
-
-            if done % log_every == 0 or done == steps:
-                host = jax.device_get(window)
-                record = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                elapsed = max(time.perf_counter() - t_window, 1e-9)
-                record["steps_per_sec"] = timed / elapsed
-                record["examples_per_sec"] = examples / elapsed
-                if lr_schedule is not None:
-                    record["lr"] = float(lr_schedule(done - 1))  # rate used by this step
-                writer.write({"step": done, **record})
-                if not np.isfinite(record.get("loss", 0.0)):
-                    log.warning("non-finite loss %s at step %d", record["loss"], done)
-                if is_main:
-                    rate = record["steps_per_sec"]
-                    eta = (steps - done) / rate if rate > 0 else float("nan")
-                    terms = " ".join(
-                        f"{k} {v:.4g}"
-                        for k, v in sorted(record.items())
-                        if k not in ("steps_per_sec", "examples_per_sec")
-                    )
-                    log.info(
-                        "step %d/%d %s | %.1f ex/s %.2f it/s eta %s",
-                        done,
-                        steps,
-                        terms,
-                        record["examples_per_sec"],
-                        record["steps_per_sec"],
-                        _format_eta(eta),
-                    )
-                window, examples, timed, t_window = [], 0, 0, time.perf_counter()
-
-            if eval_fn is not None and eval_every and done % eval_every == 0 and done < steps:
+            progress.maybe_log(done)
+            if eval_fn is not None and _due(done, eval_every, steps):
                 run_eval(state.prompt, done)
-
-            if checkpointer is not None and done % checkpoint_every == 0 and done < steps:
+            if checkpointer is not None and _due(done, checkpoint_every, steps):
                 checkpointer.save(
                     done,
                     state,

@@ -405,3 +405,45 @@ def test_fit_on_a_model_sharded_mesh_and_progress_line(caplog):
     assert (
         len(progress) == 1 and progress[0].startswith("step 3/3 ") and "eta 0:00:00" in progress[0]
     )
+
+
+# --------------------------------------------------------------------------- fit's pieces
+
+
+def test_periodic_actions_fall_on_multiples_but_not_the_last_step():
+    due = [d for d in range(1, 13) if train._due(d, 4, 12)]
+    assert due == [4, 8]  # 12 is the final evaluation / checkpoint, done once by fit
+    assert not any(train._due(d, None, 12) or train._due(d, 0, 12) for d in range(1, 13))
+
+
+def test_progress_lines_average_the_window_and_time_from_the_second_step():
+    class Writer:
+        def __init__(self):
+            self.records = []
+
+        def write(self, record):
+            self.records.append(record)
+
+    w = Writer()
+    p = train._Progress(5, 2, w, lr_schedule=lambda step: 0.1 * (step + 1))
+    for done in range(1, 6):
+        p.add(done, {"loss": np.float32(done)}, n_batch=8)
+        p.maybe_log(done)
+    assert [r["step"] for r in w.records] == [2, 4, 5]
+    assert [r["loss"] for r in w.records] == [1.5, 3.5, 5.0]
+    np.testing.assert_allclose([r["lr"] for r in w.records], [0.2, 0.4, 0.5])
+    # The first line's rate counts step 2 only (step 1 compiled): one step of 8 examples.
+    r = w.records[0]
+    assert r["examples_per_sec"] / r["steps_per_sec"] == pytest.approx(8.0)
+    assert all(x["examples_per_sec"] / x["steps_per_sec"] == pytest.approx(8.0) for x in w.records)
+
+
+def test_metrics_writer_drops_the_lines_past_a_resumed_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (2, 4, 4, 6)]
+    path.write_text("\n".join(lines) + '\n{"step": 8, "lo')  # the last line cut by a kill
+    writer = train._MetricsWriter(str(tmp_path))
+    writer.start_at(4)
+    writer.write({"step": 5, "loss": 2.0})
+    writer.close()
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [2, 4, 4, 5]

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -220,6 +221,18 @@ def _mesh(cfg: Mapping[str, Any]) -> jax.sharding.Mesh:
     return shard_lib.make_mesh(data=int(m["data"]), model=int(m["model"]))
 
 
+def train_batch_size(batch_size: int, n_train: int) -> int:
+    """The global batch a training set of ``n_train`` examples is read in.
+
+    Dassl's train loader drops the last partial batch only when the set holds at least one
+    whole batch (``drop_last=is_train and len(data_source) >= batch_size``,
+    KaiyangZhou/Dassl.pytorch ``dassl/data/data_manager.py:43``), so a smaller set (CoOp's 1-
+    and 2-shot EuroSAT: 10 and 20 images at batch 32) trains on one batch of all of it per
+    epoch. The same here: ``min(batch_size, n_train)``, recorded in ``results.json``.
+    """
+    return min(int(batch_size), int(n_train))
+
+
 def check_batch(
     batch_size: int,
     n_train: int,
@@ -308,7 +321,28 @@ def check_train(config: Any, workdir: str, *, cache: dict | None = None) -> Trai
         clip_lib.make_task(clip, names, template=ds.spec.template),
     )
     if int(cfg["optim"]["epochs"]) > 0:
-        check_batch(int(d["batch_size"]), len(split["train"]), mesh=mesh)
+        n_train, asked = len(split["train"]), int(d["batch_size"])
+        batch = train_batch_size(asked, n_train)
+        if batch < asked:
+            log.info(
+                "data.batch_size=%d exceeds the %d training examples: one batch of %d per epoch "
+                "(as Dassl's loader)", asked, n_train, batch,
+            )  # fmt: skip
+            # The whole set is the batch, so it must split over the hosts and devices itself.
+            unit = math.lcm(jax.process_count(), mesh.devices.size // mesh.shape["model"])
+            if batch % unit:
+                fit = n_train // unit * unit
+                fix = (
+                    f"--config.data.batch_size={fit} (drops {n_train - fit} examples an epoch)"
+                    if fit
+                    else "more shots, or fewer devices (--config.mesh.data)"
+                )
+                raise ConfigError(
+                    f"the {n_train} training examples are one batch (fewer than "
+                    f"data.batch_size={asked}), which does not split over {unit} data-parallel "
+                    f"devices: use {fix}"
+                )
+        check_batch(batch, n_train, mesh=mesh)
     return TrainCheck(cfg, run, None, method, ds, clip, mesh, cache)
 
 
@@ -328,7 +362,6 @@ def run_train(config: Any, workdir: str, *, checked: TrainCheck | None = None) -
     cfg, run, method, ds, clip, mesh, cache = c.cfg, c.run, c.method, c.ds, c.clip, c.mesh, c.cache
     d, o = cfg["data"], cfg["optim"]
     epochs = int(o["epochs"])
-    batch_size = int(d["batch_size"])
     run.open()
     split, names = _apply_protocol(ds, d, workdir)
     task = clip_lib.make_task(clip, names, template=ds.spec.template)
@@ -351,6 +384,7 @@ def run_train(config: Any, workdir: str, *, checked: TrainCheck | None = None) -
     evaluated: dict[int, dict[str, float]] = {}
     if epochs > 0:
         n_train = len(split["train"])
+        batch_size = train_batch_size(int(d["batch_size"]), n_train)
         iters = n_train // batch_size  # drop_last, as the reference trainers do
         steps = iters * epochs
         schedule = train_lib.make_schedule(
@@ -444,6 +478,8 @@ def run_train(config: Any, workdir: str, *, checked: TrainCheck | None = None) -
         "shots": int(d["shots"]),
         "seed": int(cfg["seed"]),
         "steps": steps,
+        # The global batch trained with: data.batch_size, or the whole set when it is smaller.
+        "batch_size": train_batch_size(int(d["batch_size"]), len(split["train"])),
         "wall_time_s": round(time.time() - t0, 1),
     }
     return run.write_results(record)

@@ -19,9 +19,10 @@ adapt run as they take a training run.
 
 Online TPT (``method.reset = "online"``, :func:`make_online_step`): each image starts from the
 prompt the previous test image ended with (with ``method.carry_optimizer``, its AdamW state
-too), in test-split order, across batches. The carry is written to ``carry.npz`` before each
-progress file, and a resumed run reads it back, so an interrupted online run ends exactly as
-an uninterrupted one; at the end ``carry.npz`` holds the prompt the last image ended with.
+too), across batches, in the order of :func:`stream` (a seeded shuffle of the test split).
+The carry is written to ``carry.npz`` before each progress file, and a resumed run reads it
+back, so an interrupted online run ends exactly as an uninterrupted one; at the end
+``carry.npz`` holds the prompt the last image ended with.
 
 Any trained prompt can be the starting point (``init_from``: a run directory, a
 ``.safetensors``/``.npz`` prompt file, ``hf://USER/NAME``): its meta names the base method, so
@@ -311,6 +312,23 @@ def load_carry(path: str, prompt_like: Any, state_like: Any) -> tuple[Any, Any, 
     return prompt, state, int(flat["batches"])
 
 
+def stream(examples: list, *, online: bool, seed: int) -> list:
+    """The order online TPT sees the test split in.
+
+    The carried prompt is shaped by the images before it, so the order is part of the result:
+    a split stored class by class would show the prompt one class at a time, and the accuracy
+    would measure that ordering. The official loader shuffles the test set, seeded by the run's
+    ``--seed`` (azshue/TPT ``tpt_classification.py:213-215``, ``DataLoader(shuffle=True)``
+    after ``set_random_seed``). Here: the permutation ``np.random.default_rng(seed)``, the same
+    on every host and on resume; ``seed < 0`` keeps the stored order. Episodic runs (every
+    image independent) keep the stored order.
+    """
+    if not online or seed < 0:
+        return examples
+    order = np.random.default_rng(seed).permutation(len(examples))
+    return [examples[i] for i in order]
+
+
 def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
     """Runs TPT over the configured dataset's test split (see ``configs/adapt.py``).
 
@@ -358,7 +376,8 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
             "the image: use method.reset=episodic with this base"
         )
     augmix = use_augmix(d.get("augmix", "auto"), ds.spec.name)
-    examples = list(ds.split["test"])[:: max(1, int(d.get("every", 1)))]
+    examples = stream(list(ds.split["test"]), online=online, seed=int(d.get("stream_seed", -1)))
+    examples = examples[:: max(1, int(d.get("every", 1)))]
     if int(d.get("limit", 0)) > 0:
         examples = examples[: int(d["limit"])]
     mesh = experiment._mesh(cfg)
@@ -493,6 +512,8 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
     }
     if online:
         record["carry_optimizer"] = carry_optimizer
+        record["stream_seed"] = int(d.get("stream_seed", -1))
+        record["stream_head"] = [x.key for x in examples[:8]]  # the order, checkable
         if index == 0:  # the prompt the last test image ended with, kept with the results
             save_carry(carry_path, carry_prompt, carry_state, n_batches)
     if index == 0:
