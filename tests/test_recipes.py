@@ -93,3 +93,22 @@ def test_online_tpt_sees_a_seeded_shuffle_of_the_test_split(tiny_clip_dir, tmp_p
         assert heads[seed] == expected(seed)[:8]
     assert heads[0] != heads[7]
     assert len({k.split("/")[2] for k in heads[0]}) > 1  # several classes in the first batch
+
+
+def test_training_crops_use_the_configured_scale(tiny_clip_dir, tmp_path, monkeypatch):
+    # The toy presets crop 50-100% of the image (rrc_scale); a chain that dropped the setting
+    # would fall back to torchvision's default 8-100% and still train.
+    from jaxprompt.data import pipeline
+
+    seen = []
+    real = pipeline.sample_crop_box
+
+    def recording(rng, **kw):
+        seen.append(tuple(kw["scale"]))
+        return real(rng, **kw)
+
+    monkeypatch.setattr(pipeline, "sample_crop_box", recording)
+    assert _train(tiny_clip_dir, tmp_path / "crops") == 0
+    config = json.load(open(tmp_path / "crops" / "config.json"))
+    assert tuple(config["data"]["rrc_scale"]) == (0.5, 1.0)
+    assert seen and set(seen) == {(0.5, 1.0)}

@@ -356,8 +356,14 @@ if __name__ == "__main__":
     print(json.dumps({k: v for k, v in rep.items() if k != "history"}))
 
 
-# The recipe of the shipped weights (jaxprompt/assets/toy_clip): `jaxprompt pretrain-toy` with
-# these arguments reproduces them.
+# The recipe of the shipped weights (jaxprompt/assets/toy_clip). They were made by
+# `jaxprompt pretrain-toy` with these arguments when the towers were transformers' Flax models,
+# whose random initialisation (FlaxCLIPModel's, transformers 4.57) started them. Since the
+# towers and their initialisation are jaxprompt's own (testing.random_clip_params), the same
+# command trains a model of the same recipe from another starting point, not these weights
+# (transformers 5 has no Flax models to redraw the old one). The shipped weights stay as they
+# are, so every toy-world number keeps its meaning; the command is deterministic (the same
+# weights, bit for bit, on one machine and jax version: tests/test_toyworld.py).
 RECIPE: dict = {
     "steps": 1600,
     "batch_size": 128,
