@@ -58,8 +58,9 @@ METHOD_PRESETS = {
     # image L1 10; the image term only where the base prompts the vision tower) and its 60
     # teacher templates. GPA keeps PromptSRC's shape relative to the run ("relative_gpa"):
     # gpa_mean / gpa_std = 3/4 and 1/20 of the configured epochs (15 and 1 of PromptSRC's 20),
-    # so 150 / 10 for CoOp's 200 epochs, 7.5 / 0.5 for CoCoOp's 10, 3.75 / 0.25 for MaPLe's 5
-    # (set in base() from the final epoch count; --config.method.kw.gpa_mean=... overrides).
+    # the std at least one epoch so that short runs still average (selfreg.relative_gpa): 150 /
+    # 10 for CoOp's 200 epochs, 7.5 / 1 for CoCoOp's 10, 3.75 / 1 for MaPLe's 5 (set in base()
+    # from the final epoch count; --config.method.kw.gpa_mean=... overrides).
     "coop+src": dict(
         method=dict(base="coop", base_kwargs=dict(n_ctx=16), **_SRC),
         optim=dict(epochs=200, lr=0.002, batch_size=32),
@@ -264,7 +265,9 @@ def set_relative_gpa(c, preset) -> None:
     if "relative_gpa" in preset:
         mean, std = preset["relative_gpa"]
         c.method.kw["gpa_mean"] = float(mean * c.optim.epochs)
-        c.method.kw["gpa_std"] = float(max(std * c.optim.epochs, 1e-3))
+        # At least one epoch, so short runs still average (jaxprompt.methods.selfreg.
+        # relative_gpa argues it; the same rule, kept here because configs import no jax).
+        c.method.kw["gpa_std"] = float(max(std * c.optim.epochs, 1.0))
 
 
 def apply_bayes_per_dataset(c, arg) -> None:

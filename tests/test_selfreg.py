@@ -275,6 +275,29 @@ def test_relative_gpa_follows_the_run_length():
     assert jp.methods.get("selfreg", base="coop", gpa=False).aggregator is None
 
 
+def test_relative_gpa_still_averages_on_short_runs():
+    from jaxprompt.methods import selfreg
+
+    assert selfreg.relative_gpa(20) == (15.0, 1.0)  # PromptSRC's own base-to-novel GPA
+    assert selfreg.relative_gpa(200) == (150.0, 10.0)
+    for epochs in (5, 10):  # maple+src's and cocoop+src's runs
+        mean, std = selfreg.relative_gpa(epochs)
+        assert (mean, std) == (0.75 * epochs, 1.0)
+        w = gpa.gaussian_weights(mean=mean, std=std, num_epochs=epochs)
+        assert w.max() < 0.45 and (w > 0.05).sum() >= 4  # several snapshots, none dominant
+    # The protocol configs give the "+src" presets the same numbers.
+    from jaxprompt.app import flags
+
+    for preset, epochs in (("maple+src", 5), ("cocoop+src", 10), ("coop+src", 200)):
+        config, _ = flags.parse_run_flags(
+            ["x", "--config", f"base2new:{preset},dataset=DescribableTextures", "--workdir", "w"],
+            need_config=True,
+        )
+        assert config.optim.epochs == epochs
+        kw = config.method.kw
+        assert (kw.gpa_mean, kw.gpa_std) == selfreg.relative_gpa(epochs), preset
+
+
 # --------------------------------------------------------------------------- KgCoOp
 
 

@@ -76,9 +76,28 @@ DATASET_KGCOOP = "dataset:kgcoop"
 _PER_TASK = (DATASET, DATASET_KGCOOP)
 TEXT_DISTANCES = ("l1", "cosine")
 # PromptSRC's base-to-novel GPA (mean 15, std 1 over 20 epochs) as fractions of the run, used
-# when gpa_mean / gpa_std are None: the same shape over any number of epochs.
+# when gpa_mean / gpa_std are None, with the std at least one epoch (GPA_MIN_STD, see
+# relative_gpa).
 GPA_MEAN_FRACTION = 15.0 / 20.0
 GPA_STD_FRACTION = 1.0 / 20.0
+GPA_MIN_STD = 1.0
+
+
+def relative_gpa(num_epochs: int) -> tuple[float, float]:
+    """GPA's ``(mean, std)`` for a run of ``num_epochs``: PromptSRC's shape, still an average.
+
+    PromptSRC's base-to-novel GPA (mean 15, std 1 over 20 epochs) puts .054/.242/.399/.242/.054
+    on epochs 13-17: an average of about five epoch snapshots. Scaled with the run (3/4 and
+    1/20 of it) the std shrinks below an epoch on short runs: on 5 epochs (MaPLe's) std 0.25
+    puts .982 on epoch 4, and on 10 (CoCoOp's) std 0.5 splits between epochs 7 and 8, which is
+    no longer an aggregation. So the std is at least one epoch, PromptSRC's own spread in
+    epochs: 5 epochs get .009/.089/.312/.400/.189 and 10 get .13/.35/.35/.13 on epochs 6-9,
+    while runs of 20 epochs or more keep the scaled shape (200 epochs: mean 150, std 10).
+    """
+    return (
+        GPA_MEAN_FRACTION * num_epochs,
+        max(GPA_STD_FRACTION * num_epochs, GPA_MIN_STD),
+    )
 
 
 def teacher_text_features(
@@ -237,7 +256,7 @@ def self_regulated(
       gpa_mean: GPA Gaussian mean in 1-indexed epochs; ``None``: 3/4 of the run's epochs
         (PromptSRC's 15 of 20).
       gpa_std: GPA standard deviation in epochs; ``None``: 1/20 of the run's epochs
-        (PromptSRC's 1 of 20).
+        (PromptSRC's 1 of 20), at least one epoch (:func:`relative_gpa`).
       chunk: sequences per call when encoding the teacher templates (plain path).
       shared_prefix: encode each teacher template's words before the class name once.
       name: the name the method reports. Presets registered under their own name
@@ -335,9 +354,10 @@ def self_regulated(
     if gpa:
 
         def aggregator(num_epochs: int) -> gpa_lib.Aggregator:
+            mean, std = relative_gpa(num_epochs)
             return gpa_lib.gaussian_aggregation(
-                mean=GPA_MEAN_FRACTION * num_epochs if gpa_mean is None else float(gpa_mean),
-                std=GPA_STD_FRACTION * num_epochs if gpa_std is None else float(gpa_std),
+                mean=mean if gpa_mean is None else float(gpa_mean),
+                std=std if gpa_std is None else float(gpa_std),
                 num_epochs=num_epochs,
             )
 
