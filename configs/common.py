@@ -80,15 +80,16 @@ METHOD_PRESETS = {
     ),
     # KgCoOp (Yao, Zhang, Xu, CVPR 2023; jaxprompt.methods.kgcoop): CoOp with 4 tokens from
     # "a photo of a" and lambda 8 on 1 - cos to the dataset's hand-crafted prompt's frozen
-    # features. Optimisation as recalled from the reference's base-to-novel config
-    # (vit_b16_ep100_ctxv1: 100 epochs, lr 0.002, batch 128; to check against
-    # github.com/htyao89/KgCoOp before quoting numbers).
+    # features, KgCoOp's own template table ("dataset:kgcoop": trainers/kgcoop.py:37-53, CoOp's
+    # except DTD). Optimisation from the reference's base-to-novel config
+    # (KgCoOp/configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml: 100 epochs, lr 0.002, batch
+    # 128; tests/test_recipe_table.py cites each line).
     "kgcoop": dict(
         method=dict(
             base="coop",
             base_kwargs=dict(init_words="a photo of a"),
             weight=8.0,
-            templates="dataset",
+            templates="dataset:kgcoop",
         ),
         optim=dict(epochs=100, lr=0.002, batch_size=128),
     ),
