@@ -130,9 +130,18 @@ def test_a_resnet_without_its_file_is_a_one_line_error_naming_the_fix(name, dirs
 def test_anything_else_passes_through_unchanged(dirs, tmp_path):
     f = tmp_path / "my_clip.pt"
     f.write_bytes(b"x")
-    for name in ("openai/clip-vit-base-patch16", str(tmp_path), str(f), "toy", "./RN50", "RN5"):
+    for name in ("openai/clip-vit-base-patch16", str(tmp_path), str(f), "./toy", "./RN50", "RN5"):
         assert backbones.resolve(name) == name
     assert backbones.resolve(f) == str(f)  # an os.PathLike comes back as a string
+
+
+def test_toy_is_the_shipped_toy_clip(tmp_path, monkeypatch):
+    from importlib import resources
+
+    shipped = resources.files("jaxprompt").joinpath("assets/toy_clip")
+    assert backbones.resolve("toy") == str(shipped)
+    monkeypatch.setenv("JAXPROMPT_CACHE", str(tmp_path))
+    assert backbones.toy_cache_dir() == str(tmp_path / "toy_clip")
 
 
 def test_hub_base_model_maps_openai_names_to_their_hub_copy():
