@@ -35,23 +35,32 @@ def test_a_set_smaller_than_the_batch_is_one_batch_an_epoch_as_in_dassl(tiny_cli
 def test_a_small_set_that_cannot_split_over_the_devices_is_one_line(
     tiny_clip_dir, tmp_path, capsys
 ):
+    # toy_colours has 8 classes, so base-to-novel trains on 4: one shot each is a batch of 4,
+    # which 8 data-parallel devices cannot split.
     wd = tmp_path / "nosplit"
-    code = _train(tiny_clip_dir, wd, "--config.data.shots=1", "--config.data.batch_size=32",
-                  "--config.mesh.data=3")  # fmt: skip
+    args = [
+        "jaxprompt", "train", "--config", "base2new:coop,runlocal=true,dataset=toy_colours",
+        f"--config.clip.name={tiny_clip_dir}", "--config.method.kw.n_ctx=2",
+        "--config.data.shots=1", "--config.data.batch_size=32", "--workdir", str(wd),
+    ]  # fmt: skip
+    code = cli.main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not wd.exists()
     assert err[-1] == (
-        "jaxprompt: error: the 8 training examples are one batch (fewer than "
-        "data.batch_size=32), which does not split over 3 data-parallel devices: use "
-        "--config.data.batch_size=6 (drops 2 examples an epoch)"
+        "jaxprompt: error: the 4 training examples are one batch (fewer than "
+        "data.batch_size=32), which does not split over 8 data-parallel devices: use more "
+        "shots, or fewer data-parallel devices (--config.mesh.model=K puts K of them on the "
+        "model axis)"
     )
 
 
 def test_partial_batches_are_dropped_and_epochs_end_on_whole_batches(tiny_clip_dir, tmp_path):
-    # 16 examples at batch 6 on 2 devices: floor(16 / 6) = 2 steps an epoch (rounding up would
-    # give 3), so 2 epochs are 4 steps, evaluated at the epoch ends 2 and 4.
+    # 16 examples at batch 6 on 2 data-parallel devices (x 4 on the model axis): floor(16 / 6)
+    # = 2 steps an epoch (rounding up would give 3), so 2 epochs are 4 steps, evaluated at the
+    # epoch ends 2 and 4.
     wd = tmp_path / "partial"
     assert _train(tiny_clip_dir, wd, "--config.data.batch_size=6", "--config.mesh.data=2",
+                  "--config.mesh.model=4",
                   "--config.optim.epochs=2", "--config.eval_every_epochs=1",
                   "--config.log_every=1") == 0  # fmt: skip
     train_steps, eval_steps = _train_steps(wd)

@@ -335,7 +335,8 @@ def check_train(config: Any, workdir: str, *, cache: dict | None = None) -> Trai
                 fix = (
                     f"--config.data.batch_size={fit} (drops {n_train - fit} examples an epoch)"
                     if fit
-                    else "more shots, or fewer devices (--config.mesh.data)"
+                    else "more shots, or fewer data-parallel devices (--config.mesh.model=K "
+                    "puts K of them on the model axis)"
                 )
                 raise ConfigError(
                     f"the {n_train} training examples are one batch (fewer than "
