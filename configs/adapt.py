@@ -73,7 +73,8 @@ night / cartoon: ``tpt`` (every 5th test image, ``data.every=5``) 27.92 / 31.88 
 zero-shot 25.62 / 38.12 / 31.88 on the same images; ``pouf`` 36.08 / 34.66 / 51.59 against
 zero-shot 28.00 / 40.12 / 36.75 (measured before issue 15's data changes). Seed 1 after them
 (docs/toy_results_compose.md): ``tpt`` 26.88 / 28.12 / 30.00, online TPT 21.25 / 20.62 /
-18.12 (it drifts on this world). The papers' numbers on real data are theirs (TPT's paper,
+18.12 (it drifts on this world; measured in the stored class-by-class order, before the
+shuffled stream). The papers' numbers on real data are theirs (TPT's paper,
 section 5 of its spec), not reproduced here.
 """
 
