@@ -92,15 +92,24 @@ def test_prepare_on_a_generated_set_says_there_is_nothing_to_do(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def _toy_train(clip_dir, *, epochs):
+    """A few-shot CoOp run on the toy world with the tiny CLIP: 4 steps an epoch."""
+    return [
+        SCRIPT, "train", "--config", TOY, f"--config.clip.name={clip_dir}",
+        "--config.method.kw.n_ctx=4", f"--config.optim.epochs={epochs}", "--workdir", "runs/x",
+    ]  # fmt: skip
+
+
+def _start(cmd, cwd):
+    return subprocess.Popen(cmd, cwd=cwd, env=_env(), stderr=subprocess.PIPE, text=True)
+
+
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_the_same_command_resumes_without_duplicate_metrics(
     tiny_clip_dir, tmp_path
 ):
-    cmd = [
-        SCRIPT, "train", "--config", TOY, f"--config.clip.name={tiny_clip_dir}",
-        "--config.method.kw.n_ctx=4", "--config.optim.epochs=100", "--workdir", "runs/x",
-    ]  # fmt: skip
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stderr=subprocess.PIPE, text=True)
+    cmd = _toy_train(tiny_clip_dir, epochs=100)
+    p = _start(cmd, tmp_path)
     lines, total = [], None
     for line in p.stderr:
         lines.append(line)
@@ -159,11 +168,8 @@ def test_coop_says_when_init_words_size_the_context_differently(tiny_clip, tiny_
 def test_a_second_process_on_a_running_directory_stops_and_the_first_is_unaffected(
     tiny_clip_dir, tmp_path
 ):
-    cmd = [
-        SCRIPT, "train", "--config", TOY, f"--config.clip.name={tiny_clip_dir}",
-        "--config.method.kw.n_ctx=4", "--config.optim.epochs=60", "--workdir", "runs/x",
-    ]  # fmt: skip
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stderr=subprocess.PIPE, text=True)
+    cmd = _toy_train(tiny_clip_dir, epochs=60)
+    first = _start(cmd, tmp_path)
     lines = []
     for line in first.stderr:
         lines.append(line)
