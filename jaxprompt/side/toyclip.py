@@ -358,7 +358,7 @@ if __name__ == "__main__":
 
 # The recipe of the shipped weights (jaxprompt/assets/toy_clip). They were made by
 # `jaxprompt pretrain-toy` with these arguments when the towers were transformers' Flax models,
-# whose random initialisation (FlaxCLIPModel's, transformers 4.57) started them. Since the
+# whose random initialisation (transformers 4.57's Flax CLIP class) started them. Since the
 # towers and their initialisation are jaxprompt's own (testing.random_clip_params), the same
 # command trains a model of the same recipe from another starting point, not these weights
 # (transformers 5 has no Flax models to redraw the old one). The shipped weights stay as they
