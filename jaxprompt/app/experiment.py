@@ -278,6 +278,7 @@ class TrainCheck:
     clip: Any = None
     mesh: Any = None
     cache: dict = dataclasses.field(default_factory=dict)
+    batch_size: int = 0  # the global batch trained with (train_batch_size)
 
 
 def check_train(config: Any, workdir: str, *, cache: dict | None = None) -> TrainCheck:
@@ -320,9 +321,9 @@ def check_train(config: Any, workdir: str, *, cache: dict | None = None) -> Trai
         clip,
         clip_lib.make_task(clip, names, template=ds.spec.template),
     )
+    n_train, asked = len(split["train"]), int(d["batch_size"])
+    batch = train_batch_size(asked, n_train)
     if int(cfg["optim"]["epochs"]) > 0:
-        n_train, asked = len(split["train"]), int(d["batch_size"])
-        batch = train_batch_size(asked, n_train)
         if batch < asked:
             log.info(
                 "data.batch_size=%d exceeds the %d training examples: one batch of %d per epoch "
@@ -344,7 +345,7 @@ def check_train(config: Any, workdir: str, *, cache: dict | None = None) -> Trai
                     f"devices: use {fix}"
                 )
         check_batch(batch, n_train, mesh=mesh)
-    return TrainCheck(cfg, run, None, method, ds, clip, mesh, cache)
+    return TrainCheck(cfg, run, None, method, ds, clip, mesh, cache, batch)
 
 
 def run_train(config: Any, workdir: str, *, checked: TrainCheck | None = None) -> dict[str, Any]:
@@ -384,8 +385,7 @@ def run_train(config: Any, workdir: str, *, checked: TrainCheck | None = None) -
     # Per-epoch evaluations by step; fit's last one is of the final (aggregated) prompt.
     evaluated: dict[int, dict[str, float]] = {}
     if epochs > 0:
-        n_train = len(split["train"])
-        batch_size = train_batch_size(int(d["batch_size"]), n_train)
+        n_train, batch_size = len(split["train"]), c.batch_size
         iters = n_train // batch_size  # drop_last, as the reference trainers do
         steps = iters * epochs
         schedule = train_lib.make_schedule(
@@ -480,7 +480,7 @@ def run_train(config: Any, workdir: str, *, checked: TrainCheck | None = None) -
         "seed": int(cfg["seed"]),
         "steps": steps,
         # The global batch trained with: data.batch_size, or the whole set when it is smaller.
-        "batch_size": train_batch_size(int(d["batch_size"]), len(split["train"])),
+        "batch_size": c.batch_size,
         "wall_time_s": round(time.time() - t0, 1),
     }
     return run.write_results(record)

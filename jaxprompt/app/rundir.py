@@ -152,7 +152,7 @@ class RunDir:
         if not is_local(self.workdir):
             return  # an object store has no exclusive create; one writer per run is the user's
         path = os.path.join(self.workdir, LOCK)
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        me = _this_process()
         for _ in range(3):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -183,7 +183,7 @@ class RunDir:
         if not is_main() or not is_local(self.workdir):
             return
         path = os.path.join(self.workdir, LOCK)
-        if _read_lock(path) == {"pid": os.getpid(), "host": socket.gethostname()}:
+        if _read_lock(path) == _this_process():
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
 
@@ -246,6 +246,11 @@ class RunDir:
             parts.append(f"Evaluation `{key}`:\n\n" + results_table(rec))
         if parts:
             (self / "results.md").write_text("\n\n".join(parts) + "\n")
+
+
+def _this_process() -> dict[str, Any]:
+    """What a lock file holds: who runs in the directory."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
 
 
 def _read_lock(path: str) -> dict[str, Any] | None:
