@@ -418,3 +418,77 @@ def test_same_weights_from_the_pt_file_or_hf_format_share_a_fingerprint(
     share.check_backbone(legacy, from_pt)
     with pytest.raises(share.BackboneMismatchError, match="different config"):
         share.check_backbone(legacy, from_hf)
+
+
+# ------------------------------------------------------------------------------------------------
+# jaxprompt's tokenizer (tokenizers alone) against transformers' own
+# ------------------------------------------------------------------------------------------------
+
+# Beyond the catalog's ASCII names: case, runs of spaces and newlines, contractions, digits,
+# punctuation runs, accents in composed and decomposed form, CJK, emoji, the special tokens.
+HARD_TEXTS = [
+    "a photo of a cat.", "A  PHOTO\tof\na   Dog!!", "it's the dog's toy, isn't it?",
+    "1080p 4k 12:30", "caf\u00e9 cafe\u0301 na\u00efve", "\u6771\u4eac\u30bf\u30ef\u30fc",
+    "\U0001f436 dog", "<|startoftext|> x <|endoftext|>", "--- ... ///", "", "  ",
+]  # fmt: skip
+
+
+def test_bundled_tokenizer_equals_transformers_clip_tokenizer(tmp_path):
+    """transformers' CLIPTokenizer (fast, what transformers 5 has) built from the same files
+    is the reference: same ids with and without special tokens, same vocabulary."""
+    import transformers
+
+    ours = clip_lib.openai_tokenizer()
+    ours.save_pretrained(tmp_path)
+    raw = importlib.resources.files("jaxprompt").joinpath(clip_lib.BPE_VOCAB).read_bytes()
+    merges = gzip.decompress(raw).decode("utf-8").split("\n")[1 : 1 + 49152 - 256 - 2]
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    vocab = ours.get_vocab()
+    (tmp_path / "vocab.json").write_text(__import__("json").dumps(vocab))
+    ref = transformers.CLIPTokenizerFast(
+        str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"),
+        bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )  # fmt: skip
+    assert ref.get_vocab() == vocab and len(vocab) == 49408
+    for special in (True, False):
+        assert (
+            ours(HARD_TEXTS, add_special_tokens=special)["input_ids"]
+            == ref(HARD_TEXTS, add_special_tokens=special)["input_ids"]
+        )
+    # What save_pretrained wrote is read back the same by transformers and by jaxprompt.
+    again = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    mine = clip_lib.load_tokenizer(tmp_path)
+    assert (again.bos_token_id, again.eos_token_id) == (mine.bos_token_id, mine.eos_token_id)
+    assert again(HARD_TEXTS)["input_ids"] == mine(HARD_TEXTS)["input_ids"]
+    assert ours("a photo of a cat.")["input_ids"] == ours(["a photo of a cat."])["input_ids"][0]
+
+
+def test_loading_a_clip_imports_neither_transformers_nor_torch(tiny_clip_dir):
+    """The tokenizer comes from tokenizer.json through `tokenizers`: transformers' tokenizer
+    classes would import torch (seconds of start-up in every command that loads a CLIP)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jaxprompt as jp; c = jp.load_clip(sys.argv[1]); "
+        "c.tokenizer(['a photo of a cat.']); jp.load_clip('toy'); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_clip_dir)], capture_output=True, text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_directory_tokenizer_equals_transformers_on_the_same_files(tiny_clip_dir):
+    import transformers
+
+    ref = transformers.AutoTokenizer.from_pretrained(str(tiny_clip_dir))
+    mine = clip_lib.load_tokenizer(tiny_clip_dir)
+    texts = [t for t in HARD_TEXTS if t.isascii()] + ["a photo of a golden retriever."]
+    assert mine(texts)["input_ids"] == ref(texts)["input_ids"]
+    assert (mine.bos_token_id, mine.eos_token_id) == (ref.bos_token_id, ref.eos_token_id)
+    assert mine.get_vocab() == ref.get_vocab()

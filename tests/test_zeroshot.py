@@ -10,8 +10,14 @@ import jaxprompt as jp
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_clip):
-    return hf_reference.torch_clip(tiny_clip)
+def hf(tiny_clip, tiny_clip_dir):
+    """transformers' PyTorch CLIP and transformers' own tokenizer of the same directory (the
+    reference does not share jaxprompt's tokenizer)."""
+    import transformers
+
+    return hf_reference.torch_clip(tiny_clip), transformers.AutoTokenizer.from_pretrained(
+        str(tiny_clip_dir)
+    )
 
 
 def _hf_classifier(model, tok, templates, names):
@@ -26,9 +32,10 @@ def _hf_classifier(model, tok, templates, names):
     return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
 
 
-def _hf_logits(model, clip, templates, names, images):
+def _hf_logits(hf, clip, templates, names, images):
     """Zero-shot logits computed with transformers' PyTorch CLIP (the independent reference)."""
-    txt = _hf_classifier(model, clip.tokenizer, templates, names)
+    model, tok = hf
+    txt = _hf_classifier(model, tok, templates, names)
     img = hf_reference.image_features(model, images)
     img /= np.linalg.norm(img, axis=-1, keepdims=True)
     return np.exp(float(clip.params["logit_scale"])) * img @ txt.T

@@ -10,8 +10,8 @@ By concern:
 * :mod:`jaxprompt.clip.model`: :class:`Clip`, :class:`ClipSpec`, :class:`Task`, the config.
 * :mod:`jaxprompt.clip.loading`: :func:`load_clip` (hub ids, Hugging Face directories, OpenAI
   ``.pt`` files), :func:`from_openai_state_dict`, :func:`from_params`.
-* :mod:`jaxprompt.clip.tokens`: :func:`tokenize`, :func:`make_task`, :func:`openai_tokenizer`,
-  and the checks that a prompt fits the model.
+* :mod:`jaxprompt.clip.tokens`: :class:`Tokenizer`, :func:`load_tokenizer`, :func:`tokenize`,
+  :func:`make_task`, :func:`openai_tokenizer`, and the checks that a prompt fits the model.
 * :mod:`jaxprompt.clip.text`: the text tower (one block, a shared prefix as an argument).
 * :mod:`jaxprompt.clip.image`: the ViT and (through :mod:`jaxprompt.resnet`) ResNet towers.
 """
@@ -39,9 +39,11 @@ from jaxprompt.clip.text import (
 from jaxprompt.clip.tokens import (
     BPE_VOCAB,
     VIT_BACKBONES,
+    Tokenizer,
     check_context,
     check_depth,
     check_vision_prompts,
+    load_tokenizer,
     make_task,
     openai_tokenizer,
     tokenize,
@@ -54,6 +56,7 @@ __all__ = [
     "ClipLoadError",
     "ClipSpec",
     "Task",
+    "Tokenizer",
     "VIT_BACKBONES",
     "check_context",
     "check_depth",
@@ -66,6 +69,7 @@ __all__ = [
     "from_openai_state_dict",
     "from_params",
     "load_clip",
+    "load_tokenizer",
     "logit_scale",
     "make_task",
     "normalize",

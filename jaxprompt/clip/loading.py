@@ -21,7 +21,7 @@ from jaxprompt.clip.model import (
     param_shapes,
     spec_from_config,
 )
-from jaxprompt.clip.tokens import openai_tokenizer, quiet_transformers
+from jaxprompt.clip.tokens import load_tokenizer, openai_tokenizer
 
 PyTree = Any
 
@@ -139,9 +139,8 @@ def _load_hf_dir(directory: str, *, name: str, dtype: str) -> Clip:
         )
     except hf_checkpoint.CheckpointError as e:
         raise CheckpointLoadError(str(e)) from None
-    transformers = quiet_transformers()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+        tokenizer = load_tokenizer(directory)
     except Exception as e:  # noqa: BLE001 - tokenizer files missing or unreadable: one line
         first = hf_checkpoint.first_line(e)
         raise ClipLoadError(

@@ -1,8 +1,8 @@
 """Tokenizing and class sets: :func:`tokenize`, :func:`make_task`, OpenAI's BPE tokenizer, and
 the checks that a prompt fits the model (context length, prompt depth, a ViT for vision prompts).
 
-Tokenizers are Hugging Face ``tokenizers`` objects through ``transformers`` (the one thing of
-transformers the library uses besides the tests' PyTorch reference models).
+Tokenizers are Hugging Face ``tokenizers`` pipelines held by :class:`Tokenizer`; ``transformers``
+is imported only for a directory whose tokenizer has no ``tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import functools
 import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -37,46 +38,179 @@ def _byte_symbols() -> list[str]:
     return [chr(b) for b in keep] + [chr(shifted[b]) for b in range(256) if b not in set(keep)]
 
 
+class Tokenizer:
+    """A CLIP tokenizer: a Hugging Face ``tokenizers`` pipeline and its start/end tokens.
+
+    Holds what the library reads of a tokenizer, through the ``tokenizers`` package (the Rust
+    library Hugging Face's fast tokenizers run on) rather than ``transformers``: importing
+    ``transformers``' tokenizer classes imports torch, about 4 s of CPU in every process that
+    loads a CLIP. Called like a Hugging Face tokenizer (``tok(texts)["input_ids"]``), so code
+    written for one keeps working.
+
+    Attributes:
+      backend: the ``tokenizers.Tokenizer`` (normaliser, pre-tokeniser, model, post-processor).
+      bos_token, eos_token: the start- and end-of-text tokens.
+      bos_token_id, eos_token_id: their ids.
+    """
+
+    def __init__(self, backend: Any, *, bos_token: str, eos_token: str, max_length: int = 77):
+        # Ids are padded and truncated by jaxprompt (tokenize, make_task), never by the backend.
+        backend.no_padding()
+        backend.no_truncation()
+        self.backend = backend
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_token_id = backend.token_to_id(bos_token)
+        self.eos_token_id = backend.token_to_id(eos_token)
+        self.model_max_length = max_length
+
+    def __call__(self, texts: str | Sequence[str], add_special_tokens: bool = True) -> dict:
+        """``{"input_ids": ids}``: a list of ids for one text, a list of lists for several."""
+        if isinstance(texts, str):
+            ids = self.backend.encode(texts, add_special_tokens=add_special_tokens).ids
+            return {"input_ids": list(ids)}
+        out = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return {"input_ids": [list(e.ids) for e in out]}
+
+    def get_vocab(self) -> dict[str, int]:
+        """Token -> id, special tokens included (what Hugging Face's ``get_vocab`` returns)."""
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Writes ``tokenizer.json`` and the special tokens in Hugging Face's format, which
+        :func:`jaxprompt.load_clip` and ``transformers.AutoTokenizer`` both read."""
+        os.makedirs(directory, exist_ok=True)
+        self.backend.save(os.path.join(directory, _TOKENIZER_FILE))
+        special = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.eos_token,
+            "unk_token": self.eos_token,
+        }
+        config = {
+            **special,
+            "model_max_length": self.model_max_length,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        }
+        for name, content in ((_TOKENIZER_CONFIG, config), ("special_tokens_map.json", special)):
+            with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2)
+
+
+_TOKENIZER_FILE = "tokenizer.json"
+_TOKENIZER_CONFIG = "tokenizer_config.json"
+_SOT, _EOT = "<|startoftext|>", "<|endoftext|>"
+
+
+def _special_token(config: dict, key: str, default: str) -> str:
+    value = config.get(key, default)
+    if isinstance(value, dict):  # {"content": "<|startoftext|>", "lstrip": false, ...}
+        value = value.get("content", default)
+    return str(value) if value else default
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    """The tokenizer of a Hugging Face CLIP directory.
+
+    ``tokenizer.json`` (every fast tokenizer saves it, the hub's CLIP repositories have it) is
+    read with ``tokenizers`` alone, the start and end tokens from ``tokenizer_config.json`` or
+    ``special_tokens_map.json`` (CLIP's ``<|startoftext|>`` / ``<|endoftext|>`` if neither
+    names them). A directory with only the slow files (``vocab.json`` and ``merges.txt``) goes
+    through ``transformers.AutoTokenizer``.
+
+    Raises:
+      OSError or ValueError: unreadable tokenizer files (the caller turns it into one line).
+    """
+    directory = os.fspath(directory)
+    file = os.path.join(directory, _TOKENIZER_FILE)
+    if not os.path.exists(file):
+        tokenizer = quiet_transformers().AutoTokenizer.from_pretrained(directory)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a slow-only tokenizer: used as it is
+            return tokenizer
+        return Tokenizer(backend, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+    import tokenizers
+
+    config: dict = {}
+    for name in (_TOKENIZER_CONFIG, "special_tokens_map.json"):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                config = {**json.load(f), **config}
+    max_length = config.get("model_max_length", 77)
+    return Tokenizer(
+        tokenizers.Tokenizer.from_file(file),
+        bos_token=_special_token(config, "bos_token", _SOT),
+        eos_token=_special_token(config, "eos_token", _EOT),
+        max_length=int(max_length) if isinstance(max_length, int) and max_length < 10**6 else 77,
+    )
+
+
+# OpenAI's pattern (CLIP's simple_tokenizer): the special tokens, English contractions, runs of
+# letters, single digits, runs of anything else that is not a space.
+_OPENAI_SPLIT = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+    r"""[^\s\p{L}\p{N}]+"""
+)
+
+
 @functools.lru_cache(maxsize=1)
-def openai_tokenizer():
-    """OpenAI CLIP's tokenizer as a Hugging Face ``CLIPTokenizer``, built offline from the CLIP
-    BPE vocabulary shipped with the package (MIT; see the LICENSE file beside it).
+def openai_tokenizer() -> Tokenizer:
+    """OpenAI CLIP's tokenizer, built offline from the CLIP BPE vocabulary shipped with the
+    package (MIT; see the LICENSE file beside it).
 
     The vocabulary is the 256 byte symbols, the same with the end-of-word mark ``</w>``, the
     first 48,894 merges of the BPE file joined, then ``<|startoftext|>`` (49406) and
-    ``<|endoftext|>`` (49407): 49,408 ids.
+    ``<|endoftext|>`` (49407): 49,408 ids. Text is NFC-normalised, whitespace runs become one
+    space and letters are lowercased (OpenAI's ``whitespace_clean`` and ``lower``; its ftfy
+    repair is not applied, which changes only mis-decoded text), split with OpenAI's pattern,
+    mapped to byte symbols and merged by BPE, every word ending in ``</w>``.
     """
     import gzip
     import importlib.resources
-    import tempfile
 
-    transformers = quiet_transformers()
+    import tokenizers
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
     raw = importlib.resources.files("jaxprompt").joinpath(BPE_VOCAB).read_bytes()
     lines = gzip.decompress(raw).decode("utf-8").split("\n")
-    merges = lines[1 : 1 + 49152 - 256 - 2]
+    merges = [tuple(m.split()) for m in lines[1 : 1 + 49152 - 256 - 2]]
     symbols = _byte_symbols()
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_file = os.path.join(tmp, "vocab.json")
-        merges_file = os.path.join(tmp, "merges.txt")
-        with open(vocab_file, "w", encoding="utf-8") as f:
-            json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
-        with open(merges_file, "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-        # The fast (Rust) tokenizer: what transformers 5 calls CLIPTokenizer. Transformers 4's slow
-        # CLIPTokenizer cleans text like BERT without ftfy (CJK characters split apart), unlike
-        # OpenAI's and the fast one, so ids would depend on the transformers version.
-        tokenizer = transformers.CLIPTokenizerFast(
-            vocab_file,
-            merges_file,
-            model_max_length=77,
-            bos_token="<|startoftext|>",
-            eos_token="<|endoftext|>",
-            unk_token="<|endoftext|>",
-            pad_token="<|endoftext|>",
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += [_SOT, _EOT]
+    ids = {tok: i for i, tok in enumerate(vocab)}
+    backend = tokenizers.Tokenizer(
+        models.BPE(
+            vocab=ids,
+            merges=merges,
+            unk_token=_EOT,
+            end_of_word_suffix="</w>",
+            continuing_subword_prefix="",
+            fuse_unk=False,
         )
-    return tokenizer
+    )
+    backend.normalizer = normalizers.Sequence(
+        [
+            normalizers.NFC(),
+            normalizers.Replace(tokenizers.Regex(r"\s+"), " "),
+            normalizers.Lowercase(),
+        ]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(tokenizers.Regex(_OPENAI_SPLIT), behavior="removed", invert=True),
+            # Bytes to symbols only: the pattern above has already split the words.
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{_SOT} $A {_EOT}", special_tokens=[(_SOT, ids[_SOT]), (_EOT, ids[_EOT])]
+    )
+    backend.add_special_tokens([_SOT, _EOT])
+    return Tokenizer(backend, bos_token=_SOT, eos_token=_EOT)
 
 
 def tokenize(clip: Clip, texts: Sequence[str], *, pad_to: int | None = None):

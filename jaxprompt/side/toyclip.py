@@ -211,13 +211,11 @@ def pretrain(
     Returns:
       The report written to ``pretrain.json`` (zero-shot accuracy per style, loss curve).
     """
-    import transformers
-
     t0 = time.time()
     os.makedirs(out_dir, exist_ok=True)
     vocab_size = testing.save_word_tokenizer(out_dir, toyworld.vocabulary())
     config = testing.clip_config(vocab_size, preset="toy", **shape)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir)
+    tokenizer = clip_lib.load_tokenizer(out_dir)
     params = testing.random_clip_params(config, seed=seed)
     clip = clip_lib.from_params(config, params, tokenizer, name="toy-clip")
     # The temperature starts at CLIP's initial 1/0.07, not the 100 the config stores for
