@@ -279,7 +279,8 @@ def pouf_config(preset, arg=""):
             c.log_every = 1
         return c
     full = preset == "pouf_full" or arg.full
-    toy = common.is_toy(arg.dataset)
+    # DomainNet targets are read by the POUF runner, not from the catalog is_toy looks in.
+    toy = not common.is_domainnet(arg.dataset) and common.is_toy(arg.dataset)
     if full:
         base, base_kwargs = "zeroshot", {"templates": ["a photo of a {}"]}
     else:
@@ -295,7 +296,7 @@ def pouf_config(preset, arg=""):
         "weight_decay": 1e-3, "gamma": 2e-4, "decay": 0.75, "epochs": 10,
         "iters_per_epoch": 500,
     })  # fmt: skip
-    c.clip = common.clip_config(arg)
+    c.clip = common.clip_config(arg, toy=toy)
     c.data = ml_collections.ConfigDict({
         "dataset": arg.dataset, "batch_size": 96, "eval_batch_size": 32,
         # "auto": a folder domain (Office) adapts and tests on all its images (the reference's
