@@ -60,10 +60,11 @@ official loop with no reset at all (neither line 274 nor line 275), one AdamW ov
 whose steps follow each gradient's size relative to the stream's instead of moving every
 coordinate by lr; the learning rate and decay stay the official ones (a smaller rate would
 slow the drift, but how much smaller depends on the stream's length, and no reference says).
-Measured (toy world, sketch style, seed 1, every 5th test image of the shuffled stream, on
-which zero-shot is 32.50; docs/toy_results_compose.md): carried state 22.50, fresh state per
-image 14.38 (``--config.method.carry_optimizer=false``, the preset before 2026-12-08). Both
-still drift below zero-shot on this world: online TPT is for research on streams.
+Measured (toy world, seed 1, every 5th test image of the shuffled stream, sketch / night;
+docs/toy_results_compose.md): zero-shot 32.50 / 43.75, carried state 22.50 / 11.25, fresh
+state per image 14.38 / 10.00 (``--config.method.carry_optimizer=false``, the preset before
+2026-12-08). Both drift far below zero-shot on this world: online TPT is for research on
+streams.
 The carry is saved with the progress file (``carry.npz``) so an interrupted run resumes
 exactly; at the end ``carry.npz`` holds the prompt the last image ended with. Episodic reset
 stays the default.
