@@ -32,8 +32,11 @@ ALL_METHODS = ("zeroshot", "maple", "coop", "ivlp", "promptsrc", "cocoop", "baye
 # Compositions (issue 18): self-regulation on other bases, and KgCoOp as its preset.
 COMPOSED_METHODS = ("coop+src", "cocoop+src", "maple+src", "kgcoop")
 ADAPT_METHODS = ("tpt", "tpt_online", "pouf")
-# Rows whose adapt config is another preset's with options.
-ADAPT_CONFIGS = {"tpt_online": "tpt,online=true"}
+# Rows whose adapt config is another preset's with options (and config overrides).
+ADAPT_CONFIGS = {"tpt_online": "tpt,online=true", "tpt_online_fresh": "tpt,online=true"}
+# tpt_online_fresh: online TPT with the optimiser restored for every image, as the official
+# loop restores it (the online preset before 2026-12-08; configs/adapt.py compares the two).
+ADAPT_OVERRIDES = {"tpt_online_fresh": {"carry_optimizer": False}}
 TRAIN_METHODS = ALL_METHODS + COMPOSED_METHODS
 ADAPT_TARGETS = ("toy_textures_sketch", "toy_textures_night", "toy_textures_cartoon")
 
@@ -65,7 +68,7 @@ def main() -> None:
     ap.add_argument(
         "--methods",
         default=",".join(ALL_METHODS + ADAPT_METHODS),
-        help=f"also: {', '.join(COMPOSED_METHODS)}",
+        help=f"also: {', '.join(COMPOSED_METHODS + tuple(ADAPT_OVERRIDES))}",
     )
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--protocols", default="base2new,xdomain,adapt")
@@ -93,7 +96,8 @@ def main() -> None:
 
     for protocol in args.protocols.split(","):
         if protocol == "adapt":
-            rows = _adapt_rows([m for m in methods if m in ADAPT_METHODS], seeds, args.runs)
+            adapt = ADAPT_METHODS + tuple(ADAPT_OVERRIDES)
+            rows = _adapt_rows([m for m in methods if m in adapt], seeds, args.runs)
             for m, r in rows.items():
                 summary[f"adapt/{m}"] = r
             if rows:
@@ -133,6 +137,8 @@ def _adapt_rows(methods: list[str], seeds: list[int], runs: str) -> dict:
                 extra = ",every=5" if m.startswith("tpt") else ""
                 preset = ADAPT_CONFIGS.get(m, m)
                 cfg = _config("adapt", f"{preset},dataset={target},seed={s}{extra}")
+                for k, v in ADAPT_OVERRIDES.get(m, {}).items():
+                    cfg.method[k] = v
                 wd = os.path.join(runs, "adapt", m, target, f"seed{s}")
                 per_seed.append(runners.run(cfg, wd, command="adapt")["accuracy"])
             stats = evaluate.summarize_seeds(per_seed)

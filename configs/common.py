@@ -192,6 +192,21 @@ def is_toy(dataset: str) -> bool:
     return catalog_name(dataset) in TOY_DATASETS
 
 
+def is_domainnet(dataset: str) -> bool:
+    """Whether ``dataset`` names a DomainNet domain (``DomainNet/clipart``: POUF's targets, read
+    by its runner, not catalog entries).
+
+    Raises:
+      ValueError: a DomainNet name with an unknown domain (one line listing the domains).
+    """
+    from jaxprompt.data import catalog
+
+    try:
+        return catalog.domainnet_domain(dataset) is not None
+    except KeyError as e:
+        raise ValueError(str(e).strip("'\"")) from None
+
+
 def base(arg) -> ml_collections.ConfigDict:
     """The keys every protocol shares, filled from the parsed argument and the method preset."""
     preset = METHOD_PRESETS[arg.method]
@@ -250,13 +265,16 @@ def base(arg) -> ml_collections.ConfigDict:
     return c
 
 
-def clip_config(arg) -> ml_collections.ConfigDict:
+def clip_config(arg, *, toy: bool | None = None) -> ml_collections.ConfigDict:
     """The ``clip`` block: ``backbone=`` when given (``RN50``, ``ViT-B/16``, ..., a hub id, a
     directory or a ``.pt`` file; jaxprompt.backbones resolves OpenAI's names to the files in
     ``$JAXPROMPT_CLIP_DIR`` or ``~/.cache/clip``), else the toy CLIP for a toy dataset and
-    ViT-B/16 from the hub for the others. ``--config.clip.name=...`` overrides it as well."""
+    ViT-B/16 from the hub for the others. ``--config.clip.name=...`` overrides it as well.
+    ``toy``: whether the dataset is the toy world's, when the caller knows it (a DomainNet
+    target is not in the catalog that :func:`is_toy` reads); None: ``is_toy(arg.dataset)``."""
     backbone = arg.get("backbone", "")
-    default = "toy" if is_toy(arg.dataset) else DEFAULT_CLIP
+    toy = is_toy(arg.dataset) if toy is None else toy
+    default = "toy" if toy else DEFAULT_CLIP
     return ml_collections.ConfigDict({"name": backbone or default, "dtype": "float32"})
 
 

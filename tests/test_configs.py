@@ -82,3 +82,20 @@ def test_an_unknown_dataset_is_a_config_error_listing_the_names(tmp_path, capsys
     assert "DescribableTextures" in err[0] and not workdir.exists()  # nothing written
     c = _config("fewshot", "coop", "folder:/data/office31/amazon")  # user datasets pass
     assert c.clip.name != "toy"
+
+
+@pytest.mark.parametrize("preset", ["pouf", "pouf_full"])
+def test_pouf_configs_build_for_domainnet_targets(preset):
+    # DomainNet domains are POUF's targets but not catalog entries: the config asked the catalog
+    # whether the name was a toy dataset and failed with "unknown dataset 'DomainNet/clipart'".
+    for name, domain in (("DomainNet/clipart", "clipart"), ("domainnet_q", "quickdraw")):
+        c = _config("adapt", preset, name)
+        assert c.data.dataset == name and catalog.domainnet_domain(name) == domain
+        # Not the toy world: ViT-B/16 and POUF's own crop scale (the toy's is 0.5-1).
+        assert c.clip.name == "openai/clip-vit-base-patch16"
+        assert tuple(c.data.rrc_scale) == (0.08, 1.0)
+        assert c.optim.iters_per_epoch == 500
+    # (absl wraps the config's ValueError; the user's one line is in test_user_errors)
+    with pytest.raises(Exception, match="unknown DomainNet domain 'nope'; choose one of clipart"):
+        _config("adapt", preset, "DomainNet/nope")
+    assert catalog.domainnet_domain("toy_textures_sketch") is None

@@ -7,10 +7,14 @@
   ``get_image_features`` and whose prompted features come from the base's own public
   functions, not from the wrapper's code.
 * KgCoOp's ``1 - mean cos`` term against NumPy; the teacher is a constant of the loss.
+* The teacher cache is keyed on what the teacher reads: another template or other weights of
+  the same shapes get their own teacher, the same ones (or the same weights loaded again) the
+  cached one; ``Clip.weights_id`` is the weights' content.
 * One CLI run of a "+src" preset on the toy world: results.json written, the GPA aggregate is
   the evaluated prompt.
 """
 
+import dataclasses
 import importlib
 import json
 import os
@@ -32,6 +36,7 @@ from jaxprompt.methods.zeroshot import template_features
 # The modules (jaxprompt.methods re-exports functions under the same names).
 bayes_lib = importlib.import_module("jaxprompt.methods.bayes")
 maple_lib = importlib.import_module("jaxprompt.methods.maple")
+selfreg = importlib.import_module("jaxprompt.methods.selfreg")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATES = ("a photo of a {}.", "a drawing of the {}.")  # a short teacher: fast to encode
 RTOL, ATOL = 1e-4, 1e-5
@@ -358,6 +363,80 @@ def test_kgcoop_teacher_on_dtd_is_kgcoops_template_not_coops(clip, batch, frozen
     # The registry's meta form rebuilds the same teacher choice.
     again = jp.methods.get("kgcoop", **checkpoint._jsonable(dict(method.config)))
     assert again.config["templates"] == "dataset:kgcoop"
+
+
+# --------------------------------------------------------------------------- the teacher cache
+
+
+def _perturbed(clip, scale=1.01):
+    """Other weights of the same shapes (the token embedding scaled: every teacher moves)."""
+
+    def f(path, x):
+        return x * scale if "token_embedding" in jax.tree_util.keystr(path) else x
+
+    return clip.replace(params=jax.tree_util.tree_map_with_path(f, clip.params))
+
+
+def test_weights_id_is_the_weights_content(tiny_clip_dir, tiny_clip):
+    wid = tiny_clip.weights_id
+    assert isinstance(wid, str) and len(wid) == 16
+    assert jp.load_clip(tiny_clip_dir).weights_id == wid  # the same weights loaded again
+    assert clip_lib.weights_id(tiny_clip.params, tiny_clip.tokenizer) == wid
+    # One bit of one parameter changes it (float32 nextafter: the smallest possible change).
+    path = ("text_model", "final_layer_norm", "bias")
+    leaf = np.asarray(tiny_clip.params[path[0]][path[1]][path[2]])
+    bumped = leaf.copy()
+    bumped[3] = np.nextafter(bumped[3], np.float32(1))
+    params = jax.tree.map(lambda x: x, tiny_clip.params)
+    params[path[0]][path[1]][path[2]] = jnp.asarray(bumped)
+    one_bit = tiny_clip.replace(params=params)
+    assert one_bit.weights_id not in (None, wid)
+    assert tiny_clip.replace(params=tiny_clip.params).weights_id == wid  # replace recomputes
+    # Under jit the weights are traced: the id is None, so nothing is cached on them.
+    seen = []
+    jax.jit(lambda c: seen.append(c.replace(params=c.params).weights_id) or 0.0)(tiny_clip)
+    assert seen == [None]
+    assert jax.device_put(tiny_clip).weights_id == wid  # tree maps keep it (same values)
+
+
+def test_prepared_teacher_is_recomputed_when_template_or_weights_change(clip, batch):
+    """A prepared KgCoOp (teacher cached for one CLIP and template) used with another template,
+    other weights of the same shapes, or a CLIP without a weights_id gives the loss of an
+    unprepared KgCoOp on those (the teacher computed again); with the same ones (or the same
+    weights loaded again) it reads the cache. Before, the cache was keyed on the spec and the
+    class names only and kept the stale teacher."""
+    method = jp.methods.get("kgcoop")  # templates="dataset:kgcoop": reads task.template
+    task_a = jp.make_task(clip, CLASSNAMES, template="a photo of a {}.")
+    task_b = jp.make_task(clip, CLASSNAMES, template="a sketch of the {}.")
+    other = _perturbed(clip)
+    prompt = _moved(method.init(jax.random.key(0), clip, task_a))
+    prepared = method.prepare(clip, task_a)
+    key = jax.random.key(0)
+
+    def total(m, c, t):
+        return float(jax.jit(m.loss)(prompt, c, t, batch, key)[0])
+
+    cases = ((clip, task_a), (clip, task_b), (other, task_a))
+    plain = [total(method, c, t) for c, t in cases]
+    for (c, t), want in zip(cases, plain, strict=True):
+        np.testing.assert_allclose(total(prepared, c, t), want, rtol=1e-6)
+    # The three differ by far more than that tolerance: a stale teacher would be seen.
+    assert min(abs(plain[0] - plain[1]), abs(plain[0] - plain[2])) > 1e-3 * abs(plain[0])
+
+    # Which calls read the cache: a probe loss that reports whether the batch carries it.
+    probe = prepared._replace(loss=lambda p, c, t, b, k: selfreg.TEACHER_KEY in b)
+    cached = selfreg.cache_teacher(probe, lambda c, t: jnp.zeros((len(t), 4)), clip, task_a)
+    reloaded = clip.replace(params=jax.tree.map(jnp.array, clip.params))  # a fresh copy
+    assert cached.loss(prompt, clip, task_a, batch, key) is True
+    assert cached.loss(prompt, reloaded, task_a, batch, key) is True  # same content
+    assert cached.loss(prompt, clip, task_b, batch, key) is False
+    assert cached.loss(prompt, other, task_a, batch, key) is False
+    no_id = dataclasses.replace(clip, weights_id=None)  # e.g. a Clip built by hand
+    assert cached.loss(prompt, no_id, task_a, batch, key) is False
+    assert (
+        selfreg.cache_teacher(probe, None, no_id, task_a).loss(prompt, no_id, task_a, batch, key)
+        is False
+    )  # nothing to key a cache on: nothing computed, nothing cached
 
 
 # --------------------------------------------------------------------------- CLI

@@ -65,6 +65,12 @@ BAD_INPUT = [
     (["prepare", "--dataset", "no_such_set"], "unknown dataset 'no_such_set'"),
     (["sweep", "--config", "fewshot:coop", "--datasets", "toy_textures,no_such_set",
       "--root", "sweeps"], "unknown dataset 'no_such_set'"),
+    # A DomainNet target builds its config (it once failed there, on the catalog's name list)
+    # and, with no data here, names how to build it; a bad domain lists the domains.
+    (["adapt", "--config", "adapt:pouf,dataset=DomainNet/clipart", "--workdir", "w",
+      "--config.data.data_dir=tfds"], "`tfds build domainnet/clipart --data_dir DIR`"),
+    (["adapt", "--config", "adapt:pouf,dataset=DomainNet/nope", "--workdir", "w"],
+     "unknown DomainNet domain 'nope'; choose one of clipart"),
 ]  # fmt: skip
 
 

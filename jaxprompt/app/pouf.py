@@ -66,6 +66,7 @@ from jaxprompt import train as train_lib
 from jaxprompt.app import experiment
 from jaxprompt.app import rundir as rundir_lib
 from jaxprompt.data import augment as augment_lib
+from jaxprompt.data import catalog as catalog_lib
 
 # (jaxprompt.methods.pouf the attribute is the constructor: import from the module itself)
 from jaxprompt.methods.pouf import inverse_decay
@@ -73,7 +74,7 @@ from jaxprompt.methods.pouf import make_optimizer as make_pouf_optimizer
 
 log = logging.getLogger("jaxprompt")
 
-DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+DOMAINNET_DOMAINS = catalog_lib.DOMAINNET_DOMAINS
 
 __all__ = ["domainnet_spec", "run_pouf"]
 
@@ -94,14 +95,12 @@ def domainnet_spec(domain: str) -> data_lib.DatasetSpec:
         or its first letter.
 
     Raises:
-      ValueError: an unknown domain.
+      experiment.ConfigError: an unknown domain (one line).
     """
-    d = domain.lower()
-    full = {x[0]: x for x in DOMAINNET_DOMAINS}.get(d, d)
-    if full not in DOMAINNET_DOMAINS:
-        raise experiment.ConfigError(
-            f"unknown DomainNet domain {domain!r}; choose one of {', '.join(DOMAINNET_DOMAINS)}"
-        )
+    try:
+        full = catalog_lib.domainnet_domain("DomainNet/" + domain)
+    except KeyError as e:
+        raise experiment.ConfigError(str(e).strip("'\"")) from None
     return data_lib.DatasetSpec(
         name=f"DomainNet_{full}",
         num_classes=345,
@@ -109,16 +108,22 @@ def domainnet_spec(domain: str) -> data_lib.DatasetSpec:
         tfds_splits={"train": ("train",), "test": ("test",)},
         auto_split="native",
         key=_hash_key,
+        # Not a catalog entry, so `jaxprompt prepare` does not build it: TFDS does.
+        manual=(
+            f"build it with TensorFlow Datasets: `tfds build domainnet/{full} "
+            "--data_dir DIR` (pip install 'jaxprompt[prepare]'), then --config.data.data_dir=DIR"
+        ),
     )
 
 
 def _dataset(name: str, cfg: Mapping[str, Any]) -> data_lib.LoadedDataset:
-    low = name.lower()
-    for prefix in ("domainnet/", "domainnet_", "domainnet:"):
-        if low.startswith(prefix):
-            spec = domainnet_spec(name[len(prefix) :])
-            kw = experiment._dataset_kwargs(cfg)
-            return data_lib.load_dataset(spec, data_dir=kw.get("data_dir"))
+    try:
+        domain = catalog_lib.domainnet_domain(name)
+    except KeyError as e:
+        raise experiment.ConfigError(str(e).strip("'\"")) from None
+    if domain is not None:
+        kw = experiment._dataset_kwargs(cfg)
+        return data_lib.load_dataset(domainnet_spec(domain), data_dir=kw.get("data_dir"))
     return experiment._load(name, cfg, {})
 
 

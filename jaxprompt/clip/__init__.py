@@ -26,6 +26,7 @@ from jaxprompt.clip.model import (
     Task,
     logit_scale,
     normalize,
+    weights_id,
 )
 from jaxprompt.clip.text import (
     embed_tokens,
@@ -78,4 +79,5 @@ __all__ = [
     "prompted_text_inputs",
     "shared_text_inputs",
     "tokenize",
+    "weights_id",
 ]

@@ -20,6 +20,7 @@ from jaxprompt.clip.model import (
     full_config,
     param_shapes,
     spec_from_config,
+    weights_id,
 )
 from jaxprompt.clip.tokens import load_tokenizer, openai_tokenizer
 
@@ -233,15 +234,18 @@ def from_params(
     """
     if not isinstance(config, dict) and hasattr(config, "to_dict"):
         config = config.to_dict()
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.dtype(dtype)), dict(params))
+    # Cast on the host, where the weights are digested (weights_id) before they go to the device.
+    params = jax.tree.map(lambda x: np.asarray(x, dtype=jnp.dtype(dtype)), dict(params))
     # The logit scale is a scalar read by every method in float32.
-    params["logit_scale"] = jnp.asarray(params["logit_scale"], jnp.float32)
+    params["logit_scale"] = np.asarray(params["logit_scale"], np.float32)
+    wid = weights_id(params, tokenizer)
+    params = jax.tree.map(jnp.asarray, params)
     sot = tokenizer.bos_token_id
     eot = tokenizer.eos_token_id
     if sot is None or eot is None:
         raise ClipLoadError(f"the tokenizer of {name!r} has no start/end-of-text tokens")
     spec = spec_from_config(config, name=name, dtype=dtype, sot_id=sot, eot_id=eot)
-    return Clip(params=params, spec=spec, tokenizer=tokenizer)
+    return Clip(params=params, spec=spec, tokenizer=tokenizer, weights_id=wid)
 
 
 # --------------------------------------------------------------------------- tokens and tasks

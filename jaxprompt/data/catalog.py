@@ -759,6 +759,34 @@ def get_dataset(name: str) -> DatasetSpec:
     )
 
 
+# DomainNet (POUF's target sets): read from TFDS ``domainnet/<domain>`` by the POUF runner,
+# named ``DomainNet/<domain>`` (or ``domainnet_<domain>``, ``domainnet:<domain>``; a domain by
+# its first letter too). Not catalog entries: only POUF adapts on them.
+DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+_DOMAINNET_PREFIXES = ("domainnet/", "domainnet_", "domainnet:")
+
+
+def domainnet_domain(name: str) -> str | None:
+    """The DomainNet domain that ``name`` names (``"DomainNet/clipart"``, ``"domainnet_c"``
+    -> ``"clipart"``), or None when ``name`` is not a DomainNet name.
+
+    Raises:
+      KeyError: a DomainNet name with an unknown domain (a one-line message listing them).
+    """
+    low = name.lower()
+    for prefix in _DOMAINNET_PREFIXES:
+        if low.startswith(prefix):
+            domain = low[len(prefix) :]
+            full = {d[0]: d for d in DOMAINNET_DOMAINS}.get(domain, domain)
+            if full not in DOMAINNET_DOMAINS:
+                raise KeyError(
+                    f"unknown DomainNet domain {name[len(prefix) :]!r}; choose one of "
+                    f"{', '.join(DOMAINNET_DOMAINS)}"
+                )
+            return full
+    return None
+
+
 def canonical_name(name: str) -> str | None:
     """The catalog name of a dataset given by name or any alias, in any case and punctuation
     (``"dtd"`` and ``"Describable-Textures"`` -> ``"DescribableTextures"``): the one resolution

@@ -161,11 +161,13 @@ def with_teacher(
     """PromptSRC with its teacher text features computed once for ``(clip, task)``.
 
     The returned method equals ``method`` (same name, config, init, logits, aggregator) except
-    that its ``loss``, when called with a CLIP of the same spec and a task with the same class
-    names, uses the cached [C, E] features instead of encoding 60 x C template sequences every
-    step (:func:`jaxprompt.methods.selfreg.cache_teacher`). Any other task (or a batch carrying
-    ``"teacher_text"``) falls back to the method's own behaviour, so the wrapper is never wrong,
-    only sometimes not faster. Trainers call ``method.prepare`` instead, the same cache.
+    that its ``loss``, when called with the same CLIP weights and spec and a task with the same
+    class names and template, uses the cached [C, E] features instead of encoding 60 x C
+    template sequences every step (:func:`jaxprompt.methods.selfreg.cache_teacher`, keyed by
+    :func:`jaxprompt.methods.selfreg.teacher_key`). Any other CLIP or task (or a batch
+    carrying ``"teacher_text"``) falls back to the method's own behaviour, so the wrapper is
+    never wrong, only sometimes not faster. Trainers call ``method.prepare`` instead, the same
+    cache.
 
     Args:
       method: a method built by :func:`promptsrc`.

@@ -44,8 +44,10 @@ at CLIP's frozen scale)::
 
 Teacher text features. ``loss`` receives only the Task, so by default it encodes the K x C
 template sequences inside the loss at every step. ``prepare(clip, task)`` (called by the trainer)
-caches them for a (CLIP, class set) pair, and a batch may carry ``batch["teacher_text"]``
-([C, E], normalised) for research code that passes the teacher as an argument of its own step.
+caches them for a (CLIP, class set) pair, keyed on everything they are computed from
+(:func:`teacher_key`: the spec, the weights' fingerprint, the class names, the template), and a
+batch may carry ``batch["teacher_text"]`` ([C, E], normalised) for research code that passes
+the teacher as an argument of its own step.
 """
 
 from __future__ import annotations
@@ -376,6 +378,17 @@ def self_regulated(
     return hooked
 
 
+def teacher_key(clip: clip_lib.Clip, task: clip_lib.Task) -> tuple | None:
+    """What the frozen teacher of ``(clip, task)`` depends on, as a static key: the backbone's
+    spec, ``clip.weights_id`` (the weights' and vocabulary's fingerprint), the class names and
+    the task's template (read by ``templates="dataset"`` and ``"dataset:kgcoop"``). None when
+    the Clip has no ``weights_id`` (built by hand, or its params replaced): its weights cannot
+    be told apart, so nothing computed from them may be cached."""
+    if clip.weights_id is None:
+        return None
+    return (clip.spec, clip.weights_id, tuple(task.names), task.template)
+
+
 def cache_teacher(
     method: base_lib.PromptMethod,
     teacher: Callable[[clip_lib.Clip, clip_lib.Task], jax.Array],
@@ -384,22 +397,29 @@ def cache_teacher(
 ) -> base_lib.PromptMethod:
     """``method`` whose loss reads ``teacher(clip, task)`` computed once, for this pair.
 
-    When the loss is called with a CLIP of the same spec and a task with the same class names
-    (and a batch without ``"teacher_text"``), the cached [C, E] features go into the batch;
-    any other call falls back to the method's own behaviour, so the cache is never wrong, only
-    sometimes not faster. The cache is a host (NumPy) constant: jit embeds it in the step
-    whatever the mesh, where a committed device array would pin the step to its device.
+    The cache is keyed on everything a teacher reads (:func:`teacher_key`): the backbone's
+    spec, its weights and vocabulary (``Clip.weights_id``, the content fingerprint the loaders
+    set), the class names and the task's template. When the loss is called with a CLIP and
+    task of the same key (and a batch without ``"teacher_text"``), the cached [C, E] features
+    go into the batch; any other call (other weights of the same shape, another template or
+    class set, or a Clip without ``weights_id``, whose weights cannot be told apart) falls
+    back to the method's own behaviour, so the cache is never wrong, only sometimes not
+    faster. The key is static, so the check costs nothing under ``jit``. The cache is a host
+    (NumPy) constant: jit embeds it in the step whatever the mesh, where a committed device
+    array would pin the step to its device.
 
     Returns:
       The method with a caching ``loss`` and ``prepare=None`` (already prepared).
     """
+    key_ = teacher_key(clip, task)
+    if key_ is None:  # nothing to key a cache on: the loss encodes the teacher itself
+        return method._replace(prepare=None)
     cached = np.asarray(jax.jit(teacher)(clip, task))
-    spec, names = clip.spec, tuple(task.names)
     inner = method.loss
 
     def loss(prompt, clip_, task_, batch, key):
-        # Static checks (spec and names are not traced): the cache is for this pair only.
-        if clip_.spec == spec and tuple(task_.names) == names and TEACHER_KEY not in batch:
+        # Static checks (nothing in the key is traced): the cache is for this pair only.
+        if teacher_key(clip_, task_) == key_ and TEACHER_KEY not in batch:
             batch = {**batch, TEACHER_KEY: cached}
         return inner(prompt, clip_, task_, batch, key)
 
