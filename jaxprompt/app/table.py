@@ -479,7 +479,8 @@ def _base2new(index: _Index, published) -> list[Table]:
             pub = {x: published.get(("base2new", m, bb, d, x, None)) for x in metrics}
             b = [r.accuracy["base"] for r in done]
             n = [r.accuracy["new"] for r in done]
-            hms = [r.accuracy.get("hm", _hm(x, y)) for x, y in zip(b, n, strict=True)]
+            # The per-seed HMs as the runs reported them (their std is the HM's)
+            hms = [r.accuracy.get("hm", _hm(x, y)) for r, x, y in zip(done, b, n, strict=True)]
             cb, cn = _seed_cell(index, key, b, pub["base"]), _seed_cell(index, key, n, pub["new"])
             ch = _seed_cell(index, key, hms, pub["hm"])
             if done:  # the HM of the seed-averaged base and new; its std is the per-seed HMs'
