@@ -105,7 +105,8 @@ def test_published_base2new_rows_are_consistent():
 
 # ----------------------------------------------------------------------------- four protocols
 B2N = {  # (method, dataset) -> per seed (base, new, hm as a run reports it)
-    ("coop", "DescribableTextures"): [(80.0, 40.0, 53.33), (82.0, 44.0, 57.27), (78.5, 41.5, 54.29)],
+    ("coop", "DescribableTextures"): [(80.0, 40.0, 53.33), (82.0, 44.0, 57.27),
+                                      (78.5, 41.5, 54.29)],
     ("coop", "EuroSAT"): [(90.0, 50.0, 64.29), (93.0, 58.0, 71.44), (91.0, 55.0, 68.56)],
     ("promptsrc", "DescribableTextures"): [(83.0, 62.0, 70.98), (84.0, 63.5, 72.33),
                                            (83.5, 61.0, 70.5)],
@@ -147,7 +148,9 @@ def test_base2new_table_equals_an_independent_computation(b2n_root):
         assert "PromptSRC" in r["base_paper_source"] and "ViT-B/16" in r["base_paper_source"]
         assert r["reproduced"] == "True" and r["runs_finished"] == "3"
     for m in ("coop", "promptsrc"):
-        means = np.array([np.array(B2N[(m, d)]).mean(0) for d in ("DescribableTextures", "EuroSAT")])
+        means = np.array(
+            [np.array(B2N[(m, d)]).mean(0) for d in ("DescribableTextures", "EuroSAT")]
+        )
         r = rows[(title, "Average (2 datasets)", m)]
         b, n = means[:, 0].mean(), means[:, 1].mean()
         assert abs(float(r["base"]) - b) < TOL and abs(float(r["new"]) - n) < TOL
@@ -204,8 +207,10 @@ def test_fewshot_table_and_curves(tmp_path):
 def test_xdomain_splits_cross_dataset_and_domain_generalisation(tmp_path):
     root = str(tmp_path)
     per_seed = [
-        {"ImageNet": 71.0, "Caltech101": 93.0, "EuroSAT": 45.0, "ImageNetV2": 64.0, "ImageNetA": 50.0},
-        {"ImageNet": 72.0, "Caltech101": 94.5, "EuroSAT": 48.0, "ImageNetV2": 64.5, "ImageNetA": 51.5},
+        {"ImageNet": 71.0, "Caltech101": 93.0, "EuroSAT": 45.0, "ImageNetV2": 64.0,
+         "ImageNetA": 50.0},
+        {"ImageNet": 72.0, "Caltech101": 94.5, "EuroSAT": 48.0, "ImageNetV2": 64.5,
+         "ImageNetA": 51.5},
     ]  # fmt: skip
     for s, accuracy in enumerate(per_seed, 1):
         _write_run(root, "xdomain", "promptsrc", "ImageNet", s, accuracy)
@@ -407,6 +412,5 @@ def test_toy_reproduction_through_the_console_script(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 done, 1 to resume, 0 to run" in again.stdout and "[resume]" in again.stdout
     assert "resum" in again.stderr.lower()
-    assert json.load(open(where / "coop/toy_textures/16s/seed1/results.json"))["accuracy"] == (
-        rec["accuracy"]
-    )
+    again_rec = json.load(open(where / "coop/toy_textures/16s/seed1/results.json"))
+    assert again_rec["accuracy"] == rec["accuracy"]

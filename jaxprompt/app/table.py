@@ -103,7 +103,8 @@ class Published:
         return f"{paper}, {self.table}, {self.backbone} [{self.provenance}{note}]"
 
 
-Key = tuple[str, str, str, str, str, int | None]  # protocol, method, backbone, dataset, metric, shots
+# (protocol, method, backbone, dataset, metric, shots)
+Key = tuple[str, str, str, str, str, int | None]
 
 
 def load_published(text: str | None = None) -> dict[Key, Published]:
@@ -569,7 +570,11 @@ def _fewshot(index: _Index, published) -> list[Table]:
                 cells.append(Cell())
                 continue
             cs = [p[3] for p in parts]
-            mean = float(np.mean([c.mean for c in cs])) if all(c.mean is not None for c in cs) else None
+            mean = (
+                float(np.mean([c.mean for c in cs]))
+                if all(c.mean is not None for c in cs)
+                else None
+            )
             bb = parts[0][1]
             pub = _published_average(
                 published,
@@ -652,7 +657,9 @@ def _adapt(index: _Index, published) -> list[Table]:
     datasets = index.datasets
     rows = []
     for m in index.methods:
-        keys = [(m, d, s) for d in datasets for s in [None, *index.shots] if (m, d, s) in index.expected]
+        keys = [
+            (m, d, s) for d in datasets for s in [None, *index.shots] if (m, d, s) in index.expected
+        ]
         metrics: list[str] = []
         for k in keys:
             for r in index.done(k):
@@ -735,7 +742,9 @@ def render_markdown(tables: Sequence[Table]) -> str:
         head.append("runs")
         lines = [f"## {t.title}", "", *t.notes, ""]
         lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "|".join(["---", "---"] + ["---:"] * (3 * len(t.columns)) + ["---"]) + "|")
+        lines.append(
+            "|" + "|".join(["---", "---"] + ["---:"] * (3 * len(t.columns)) + ["---"]) + "|"
+        )
         for r in t.rows:
             cells = []
             for c in r.cells:
@@ -785,8 +794,8 @@ def render_csv(tables: Sequence[Table]) -> str:
 
 def _tex(s: str) -> str:
     for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"),
-                 ("#", r"\#"), ("±", r"$\pm$"), ("Δ", r"$\Delta$"), ("−", "-"), ("✓", r"\checkmark"),
-                 ("–", "--"), ("·", r"$\cdot$")):  # fmt: skip
+                 ("#", r"\#"), ("±", r"$\pm$"), ("Δ", r"$\Delta$"), ("−", "-"),
+                 ("✓", r"\checkmark"), ("–", "--"), ("·", r"$\cdot$")):  # fmt: skip
         s = s.replace(a, b)
     return s
 
@@ -799,7 +808,9 @@ def render_tex(tables: Sequence[Table]) -> str:
         n = len(t.columns)
         spec = "ll" + "rrr" * n + "l"
         lines = [f"% {t.title}", "\\begin{tabular}{" + spec + "}", "\\toprule"]
-        head = [f"\\multicolumn{{3}}{{c}}{{{_tex(c + ' shots' if t.curves else c)}}}" for c in t.columns]
+        head = [
+            f"\\multicolumn{{3}}{{c}}{{{_tex(c + ' shots' if t.curves else c)}}}" for c in t.columns
+        ]
         lines.append(" & ".join(["", "", *head, ""]) + " \\\\")
         rules = " ".join(f"\\cmidrule(lr){{{3 + 3 * i}-{5 + 3 * i}}}" for i in range(n))
         lines.append(rules)
@@ -874,8 +885,10 @@ def plot(tables: Sequence[Table], path: str) -> bool:
                 for j, c in enumerate(r.cells):
                     x = j - 0.4 + width * (i + 0.5)
                     if c.mean is not None:
-                        ax.bar(x, c.mean, width, yerr=c.std or 0.0, capsize=2,
-                               color=colours[r.label], label=r.label if j == 0 else None)  # fmt: skip
+                        ax.bar(
+                            x, c.mean, width, yerr=c.std or 0.0, capsize=2,
+                            color=colours[r.label], label=r.label if j == 0 else None,
+                        )  # fmt: skip
                     if c.published is not None:
                         ax.plot([x - width / 2, x + width / 2], [c.published.value] * 2, "k-")
             ax.set_xticks(range(len(t.columns)), [c.replace("_", " ") for c in t.columns],
