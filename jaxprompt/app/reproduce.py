@@ -304,8 +304,11 @@ def datasets_for(protocol: str, text: str) -> list[str]:
     for part in _split(text, str):
         names = DATASET_SETS[part][protocol] if part in DATASET_SETS else (part,)
         for n in names:
+            if "/" in n or ":" in n:  # a path, a text task (glue/sst2), DomainNet/<domain>
+                out += [n] if n not in out else []
+                continue
             try:
-                name = catalog.canonical_name(n) or n  # folder:/csv: datasets as given
+                name = catalog.canonical_name(n) or n
             except KeyError as e:
                 sets = ", ".join(DATASET_SETS)
                 raise ValueError(f"{e.args[0]}; or a set: {sets}") from None

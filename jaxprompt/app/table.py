@@ -709,6 +709,10 @@ def _fmt(x: float | None, sign: bool = False) -> str:
     return f"{x:+.2f}" if sign else f"{x:.2f}"
 
 
+def _label(column: str, curves: bool) -> str:
+    return f"{column} shots" if curves else {"hm": "HM"}.get(column, column)
+
+
 def _ours(c: Cell) -> str:
     if c.mean is None:
         if c.failed:
@@ -737,8 +741,7 @@ def render_markdown(tables: Sequence[Table]) -> str:
         src = _Sources()
         head = [*t.heads]
         for c in t.columns:
-            label = f"{c} shots" if t.curves else c
-            head += [label, "paper", "Δ"]
+            head += [_label(c, t.curves), "paper", "Δ"]
         head.append("runs")
         lines = [f"## {t.title}", "", *t.notes, ""]
         lines.append("| " + " | ".join(head) + " |")
@@ -809,7 +812,7 @@ def render_tex(tables: Sequence[Table]) -> str:
         spec = "ll" + "rrr" * n + "l"
         lines = [f"% {t.title}", "\\begin{tabular}{" + spec + "}", "\\toprule"]
         head = [
-            f"\\multicolumn{{3}}{{c}}{{{_tex(c + ' shots' if t.curves else c)}}}" for c in t.columns
+            f"\\multicolumn{{3}}{{c}}{{{_tex(_label(c, t.curves))}}}" for c in t.columns
         ]
         lines.append(" & ".join(["", "", *head, ""]) + " \\\\")
         rules = " ".join(f"\\cmidrule(lr){{{3 + 3 * i}-{5 + 3 * i}}}" for i in range(n))
@@ -891,7 +894,7 @@ def plot(tables: Sequence[Table], path: str) -> bool:
                         )  # fmt: skip
                     if c.published is not None:
                         ax.plot([x - width / 2, x + width / 2], [c.published.value] * 2, "k-")
-            ax.set_xticks(range(len(t.columns)), [c.replace("_", " ") for c in t.columns],
+            ax.set_xticks(range(len(t.columns)), [_label(c, False).replace("_", " ") for c in t.columns],
                           rotation=30 if len(t.columns) > 3 else 0, fontsize=8)  # fmt: skip
         ax.set_title(g, fontsize=10)
         ax.set_ylabel("top-1 %")
