@@ -267,8 +267,9 @@ def execute(
                 failed_file.unlink()  # an earlier failure, now run through
         left[r.method] -= 1
         if sum(left.values()):
+            failed = f" ({len(failures)} failed)" if failures else ""
             print(
-                f"reproduce {protocol}: {i + 1}/{len(todo)} runs done, {_eta(times, left)}",
+                f"reproduce {protocol}: {i + 1}/{len(todo)} runs over{failed}, {_eta(times, left)}",
                 flush=True,
             )
         if is_main and write_tables is not None:

@@ -367,11 +367,14 @@ class _Index:
         done = sum(len(self.done(k)) for k in keys)
         expected = sum(self.n_expected(k) for k in keys)
         out = f"{done}/{expected} runs" + (" ✓" if done == expected and expected else "")
+        several_datasets = len({k[1] for k in keys}) > 1
+        several_shots = len({k[2] for k in keys}) > 1
         for k in keys:
             for r in self.failed(k):
                 err = (r.error[:80] + "...") if len(r.error) > 80 else r.error
-                shots = f" {r.shots} shots" if r.shots is not None and len(keys) > 1 else ""
-                out += f"; seed {r.seed}{shots} failed: {err}"
+                where = f" {r.dataset}" if several_datasets else ""
+                where += f" {r.shots} shots" if several_shots else ""
+                out += f";{where} seed {r.seed} failed: {err}"
         return out
 
 
@@ -384,7 +387,8 @@ def _seed_cell(index: _Index, key: tuple, values: Sequence[float], pub: Publishe
     )
     if values:
         cell.mean = float(np.mean(values))
-        cell.std = float(np.std(values))  # population std over seeds (np.std), as the papers
+        if len(values) > 1:  # population std over seeds (np.std), as the papers; none of one
+            cell.std = float(np.std(values))
     return cell
 
 
@@ -811,9 +815,7 @@ def render_tex(tables: Sequence[Table]) -> str:
         n = len(t.columns)
         spec = "ll" + "rrr" * n + "l"
         lines = [f"% {t.title}", "\\begin{tabular}{" + spec + "}", "\\toprule"]
-        head = [
-            f"\\multicolumn{{3}}{{c}}{{{_tex(_label(c, t.curves))}}}" for c in t.columns
-        ]
+        head = [f"\\multicolumn{{3}}{{c}}{{{_tex(_label(c, t.curves))}}}" for c in t.columns]
         lines.append(" & ".join(["", "", *head, ""]) + " \\\\")
         rules = " ".join(f"\\cmidrule(lr){{{3 + 3 * i}-{5 + 3 * i}}}" for i in range(n))
         lines.append(rules)
@@ -894,8 +896,9 @@ def plot(tables: Sequence[Table], path: str) -> bool:
                         )  # fmt: skip
                     if c.published is not None:
                         ax.plot([x - width / 2, x + width / 2], [c.published.value] * 2, "k-")
-            ax.set_xticks(range(len(t.columns)), [_label(c, False).replace("_", " ") for c in t.columns],
-                          rotation=30 if len(t.columns) > 3 else 0, fontsize=8)  # fmt: skip
+            ticks = [_label(c, False).replace("_", " ") for c in t.columns]
+            rotation = 30 if len(t.columns) > 3 else 0
+            ax.set_xticks(range(len(t.columns)), ticks, rotation=rotation, fontsize=8)
         ax.set_title(g, fontsize=10)
         ax.set_ylabel("top-1 %")
         ax.grid(alpha=0.3)
