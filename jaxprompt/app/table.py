@@ -862,7 +862,9 @@ def plot(tables: Sequence[Table], path: str) -> bool:
         return False
     ncol = min(4, len(panels))
     nrow = math.ceil(len(panels) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False)
+    fig, axes = plt.subplots(
+        nrow, ncol, figsize=(max(4.2 * ncol, 8.0), 3.4 * nrow + 0.6), squeeze=False
+    )
     labels = _ordered((r.label for _, _, rows in panels for r in rows), [])
     colours = {lab: f"C{i % 10}" for i, lab in enumerate(labels)}
     for ax, (t, g, rows) in zip(axes.flat, panels, strict=False):
@@ -871,9 +873,10 @@ def plot(tables: Sequence[Table], path: str) -> bool:
             for r in rows:
                 pts = [(x, c) for x, c in zip(xs, r.cells, strict=True) if c.mean is not None]
                 if pts:
+                    stds = [p[1].std or 0.0 for p in pts]
                     ax.errorbar(
                         [p[0] for p in pts], [p[1].mean for p in pts],
-                        yerr=[p[1].std or 0.0 for p in pts], marker="o", capsize=2,
+                        yerr=stds if any(stds) else None, marker="o", capsize=2,
                         color=colours[r.label], label=r.label,
                     )  # fmt: skip
                 pub = [(x, c.published.value) for x, c in zip(xs, r.cells, strict=True)
@@ -891,7 +894,7 @@ def plot(tables: Sequence[Table], path: str) -> bool:
                     x = j - 0.4 + width * (i + 0.5)
                     if c.mean is not None:
                         ax.bar(
-                            x, c.mean, width, yerr=c.std or 0.0, capsize=2,
+                            x, c.mean, width, yerr=c.std, capsize=2,
                             color=colours[r.label], label=r.label if j == 0 else None,
                         )  # fmt: skip
                     if c.published is not None:
@@ -911,7 +914,7 @@ def plot(tables: Sequence[Table], path: str) -> bool:
     if handles:
         fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, len(handles)),
                    frameon=False)  # fmt: skip
-    note = "bars/lines: ours (mean ± std over seeds); black marks / dashed: published"
+    note = "ours: mean ± std over seeds; published: black marks (bars), dashed (curves)"
     fig.suptitle(f"{tables[0].title}\n{note}", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     buf = io.BytesIO()
