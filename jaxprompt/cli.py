@@ -4,6 +4,9 @@
     jaxprompt eval    --workdir DIR [--config xdomain:promptsrc,dataset=NAME]
     jaxprompt adapt   --config adapt:tpt,dataset=NAME --workdir DIR
     jaxprompt sweep   --config base2new:coop --root DIR [--datasets a,b --shots 1,16 --seeds 1,2,3]
+    jaxprompt reproduce PROTOCOL --methods coop,promptsrc --root DIR [--datasets coop11|toy]
+                      [--seeds 1,2,3] [--shots 1,2,4,8,16] [--dry-run]
+    jaxprompt table   ROOT                 # the paper's tables from the finished runs under ROOT
     jaxprompt prepare --dataset NAME [--data_dir DIR] [--manual_dir DIR]
     jaxprompt pretrain-toy [--out DIR]
     jaxprompt export  --workdir DIR [--out FILE]
@@ -75,6 +78,8 @@ COMMANDS = (
     "eval",
     "adapt",
     "sweep",
+    "reproduce",
+    "table",
     "prepare",
     "pretrain-toy",
     "export",
@@ -163,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         from jaxprompt.app import sweep
 
         return sweep.main(args)
+    if cmd == "reproduce":
+        from jaxprompt.app import reproduce
+
+        return reproduce.main(args)
+    if cmd == "table":
+        from jaxprompt.app import table
+
+        return table.main(args)
     if cmd in ("export", "push", "predict"):
         from jaxprompt.app import share
 

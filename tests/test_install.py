@@ -53,7 +53,10 @@ def test_wheel_holds_the_configs_and_py_typed(wheel):
     # The CLIP BPE vocabulary (OpenAI checkpoints carry no tokenizer) and its MIT notice.
     assert "jaxprompt/assets/bpe_simple_vocab_16e6.txt.gz" in names
     assert "jaxprompt/assets/bpe_simple_vocab_16e6.LICENSE.txt" in names
-    for module in ("app/experiment.py", "app/rundir.py", "side/toyclip.py", "testing.py"):
+    # The published numbers `jaxprompt reproduce` and `table` set beside ours.
+    assert "jaxprompt/assets/published.json" in names
+    for module in ("app/experiment.py", "app/rundir.py", "app/reproduce.py", "app/table.py",
+                   "side/toyclip.py", "testing.py"):  # fmt: skip
         assert f"jaxprompt/{module}" in names
 
 

@@ -96,10 +96,16 @@ def plan(
 
 
 def run_dir(root: str, cfg: Any) -> str:
-    """``ROOT/<protocol>/<method>/<dataset>/<shots>s/seed<n>`` for a resolved config."""
+    """``ROOT/<protocol>/<method>/<dataset>/<shots>s/seed<n>`` for a resolved config.
+
+    A label-free config (``adapt``) is named by its preset (``tpt_coop``, ``pouf_full``: one
+    method name may run under several) and has no shots level.
+    """
     protocol = cfg["protocol"] or "run"
     d = cfg["data"]
-    parts = [protocol, cfg["method"]["name"], d["dataset"], f"{int(d['shots'])}s"]
+    parts = [protocol, cfg.get("preset") or cfg["method"]["name"], d["dataset"]]
+    if "shots" in d:
+        parts.append(f"{int(d['shots'])}s")
     parts.append(f"seed{int(cfg['seed'])}")
     # A dataset given as a path (folder:/x/y, csv:/x/y.csv) must not add directory levels.
     parts = [str(p).replace("/", "_").replace(":", "_") for p in parts]
