@@ -205,7 +205,7 @@ RECIPES = [
     row(_b2n("promptsrc"), "data.eval_batch_size", 100, f"{SRC_YAML}:6"),
     row(_b2n("promptsrc"), "clip.name", VIT_B16, f"{SRC_YAML}:30"),
     row(_b2n("promptsrc"), "clip.dtype", "float32", f"{SRC_YAML}:37", FP32),
-    # KgCoOp (its teacher templates are in DISAGREEMENTS)
+    # KgCoOp
     *_dassl_sgd(_b2n("kgcoop"), KG_YAML, COOP_LINES),
     row(_b2n("kgcoop"), "optim.lr", 0.002, f"{KG_YAML}:17"),
     row(_b2n("kgcoop"), "optim.epochs", 100, f"{KG_YAML}:18"),
