@@ -310,12 +310,18 @@ def test_tpt_episode_tunes_a_coop_prompt_on_a_resnet(rn_clip):
 
 
 def _jaxprompt(*args, cwd):
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from conftest import RUN_FAST
+
     exe = Path(sys.executable).with_name("jaxprompt")
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "XLA_FLAGS": RUN_FAST}  # one device, as a user's; TPT's views execute
+    return subprocess.run(
+        [str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.mark.slow
