@@ -41,6 +41,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         clip.ClipLoadError,
         mlm.MlmLoadError,
         checkpoint.CheckpointMismatchError,
+        checkpoint.CheckpointUnreadableError,
         experiment.ConfigError,
         flags_lib.FlagError,
         absl_flags.Error,
