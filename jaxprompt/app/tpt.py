@@ -385,6 +385,8 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
             f"preset {cfg.get('preset')} starts from a trained prompt: set "
             "--config.init_from=DIR (a run directory) or a prompt file (.safetensors)"
         )
+    if int(d["batch_size"]) < 1:
+        raise experiment.ConfigError(f"data.batch_size={d['batch_size']} must be at least 1")
     ds = experiment._load(d["dataset"], cfg, {})
     clip = experiment.resolve_clip(cfg["clip"]["name"], cfg["clip"]["dtype"])
     names = list(ds.classnames)
