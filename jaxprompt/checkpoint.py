@@ -443,7 +443,11 @@ def _restore_raw(
         # Emitted outside _quiet(): this one the user should see. A warning, not also a log
         # line: the command line shows jaxprompt's warnings as one log line each
         # (jaxprompt.app.console.setup), and a library user sees it once either way.
-        warnings.warn(msg, CheckpointFallbackWarning, stacklevel=3)
+        warnings.warn(
+            f"{msg}; falling back to the previous one (nothing was deleted)",
+            CheckpointFallbackWarning,
+            stacklevel=3,
+        )
     return found
 
 
@@ -480,12 +484,12 @@ def _first_readable(
             first_line = str(e).splitlines()[0] if str(e) else ""
             failures.append(
                 f"checkpoint {directory / str(s)} is unreadable ({type(e).__name__}: "
-                f"{first_line[:200]}); falling back to the previous one (nothing was deleted)"
+                f"{first_line[:200]})"
             )
             continue
         return s, flat, meta, data_state
     raise CheckpointUnreadableError(
-        f"no readable checkpoint in {directory} ({'; '.join(failures)}): move that directory "
+        f"no readable checkpoint in {directory}: {'; '.join(failures)}; move that directory "
         "away to start the run again"
     )
 
