@@ -26,11 +26,10 @@ from conftest import FAST_COMPILE
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "jaxprompt")  # the installed command
 KILLS = 10
 # Few-shot CoOp on the toy world and its shipped CLIP: 4 steps an epoch (16 classes x 2 shots,
-# batch 8 on one device), a checkpoint every epoch. Eleven processes each see at least one
-# new checkpoint before their kill, so the run must have more than eleven; 20 epochs leave
-# room for the kills that come a few checkpoints later.
-TRAIN = ["fewshot:coop,dataset=toy_textures,runlocal=true", "--config.optim.epochs=20"]
-TRAIN_STEPS = 80
+# batch 8 on one device), a checkpoint every epoch. The first process sees two new checkpoints,
+# each later one one or two (kill_chain), so 30 checkpoints leave room for all ten kills.
+TRAIN = ["fewshot:coop,dataset=toy_textures,runlocal=true", "--config.optim.epochs=30"]
+TRAIN_STEPS = 120
 # Online TPT (each image starts from the prompt the previous one ended with) on 64 test images,
 # 2 a batch, progress saved after every batch (runlocal's save_every=1); 8 views, 2 kept,
 # without AugMix, so a batch takes a fraction of a second.
@@ -38,15 +37,11 @@ TPT = [
     "adapt:tpt,dataset=toy_textures,runlocal=true,online=true,limit=64,batch_size=2",
     "--config.method.views=8", "--config.method.keep=0.25", "--config.data.augmix=false",
 ]  # fmt: skip
-# A sweep of two seeds, each run 8 epochs: 16 checkpoints and 2 finished runs to kill after.
+# A sweep of two seeds, each run 12 epochs: 24 checkpoints and 2 finished runs to kill after.
 SWEEP = [
     "--config", "fewshot:coop,runlocal=true", "--datasets", "toy_textures", "--seeds", "1,2",
-    "--config.optim.epochs=8",
+    "--config.optim.epochs=12",
 ]  # fmt: skip
-# The delay after a new save before the kill: uniform up to about one save interval (a
-# checkpoint epoch is ~0.3 s, a TPT batch ~0.4 s on a loaded 2-core machine), so kills land
-# anywhere between two saves, in the middle of writing one too.
-MAX_DELAY_S = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -108,23 +103,37 @@ def _tail(path, n=3000):
         return f.read()[-n:]
 
 
+def _wait_for_change(p, log_path, saved, before):
+    """Polls ``saved()`` until it differs from ``before`` -> ``(value, time)``; the process
+    must stay alive meanwhile."""
+    deadline = time.monotonic() + 300
+    while (now := saved()) == before:
+        assert p.poll() is None, f"{log_path}: exit {p.returncode}\n{_tail(log_path)}"
+        assert time.monotonic() < deadline, f"{log_path}: nothing saved in 300 s"
+        time.sleep(0.01)
+    return now, time.monotonic()
+
+
 def kill_chain(cmd, cwd, env, saved, *, seed, resumed):
     """Starts ``cmd`` and kills it (SIGKILL) KILLS times, each at a random moment after it has
     saved something new (``saved()`` changed); then runs it to the end. Every process after
-    the first must say one of ``resumed`` (it found the previous one's saves)."""
+    the first must say one of ``resumed`` (it found the previous one's saves).
+
+    The moment is uniform over one save interval after the new save (measured by the first
+    process, which waits for two), so kills land anywhere between two saves, in the middle of
+    writing one too, and each process moves the run on by one or two saves whatever the
+    machine's speed."""
     rng = random.Random(seed)
+    interval = None
     for i in range(KILLS):
         log_path = os.path.join(cwd, f"attempt{i}.log")
         with open(log_path, "w") as log:
-            before = saved()
             p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=log)
             try:
-                deadline = time.monotonic() + 300
-                while saved() == before:
-                    assert p.poll() is None, f"attempt {i}: exit {p.returncode}\n{_tail(log_path)}"
-                    assert time.monotonic() < deadline, f"attempt {i} saved nothing in 300 s"
-                    time.sleep(0.02)
-                time.sleep(rng.uniform(0.0, MAX_DELAY_S))
+                first, t1 = _wait_for_change(p, log_path, saved, saved())
+                if interval is None:
+                    interval = _wait_for_change(p, log_path, saved, first)[1] - t1
+                time.sleep(rng.uniform(0.0, interval))
                 assert p.poll() is None, f"attempt {i} finished before its kill: lengthen the run"
                 os.kill(p.pid, signal.SIGKILL)
                 p.wait(timeout=60)
