@@ -20,9 +20,10 @@ adapt run as they take a training run.
 Online TPT (``method.reset = "online"``, :func:`make_online_step`): each image starts from the
 prompt the previous test image ended with (with ``method.carry_optimizer``, its AdamW state
 too), across batches, in the order of :func:`stream` (a seeded shuffle of the test split).
-The carry is written to ``carry.npz`` before each progress file, and a resumed run reads it
-back, so an interrupted online run ends exactly as an uninterrupted one; at the end
-``carry.npz`` holds the prompt the last image ended with.
+The carry is written beside ``carry.npz`` before each progress file and renamed over it after
+(:func:`resume_carry`), and a resumed run reads the one its progress file names, so an online
+run killed at any moment ends exactly as an uninterrupted one; at the end ``carry.npz`` holds
+the prompt the last image ended with.
 
 Any trained prompt can be the starting point (``init_from``: a run directory, a
 ``.safetensors``/``.npz`` prompt file, ``hf://USER/NAME``): its meta names the base method, so
