@@ -15,7 +15,8 @@ A run directory ``WORKDIR`` keeps its checkpoints in ``WORKDIR/checkpoints/<step
 
 Reading never deletes or rewrites anything. A latest checkpoint that cannot be read (a killed
 save, a truncated file) is skipped with a :class:`CheckpointFallbackWarning` and the previous one
-is used. A checkpoint whose arrays do not fit the expected structure raises
+is used; a run resumed that way moves the unreadable ones aside (:func:`set_aside`) before it
+saves again. A checkpoint whose arrays do not fit the expected structure raises
 :class:`CheckpointMismatchError` with a one-line message naming the first differences and the fix.
 
 Example::
@@ -52,6 +53,7 @@ __all__ = [
     "DEFAULT_KEEP",
     "CheckpointFallbackWarning",
     "CheckpointMismatchError",
+    "CheckpointUnreadableError",
     "Checkpointer",
     "checkpoint_dir",
     "export",
@@ -62,6 +64,7 @@ __all__ = [
     "restore",
     "save",
     "save_exported",
+    "set_aside",
     "unflatten_dict",
 ]
 
@@ -83,6 +86,10 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointFallbackWarning(UserWarning):
     """The newest checkpoint could not be read and an older one was used instead."""
+
+
+class CheckpointUnreadableError(RuntimeError):
+    """No checkpoint of a run directory can be read (one-line message naming the fix)."""
 
 
 def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
@@ -390,6 +397,33 @@ def latest_step(workdir: str | epath.PathLike) -> int | None:
             manager.close()
 
 
+def set_aside(workdir: str | epath.PathLike, *, after: int) -> list[str]:
+    """Moves the checkpoints newer than step ``after`` to ``workdir/checkpoints_unreadable/``.
+
+    A run that resumed from an older checkpoint because the newer ones could not be read
+    calls this before it saves again: left in place, an unreadable checkpoint would keep its
+    step (the run could not save that step again, and readers would fall back past it every
+    time). Nothing is deleted: the files stay there to inspect.
+
+    Returns:
+      The new locations, oldest step first (empty when there was nothing newer).
+    """
+    directory = checkpoint_dir(workdir)
+    if not directory.exists():
+        return []
+    aside = directory.parent / "checkpoints_unreadable"
+    moved = []
+    newer = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    for step in (s for s in newer if s > after):
+        target, n = aside / str(step), 1
+        while target.exists():  # set aside before: keep both
+            target, n = aside / f"{step}-{n}", n + 1
+        aside.mkdir(parents=True, exist_ok=True)
+        (directory / str(step)).rename(target)
+        moved.append(str(target))
+    return moved
+
+
 def _restore_raw(
     workdir: str | epath.PathLike, step: int | None, max_step: int | None = None
 ) -> tuple[int, dict[str, np.ndarray], dict[str, Any], Any]:
@@ -406,9 +440,14 @@ def _restore_raw(
         finally:
             manager.close()
     for msg in failures:
-        # Emitted outside _quiet(): this one the user should see.
-        log.warning(msg)
-        warnings.warn(msg, CheckpointFallbackWarning, stacklevel=3)
+        # Emitted outside _quiet(): this one the user should see. A warning, not also a log
+        # line: the command line shows jaxprompt's warnings as one log line each
+        # (jaxprompt.app.console.setup), and a library user sees it once either way.
+        warnings.warn(
+            f"{msg}; falling back to the previous one (nothing was deleted)",
+            CheckpointFallbackWarning,
+            stacklevel=3,
+        )
     return found
 
 
@@ -445,11 +484,14 @@ def _first_readable(
             first_line = str(e).splitlines()[0] if str(e) else ""
             failures.append(
                 f"checkpoint {directory / str(s)} is unreadable ({type(e).__name__}: "
-                f"{first_line[:200]}); falling back to the previous one (nothing was deleted)"
+                f"{first_line[:200]})"
             )
             continue
         return s, flat, meta, data_state
-    raise RuntimeError(f"no readable checkpoint in {directory}: {'; '.join(failures)}")
+    raise CheckpointUnreadableError(
+        f"no readable checkpoint in {directory}: {'; '.join(failures)}; move that directory "
+        "away to start the run again"
+    )
 
 
 def _mismatch_message(
@@ -550,7 +592,7 @@ def restore(
       FileNotFoundError: if there is no checkpoint.
       CheckpointMismatchError: if the arrays do not fit ``like`` (one-line message; nothing
         on disk is touched).
-      RuntimeError: if no checkpoint is readable.
+      CheckpointUnreadableError: if no checkpoint is readable.
     """
     s, flat, meta, data_state = _restore_raw(workdir, step, max_step)
     where = dict(directory=checkpoint_dir(workdir), step=s, meta=meta)

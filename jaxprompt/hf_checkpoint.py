@@ -27,9 +27,12 @@ import numpy as np
 
 __all__ = [
     "CheckpointError",
+    "HubError",
     "WEIGHT_FILES",
     "find_weights",
     "first_line",
+    "hub_error",
+    "hub_reachable",
     "read_weights",
     "snapshot",
     "to_flax",
@@ -44,6 +47,11 @@ _INDEX = ".index.json"  # sharded weights: "<file>.index.json" maps each tensor 
 
 class CheckpointError(ValueError):
     """A weights file is missing, unreadable or not the expected model; one-line message."""
+
+
+class HubError(OSError):
+    """The Hugging Face Hub failed a request (network, refusal, server error); one-line
+    message naming the fix (see :func:`hub_error`)."""
 
 
 def find_weights(directory: str | os.PathLike) -> str:
@@ -330,3 +338,68 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+# Where the Hub client's network failures come from (huggingface_hub<1 uses requests and urllib3,
+# later versions httpx or httpx2 over httpcore); an HTTP answer with a status is told apart first.
+_NETWORK_MODULES = ("requests", "urllib3", "httpx", "httpx2", "httpcore", "http", "socket", "ssl")
+_STATUS_FIX = {
+    401: "the Hub refused the token (401 Unauthorized): log in with `hf auth login` (or set "
+    "HF_TOKEN to a valid token)",
+    403: "the Hub refused access (403 Forbidden): use a token that may write to (or read) the "
+    "repository (`hf auth login` or HF_TOKEN)",
+    404: "the Hub has no such repository or file (404 Not Found): check the name",
+    429: "the Hub is limiting requests (429 Too Many Requests): wait a few minutes",
+}
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while e is not None and e not in out and len(out) < 10:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def hub_error(e: BaseException, *, doing: str, again: str) -> HubError | None:
+    """A one-line :class:`HubError` for an exception the Hub client raised, or ``None`` when it
+    is not a Hub failure (then the caller re-raises it).
+
+    The Hub client's own messages are a raw exception repr (``MaxRetryError(...)``), a URL
+    with a status, or many lines; this one says what failed and the fix.
+
+    Args:
+      e: the exception.
+      doing: what failed, e.g. ``"push to user/name failed"``.
+      again: how to retry once fixed, e.g. ``"run the same push again"``.
+    """
+    chain = _chain(e)
+    names = {c.__name__ for x in chain for c in type(x).__mro__}
+    if "LocalTokenNotFoundError" in names:
+        return HubError(f"{doing}: no Hugging Face token: log in with `hf auth login` (or set "
+                        f"HF_TOKEN) and {again}")  # fmt: skip
+    if "OfflineModeIsEnabled" in names:
+        return HubError(f"{doing}: HF_HUB_OFFLINE is set: unset it and {again}")
+    status = None
+    for x in chain:
+        status = getattr(getattr(x, "response", None), "status_code", None)
+        if isinstance(status, int):
+            break
+    if isinstance(status, int):
+        if status in _STATUS_FIX:
+            return HubError(f"{doing}: {_STATUS_FIX[status]}, then {again}")
+        if status >= 500:
+            return HubError(f"{doing}: the Hub failed ({status} server error): wait a while, then "
+                            f"{again}")  # fmt: skip
+        return HubError(f"{doing}: the Hub answered {status} ({first_line(e)}); {again}")
+    network = any(
+        isinstance(x, ConnectionError | TimeoutError)
+        or type(x).__module__.split(".")[0] in _NETWORK_MODULES
+        for x in chain
+    )
+    if network:
+        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        kind = type(chain[-1]).__name__ if len(chain) > 1 else type(e).__name__
+        return HubError(f"{doing}: the connection to the Hugging Face Hub ({endpoint}) failed "
+                        f"({kind}): check the network (or HF_ENDPOINT) and {again}")  # fmt: skip
+    return None

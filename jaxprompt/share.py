@@ -292,6 +292,7 @@ def resolve_prompt_path(path: str | os.PathLike) -> str | os.PathLike:
     Raises:
       ValueError: a malformed ``hf://`` reference.
       FileNotFoundError: no such repository, revision or file on the Hub.
+      jaxprompt.hf_checkpoint.HubError: the Hub failed (network, refusal, server error).
     """
     if not is_hub_ref(path):
         return path
@@ -320,6 +321,11 @@ def resolve_prompt_path(path: str | os.PathLike) -> str | os.PathLike:
         raise FileNotFoundError(f"no prompt at {path}: {type(e).__name__}") from e
     except hf_utils.EntryNotFoundError as e:
         raise FileNotFoundError(f"{path} has no {HUB_FILENAME}") from e
+    except Exception as e:  # the network, a refusal, a server error: one line with the fix
+        err = hf_checkpoint.hub_error(e, doing=f"cannot download {path}", again="try again")
+        if err is None:
+            raise
+        raise err from None
 
 
 # ------------------------------------------------------------------------------------------------

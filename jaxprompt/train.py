@@ -418,8 +418,18 @@ def _resume(
             "from the iterator's current position, not where the run stopped",
             start,
         )
+    kept = ""
+    if start < found:
+        # The newer checkpoints were unreadable (restore warned): out of the way before this
+        # run saves those steps again, else they would keep the steps and readers would fall
+        # back past the fresh ones.
+        if is_main:
+            moved = ckpt_lib.set_aside(workdir, after=start)
+            if moved:
+                kept = f" (the unreadable newer ones are kept in {os.path.dirname(moved[0])})"
+        shard_lib.barrier("jaxprompt_set_aside")
     if is_main:
-        log.info("resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
+        log.info("resumed from %s at step %d%s", ckpt_lib.checkpoint_dir(workdir), start, kept)
     return state, agg_state, start
 
 

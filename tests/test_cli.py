@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -419,12 +420,14 @@ def test_a_config_runs_only_with_its_command(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_promptsrc_run_uses_its_hooks_teacher_and_gpa(tiny_clip_dir, tmp_path):
+def test_promptsrc_run_uses_its_hooks_teacher_and_gpa(tiny_clip_dir, tmp_path, capsys):
     """The runner asks the method for its preparation and aggregator (no name switch): the
-    saved prompt of a PromptSRC run is the Gaussian aggregate of its epochs."""
+    saved prompt of a PromptSRC run is the Gaussian aggregate of its epochs. The wait for the
+    teacher says what is computed, and how long it took."""
     from jaxprompt import checkpoint
 
     wd = tmp_path / "psrc"
+    capsys.readouterr()
     code = cli.main(
         ["jaxprompt", "train", "--config", "base2new:promptsrc,runlocal=true",
          f"--config.clip.name={tiny_clip_dir}", "--config.method.kw.depth=1",
@@ -433,6 +436,16 @@ def test_promptsrc_run_uses_its_hooks_teacher_and_gpa(tiny_clip_dir, tmp_path):
     assert code == 0
     _, meta = checkpoint.load_prompt(wd)
     assert meta["method"] == "promptsrc" and meta.get("aggregated") is True
+    err = capsys.readouterr().err
+    # Base-to-novel trains on the base half of the toy world's 16 classes, against the 60
+    # templates of PromptSRC's teacher.
+    assert re.search(
+        r"\d\d:\d\d:\d\d preparing promptsrc for 8 classes \.\.\.\n"
+        r".* promptsrc's teacher: the frozen text features of 60 templates x 8 classes \(480 "
+        r"prompts, one compiled pass of the text encoder\)\n"
+        r".* prepared promptsrc in \d+:\d\d\n",
+        err,
+    ), err[:3000]
 
 
 def test_matmul_precision_is_checked_first_and_recorded(tiny_clip_dir, tmp_path, capsys):

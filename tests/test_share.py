@@ -475,6 +475,87 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(run, hub, monkeypatch, cap
     assert kw["local_files_only"] is True  # the cache only: no retries against a dead address
 
 
+def _dropped_connection():
+    """What the installed hub client raises when the Hub drops the connection mid-request:
+    requests' ConnectionError around urllib3's MaxRetryError (huggingface_hub<1, the raw repr
+    `push` used to print), or httpx(2)'s RemoteProtocolError (huggingface_hub>=1)."""
+    import importlib
+
+    from huggingface_hub import errors
+
+    root = errors.HfHubHTTPError.__mro__[1].__module__.split(".")[0]  # requests, httpx, httpx2
+    http = importlib.import_module(root)
+    if root == "requests":
+        import urllib3
+
+        reset = ConnectionResetError(104, "Connection reset by peer")
+        return http.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/api", reason=reset))
+    return http.RemoteProtocolError("Server disconnected without sending a response.")
+
+
+def _token_missing():
+    from huggingface_hub import errors
+
+    return errors.LocalTokenNotFoundError("Token is required (`token=True`), but no token found.")
+
+
+HUB_FAILURES = [
+    # (the exception, what the one line must say after "<what failed>: ")
+    (_dropped_connection, "the connection to the Hugging Face Hub (https://huggingface.co) "
+     "failed ("),
+    (lambda: _hub_error(share_errors().HfHubHTTPError, "401 Client Error", 401),
+     "the Hub refused the token (401 Unauthorized): log in with `hf auth login`"),
+    (lambda: _hub_error(share_errors().HfHubHTTPError, "403 Client Error", 403),
+     "the Hub refused access (403 Forbidden)"),
+    (lambda: _hub_error(share_errors().HfHubHTTPError, "500 Server Error", 500),
+     "the Hub failed (500 server error)"),
+    (_token_missing, "no Hugging Face token: log in with `hf auth login` (or set HF_TOKEN)"),
+]  # fmt: skip
+
+
+def share_errors():
+    from huggingface_hub import errors
+
+    return errors
+
+
+@pytest.mark.parametrize("make,expect", HUB_FAILURES, ids=["dropped", "401", "403", "500", "token"])
+def test_a_hub_failing_mid_push_or_download_is_one_line_naming_the_fix(
+    run, hub, monkeypatch, capsys, tmp_path, make, expect
+):
+    import huggingface_hub
+
+    from jaxprompt import hf_checkpoint
+
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.setattr(hf_checkpoint, "hub_reachable", lambda timeout=3.0: True)
+
+    def fail(*args, **kwargs):
+        raise make()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fail)  # after create_repo
+    capsys.readouterr()
+    assert cli.main(["jaxprompt", "push", "--workdir", run, "--repo", "user/name"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jaxprompt: error: push to user/name failed: ")
+    assert expect in err[0], err[0]
+    assert "run the same push again (nothing is published before the upload's commit)" in err[0]
+    assert "Error(" not in err[0]  # no exception repr
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "img.png")
+    code = cli.main(
+        ["jaxprompt", "predict", "--prompt", "hf://user/name", "--classes", "a,b",
+         str(tmp_path / "img.png")]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("jaxprompt: error: cannot download hf://user/name: ")
+    assert expect in err[0]
+
+
 def test_hub_download_errors_are_one_line_file_not_found(monkeypatch):
     import huggingface_hub
     from huggingface_hub import utils as hf_utils

@@ -50,6 +50,7 @@ def user_dir(tmp_path_factory):
 
 
 TOY = "fewshot:coop,dataset=toy_textures,runlocal=true"
+TPT = "adapt:tpt,dataset=toy_textures,runlocal=true"
 BAD_INPUT = [
     # (arguments, what the one line must say)
     (["predict", "--prompt", "rundir", "--classes", "a,b", "img.png"],
@@ -71,11 +72,23 @@ BAD_INPUT = [
       "--config.data.data_dir=tfds"], "`tfds build domainnet/clipart --data_dir DIR`"),
     (["adapt", "--config", "adapt:pouf,dataset=DomainNet/nope", "--workdir", "w"],
      "unknown DomainNet domain 'nope'; choose one of clipart"),
+    (["sweep", "--config", "fewshot:coop", "--datasets", "toy_textures", "--seeds", "x",
+      "--root", "sweeps"], "--seeds 'x': give comma-separated integers"),
+    (["train", "--config", TOY, "--config.data.batch_size=0", "--workdir", "w"],
+     "data.batch_size=0 must be at least 1"),
+    (["train", "--config", TOY, "--config.optim.epochs=-1", "--workdir", "w"],
+     "optim.epochs=-1 is negative"),
+    (["adapt", "--config", TPT, "--config.data.batch_size=0", "--workdir", "w"],
+     "data.batch_size=0 must be at least 1"),
+    (["adapt", "--config", TPT, "--config.method.views=8", "--workdir", "w"],
+     "keep=0.1 of 8 views selects int(8 * 0.1) = 0"),
 ]  # fmt: skip
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,expect", BAD_INPUT, ids=[e.split(":")[0][:30] for _, e in BAD_INPUT])
+@pytest.mark.parametrize(
+    "args,expect", BAD_INPUT, ids=[f"{a[0]}-{e.split(':')[0][:30]}" for a, e in BAD_INPUT]
+)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, expect, user_dir):
     before = _tree(user_dir)
     out = subprocess.run(

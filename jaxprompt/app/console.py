@@ -54,6 +54,7 @@ def setup(verbosity: int = 0, stream: TextIO | None = None) -> None:
     log.setLevel(ours)
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(theirs)
+    _route_warnings()
     try:  # absl keeps its own verbosity beside the logger level
         from absl import logging as absl_logging
 
@@ -61,6 +62,42 @@ def setup(verbosity: int = 0, stream: TextIO | None = None) -> None:
         absl_logging.get_absl_handler().setLevel(theirs)
     except ImportError:
         pass
+
+
+def _route_warnings() -> None:
+    """jaxprompt's own warnings (e.g. a checkpoint that could not be read) become one log line
+    each; Python's default shows them as two lines with a source line. Other libraries'
+    warnings are shown as before. Also drops one harmless notice (see below)."""
+    import warnings
+
+    if getattr(warnings.showwarning, "_jaxprompt", False):
+        return
+    shown = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.split(".")[0] == "jaxprompt":
+            log.warning("warning: %s", message)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    showwarning._jaxprompt = True  # type: ignore[attr-defined]
+    warnings.showwarning = showwarning
+
+    # An orbax read that fails (an unreadable checkpoint, which the reader then skips) leaves
+    # tensorstore reads in flight; their completion callbacks find orbax's event loop closed
+    # and print "RuntimeError: Event loop is closed" tracebacks, from no object, after the
+    # fallback has already been reported. Only that one is dropped.
+    unraisable = sys.unraisablehook
+
+    def hook(u):
+        if not (
+            u.object is None
+            and u.exc_type is RuntimeError
+            and str(u.exc_value) == "Event loop is closed"
+        ):
+            unraisable(u)
+
+    sys.unraisablehook = hook
 
 
 def format_seconds(seconds: float) -> str:

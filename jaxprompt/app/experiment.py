@@ -302,9 +302,16 @@ def check_train(config: Any, workdir: str, *, cache: dict | None = None) -> Trai
     if finished is not None:
         return TrainCheck(cfg, run, finished)
     # Cheap checks first: a typo in the method or dataset fails before any weights load.
+    d = cfg["data"]
+    if int(cfg["optim"]["epochs"]) < 0:
+        raise ConfigError(
+            f"optim.epochs={cfg['optim']['epochs']} is negative: give 0 (evaluate the initial "
+            "prompt) or more"
+        )
+    if int(d["batch_size"]) < 1:
+        raise ConfigError(f"data.batch_size={d['batch_size']} must be at least 1")
     method = build_method(cfg)
     cache = {} if cache is None else cache
-    d = cfg["data"]
     ds = _load(d["dataset"], cfg, cache)
     for ev in cfg["evals"]:
         _load(ev["dataset"], cfg, cache)

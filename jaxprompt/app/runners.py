@@ -14,7 +14,7 @@ from typing import Any
 
 from absl import flags as absl_flags
 
-from jaxprompt import checkpoint, clip
+from jaxprompt import checkpoint, clip, hf_checkpoint
 from jaxprompt.app import experiment
 from jaxprompt.app import flags as flags_lib
 
@@ -41,6 +41,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         clip.ClipLoadError,
         mlm.MlmLoadError,
         checkpoint.CheckpointMismatchError,
+        checkpoint.CheckpointUnreadableError,
+        hf_checkpoint.HubError,
         experiment.ConfigError,
         flags_lib.FlagError,
         absl_flags.Error,

@@ -451,17 +451,30 @@ def push_run(
                 f"cannot reach the Hugging Face Hub ({endpoint}): "
                 "nothing was uploaded; check the network (or HF_ENDPOINT) and push again"
             )
-        api = huggingface_hub.HfApi()
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=tmp,
-            repo_type="model",
-            revision=revision,
-            commit_message=f"jaxprompt push: {meta.get('method')} on {meta.get('dataset')}",
-        )
+        try:
+            api = huggingface_hub.HfApi()
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                repo_type="model",
+                revision=revision,
+                commit_message=f"jaxprompt push: {meta.get('method')} on {meta.get('dataset')}",
+            )
+        except Exception as e:
+            # The hub client's errors are a raw repr (MaxRetryError(...)), a URL with a status
+            # or many lines: one line naming the fix instead.
+            err = hf_checkpoint.hub_error(
+                e,
+                doing=f"push to {repo_id} failed",
+                # upload_folder is one commit: until it lands, the files are not in the repo.
+                again="run the same push again (nothing is published before the upload's commit)",
+            )
+            if err is None:
+                raise
+            raise err from None
     return f"hf://{repo_id}" + (f"@{revision}" if revision and revision != "main" else "")
 
 

@@ -53,12 +53,15 @@ class SweepRun:
     workdir: str = ""
 
 
-def _split_list(text: str | None, kind: type) -> list[Any]:
+def _split_list(text: str | None, kind: type, flag: str) -> list[Any]:
     if text is None:
         return [None]
-    values = [kind(v) for v in text.split(",") if v.strip()]
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--{flag} {text!r}: give comma-separated integers, e.g. 1,2,3") from None
     if not values:
-        raise ValueError(f"empty list {text!r}")
+        raise ValueError(f"--{flag} {text!r} is an empty list")
     return values
 
 
@@ -149,9 +152,9 @@ def main(argv: Sequence[str]) -> int:
     try:
         runs = plan(
             ns.config,
-            datasets=_split_list(ns.datasets, str),
-            shots=_split_list(ns.shots, int),
-            seeds=_split_list(ns.seeds, int),
+            datasets=_split_list(ns.datasets, str, "datasets"),
+            shots=_split_list(ns.shots, int, "shots"),
+            seeds=_split_list(ns.seeds, int, "seeds"),
         )
         resolved = []
         for r in runs:

@@ -20,9 +20,10 @@ adapt run as they take a training run.
 Online TPT (``method.reset = "online"``, :func:`make_online_step`): each image starts from the
 prompt the previous test image ended with (with ``method.carry_optimizer``, its AdamW state
 too), across batches, in the order of :func:`stream` (a seeded shuffle of the test split).
-The carry is written to ``carry.npz`` before each progress file, and a resumed run reads it
-back, so an interrupted online run ends exactly as an uninterrupted one; at the end
-``carry.npz`` holds the prompt the last image ended with.
+The carry is written beside ``carry.npz`` before each progress file and renamed over it after
+(:func:`resume_carry`), and a resumed run reads the one its progress file names, so an online
+run killed at any moment ends exactly as an uninterrupted one; at the end ``carry.npz`` holds
+the prompt the last image ended with.
 
 Any trained prompt can be the starting point (``init_from``: a run directory, a
 ``.safetensors``/``.npz`` prompt file, ``hf://USER/NAME``): its meta names the base method, so
@@ -76,6 +77,7 @@ __all__ = [
 ]
 
 CARRY = "carry.npz"  # online TPT: the carried prompt (and optimiser state) after a batch
+NEXT = ".next"  # the carry being saved, until the progress file that points at it is written
 
 
 def use_augmix(setting: str | bool, dataset: str) -> bool:
@@ -312,6 +314,29 @@ def load_carry(path: str, prompt_like: Any, state_like: Any) -> tuple[Any, Any, 
     return prompt, state, int(flat["batches"])
 
 
+def resume_carry(path: str, prompt_like: Any, state_like: Any, batches: int) -> tuple[Any, Any]:
+    """The carry saved after ``batches`` batches -> ``(prompt, state)``.
+
+    A save writes ``path + NEXT``, then the progress file, then renames the first over
+    ``path``; a run killed between any two of these leaves the carry that its progress file
+    names in one of the two files, the other one batch ahead or behind.
+
+    Raises:
+      ConfigError: neither file is from batch ``batches`` (one line, naming the fix).
+    """
+    found = []
+    for candidate in (path + NEXT, path):
+        if epath.Path(candidate).exists():
+            prompt, state, done = load_carry(candidate, prompt_like, state_like)
+            if done == batches:
+                return prompt, state
+            found.append(f"{candidate} is from batch {done}")
+    raise experiment.ConfigError(
+        f"{'; '.join(found) or f'no {path}'} but {PROGRESS} from batch {batches}: remove them "
+        "to start the run again"
+    )
+
+
 def stream(examples: list, *, online: bool, seed: int) -> list:
     """The order online TPT sees the test split in.
 
@@ -361,6 +386,8 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
             f"preset {cfg.get('preset')} starts from a trained prompt: set "
             "--config.init_from=DIR (a run directory) or a prompt file (.safetensors)"
         )
+    if int(d["batch_size"]) < 1:
+        raise experiment.ConfigError(f"data.batch_size={d['batch_size']} must be at least 1")
     ds = experiment._load(d["dataset"], cfg, {})
     clip = experiment.resolve_clip(cfg["clip"]["name"], cfg["clip"]["dtype"])
     names = list(ds.classnames)
@@ -440,12 +467,7 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
         batches.set_state(saved["iterator"])
         totals, start = saved["totals"], int(saved["batches"])
         if online:
-            carry_prompt, carry_state, done = load_carry(carry_path, prompt0, carry_state)
-            if done != start:
-                raise experiment.ConfigError(
-                    f"{carry_path} is from batch {done} but {PROGRESS} from batch {start}: "
-                    "remove both to start the run again"
-                )
+            carry_prompt, carry_state = resume_carry(carry_path, prompt0, carry_state, start)
             carry_prompt = shard_lib.replicate(carry_prompt, mesh)
         log.info("resuming at batch %d (%d images done)", start, totals["count"])
     log.info(
@@ -482,11 +504,13 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
         last = j == n_batches - 1
         if ((j + 1) % int(cfg.get("save_every", 50)) == 0 and not last) and index == 0:
             if online:  # the carry first: a progress file never points past its carry
-                save_carry(carry_path, carry_prompt, carry_state, j + 1)
+                save_carry(carry_path + NEXT, carry_prompt, carry_state, j + 1)
             rundir_lib.write_json(
                 progress,
                 {"batches": j + 1, "totals": totals, "iterator": batches.get_state()},
             )
+            if online:  # only now over the previous carry, which the old progress needs
+                os.replace(carry_path + NEXT, carry_path)
     bar.close()
     n = max(totals["count"], 1)
     accuracy = {
@@ -537,6 +561,8 @@ def run_adapt(config: Any, workdir: str) -> dict[str, Any]:
         )  # fmt: skip
         share_lib.save_prompt(os.path.join(workdir, share_lib.HUB_FILENAME), prompt0, header)
     record = run.write_results(record)
-    if index == 0 and epath.Path(progress).exists():
-        epath.Path(progress).unlink()
+    if index == 0:
+        for leftover in (progress, carry_path + NEXT):  # a kill's, never read again
+            if epath.Path(leftover).exists():
+                epath.Path(leftover).unlink()
     return record

@@ -89,6 +89,13 @@ def load_clip(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> Cli
                 "not in the local cache; pass a local directory in Hugging Face format, or set "
                 "HF_HOME to a cache that holds it"
             ) from e
+        err = hf_checkpoint.hub_error(
+            e,
+            doing=f"could not load CLIP {path!r}",
+            again="try again (or pass a local directory in Hugging Face format)",
+        )
+        if err is not None:
+            raise ClipLoadError(str(err)) from e
         raise ClipLoadError(
             f"could not load CLIP {path!r} ({first}): pass a local directory in Hugging "
             "Face format, or set HF_HOME to a cache that holds it (no network access here?)"

@@ -52,6 +52,7 @@ the teacher as an argument of its own step.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -68,6 +69,8 @@ from jaxprompt.methods.cocoop import cocoop
 from jaxprompt.methods.coop import coop
 from jaxprompt.methods.maple import maple
 from jaxprompt.methods.zeroshot import template_features
+
+log = logging.getLogger(__name__)
 
 TEACHER_KEY = "teacher_text"
 # ``templates=DATASET``: the task's own hand-crafted template (``Task.template``).
@@ -372,6 +375,14 @@ def self_regulated(
     # The trainer's hook: the frozen teacher computed once. It caches into the hooked method
     # itself, so the prepared method keeps its name, config and aggregator.
     def prepare(clip: clip_lib.Clip, task: clip_lib.Task) -> base_lib.PromptMethod:
+        # What the trainer's "preparing ..." wait is spent on (tens of seconds on a CPU, most
+        # of it compiling the text encoder for K * C sequences), said before it starts.
+        k, c = len(task_templates(templates, task)), len(task.names)
+        log.info(
+            "%s's teacher: the frozen text features of %d templates x %d classes (%d prompts, "
+            "one compiled pass of the text encoder)",
+            name, k, c, k * c,
+        )  # fmt: skip
         return cache_teacher(hooked, teacher_for, clip, task)
 
     hooked = method._replace(prepare=prepare)
