@@ -120,9 +120,9 @@ def kill_chain(cmd, cwd, env, saved, *, seed, resumed):
     the first must say one of ``resumed`` (it found the previous one's saves).
 
     The moment is uniform over one save interval after the new save (measured by the first
-    process, which waits for two), so kills land anywhere between two saves, in the middle of
-    writing one too, and each process moves the run on by one or two saves whatever the
-    machine's speed."""
+    process, between its second and third saves), so kills land anywhere between two saves,
+    in the middle of writing one too, and each process moves the run on by one or two saves
+    whatever the machine's speed."""
     rng = random.Random(seed)
     interval = None
     for i in range(KILLS):
@@ -130,9 +130,13 @@ def kill_chain(cmd, cwd, env, saved, *, seed, resumed):
         with open(log_path, "w") as log:
             p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=log)
             try:
-                first, t1 = _wait_for_change(p, log_path, saved, saved())
+                now, t = _wait_for_change(p, log_path, saved, saved())
                 if interval is None:
-                    interval = _wait_for_change(p, log_path, saved, first)[1] - t1
+                    # The gap between the second and third saves: the first ones include
+                    # compiling (an online TPT run's first gap was many times its later ones,
+                    # and the run ended inside one such "interval" on an idle machine).
+                    now, t = _wait_for_change(p, log_path, saved, now)
+                    interval = _wait_for_change(p, log_path, saved, now)[1] - t
                 time.sleep(rng.uniform(0.0, interval))
                 assert p.poll() is None, f"attempt {i} finished before its kill: lengthen the run"
                 os.kill(p.pid, signal.SIGKILL)
