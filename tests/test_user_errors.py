@@ -219,3 +219,32 @@ def test_a_second_process_on_a_running_directory_stops_and_the_first_is_unaffect
     assert json.loads((tmp_path / "runs/y/.jaxprompt.lock").read_text())["pid"] == os.getpid()
     run.unlock()
     assert not (tmp_path / "runs/y/.jaxprompt.lock").exists()
+
+
+def test_an_unretrieved_checkpoint_read_error_is_not_printed_after_the_one_line(capsys):
+    """asyncio logs a collected task's exception as "Task exception was never retrieved" with
+    its traceback; for orbax's failed reads of an unreadable checkpoint (which the run has
+    already reported in one line) the CLI's logging drops it, and nothing else."""
+    import asyncio
+    import gc
+
+    from jaxprompt.app import console
+
+    console.setup()
+
+    async def failing(message):
+        raise ValueError(message)
+
+    def collect_unretrieved(message):
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(failing(message))
+        loop.run_until_complete(asyncio.sleep(0))  # the task runs and fails; nobody awaits it
+        loop.close()
+        del task
+        gc.collect()
+
+    read = 'OUT_OF_RANGE: Error reading "prompt.ctx/0.0" in OCDBT database at local file "x"'
+    collect_unretrieved(read)
+    assert "never retrieved" not in capsys.readouterr().err
+    collect_unretrieved("something else")
+    assert "Task exception was never retrieved" in capsys.readouterr().err

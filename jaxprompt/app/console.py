@@ -98,6 +98,21 @@ def _route_warnings() -> None:
             unraisable(u)
 
     sys.unraisablehook = hook
+    # The same failed reads, when their task is collected before anyone awaited it, reach
+    # asyncio's "Task exception was never retrieved" log record with the read's traceback (seen
+    # when every checkpoint is unreadable: the one-line error came after it). Only records whose
+    # exception is such a tensorstore read error are dropped.
+    logging.getLogger("asyncio").addFilter(_unretrieved_read_error)
+
+
+def _unretrieved_read_error(record: logging.LogRecord) -> bool:
+    """False (drop) for asyncio's never-retrieved task records of a failed checkpoint read."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (
+        record.getMessage().startswith("Task exception was never retrieved")
+        and exc is not None
+        and "Error reading" in str(exc)
+    )
 
 
 def format_seconds(seconds: float) -> str:
