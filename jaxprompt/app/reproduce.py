@@ -342,11 +342,7 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         "--shots", help="comma-separated shot counts (fewshot default 1,2,4,8,16; else 16)"
     )
     ap.add_argument("--dry-run", action="store_true", help="print the plan and stop")
-    ns, rest = ap.parse_known_args(list(argv))
-    bad = [a for a in rest if not a.startswith("--config.")]
-    if bad:
-        ap.error(f"unrecognized arguments: {' '.join(bad)}")
-    return ns, rest
+    return sweep.parse_with_overrides(ap, argv)
 
 
 def main(argv: Sequence[str]) -> int:

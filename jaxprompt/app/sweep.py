@@ -130,6 +130,14 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--seeds", help="comma-separated seeds")
     ap.add_argument("--dry-run", action="store_true", help="list the runs and their state")
     ap.add_argument("--keep-going", action="store_true", help="run the rest after a failure")
+    return parse_with_overrides(ap, argv)
+
+
+def parse_with_overrides(
+    ap: argparse.ArgumentParser, argv: Sequence[str]
+) -> tuple[argparse.Namespace, list[str]]:
+    """``ap``'s own flags, and the ``--config.<key>=<value>`` overrides passed on to every run;
+    anything else is argparse's usage error (exit 2)."""
     ns, rest = ap.parse_known_args(list(argv))
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
