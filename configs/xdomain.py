@@ -28,22 +28,10 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 
-IMAGENET_TARGETS = (
-    "Caltech101",
-    "OxfordPets",
-    "StanfordCars",
-    "OxfordFlowers",
-    "Food101",
-    "FGVCAircraft",
-    "SUN397",
-    "DescribableTextures",
-    "EuroSAT",
-    "UCF101",
-    "ImageNetV2",
-    "ImageNetSketch",
-    "ImageNetA",
-    "ImageNetR",
-)
+from jaxprompt.data import catalog  # noqa: E402
+
+# CoOp's other 10 datasets (cross-dataset), then ImageNet's variants (domain generalisation).
+IMAGENET_TARGETS = catalog.COOP11[1:] + catalog.IMAGENET_VARIANTS[1:]
 TOY_TARGETS = ("toy_textures_sketch", "toy_textures_night", "toy_textures_cartoon", "toy_colours")
 
 

@@ -38,25 +38,14 @@ from etils import epath
 
 from jaxprompt.app import sweep
 from jaxprompt.app import table as table_lib
+from jaxprompt.data import catalog
 
 __all__ = ["DATASET_SETS", "PlannedRun", "execute", "main", "plan"]
 
 log = logging.getLogger("jaxprompt")
 
-COOP11 = (
-    "ImageNet",
-    "Caltech101",
-    "OxfordPets",
-    "StanfordCars",
-    "OxfordFlowers",
-    "Food101",
-    "FGVCAircraft",
-    "SUN397",
-    "DescribableTextures",
-    "EuroSAT",
-    "UCF101",
-)
-IMAGENET_VARIANTS = ("ImageNet", "ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
+COOP11 = catalog.COOP11
+IMAGENET_VARIANTS = catalog.IMAGENET_VARIANTS
 TOY_SHIFTS = ("toy_textures_sketch", "toy_textures_night", "toy_textures_cartoon")
 
 # Named dataset sets of --datasets, per protocol. xdomain's datasets are the sources (the

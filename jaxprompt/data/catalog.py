@@ -762,6 +762,22 @@ def get_dataset(name: str) -> DatasetSpec:
 # DomainNet (POUF's target sets): read from TFDS ``domainnet/<domain>`` by the POUF runner,
 # named ``DomainNet/<domain>`` (or ``domainnet_<domain>``, ``domainnet:<domain>``; a domain by
 # its first letter too). Not catalog entries: only POUF adapts on them.
+# The protocol's dataset sets (CoOp's 11 datasets; ImageNet and its shifted variants), in the
+# papers' table order: cross-dataset transfer's targets, `jaxprompt reproduce --datasets`.
+COOP11 = (
+    "ImageNet",
+    "Caltech101",
+    "OxfordPets",
+    "StanfordCars",
+    "OxfordFlowers",
+    "Food101",
+    "FGVCAircraft",
+    "SUN397",
+    "DescribableTextures",
+    "EuroSAT",
+    "UCF101",
+)
+IMAGENET_VARIANTS = ("ImageNet", "ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
 DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 _DOMAINNET_PREFIXES = ("domainnet/", "domainnet_", "domainnet:")
 
